@@ -1,0 +1,3 @@
+"""pathgan: synthetic histopathology patches from GANs trained at scale."""
+
+__version__ = "0.1.0"

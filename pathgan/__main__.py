@@ -1,0 +1,5 @@
+import sys
+
+from pathgan.cli import main
+
+sys.exit(main())

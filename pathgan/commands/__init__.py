@@ -1,0 +1,1 @@
+"""One module per ``pathgan`` sub-command; each defines ``register(subparsers)``."""

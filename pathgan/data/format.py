@@ -1,0 +1,89 @@
+"""The on-disk format of a shard set, in one place.
+
+A shard set is a folder::
+
+    DIR/manifest.json            totals, every shard with its count and sha256, skipped inputs
+    DIR/train-000000.tar ...     WebDataset tars; each sample is three tar members:
+    DIR/val-000000.tar ...           <key>.png | <key>.jpg | <key>.npy   224x224 RGB uint8
+                                     <key>.json                          metadata
+
+Keys are built from ``[A-Za-z0-9_-]`` only (a dot would split the key in WebDataset).
+"""
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pathgan.errors import PathganError
+from pathgan.fileio import read_json
+
+MANIFEST = "manifest.json"
+IMAGE_EXTENSIONS = ("png", "jpg", "npy")
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def safe_key_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """HxWx3 uint8 -> bytes in the shard's image format (png lossless, jpg, or raw npy)."""
+    buffer = io.BytesIO()
+    if image_format == "npy":
+        np.save(buffer, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+    elif image_format == "png":
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    elif image_format == "jpg":
+        Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality)
+    else:
+        raise PathganError(f"unknown image format {image_format!r}: use png, jpg or raw")
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, extension: str) -> np.ndarray:
+    """Bytes from a shard member -> HxWx3 uint8 array; raises on corrupt data."""
+    if extension == "npy":
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.array(image.convert("RGB"))
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 image, got {array.dtype} {array.shape}")
+    return array
+
+
+def decode_sample(sample: dict) -> tuple[str, np.ndarray, dict]:
+    """A raw WebDataset sample (key -> bytes) -> (key, HxWx3 uint8 image, metadata)."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            image = decode_image(sample[extension], extension)
+            break
+    else:
+        raise ValueError(f"sample {sample.get('__key__')} has no image member")
+    metadata = json.loads(sample["json"]) if "json" in sample else {}
+    return sample["__key__"], image, metadata
+
+
+def load_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise PathganError(f"{shards_dir} is not a shard set: {MANIFEST} is missing")
+    return read_json(path)
+
+
+def shard_paths(shards_dir: str | Path, split: str | None = None) -> list[Path]:
+    """The shards a manifest lists (optionally one split), as paths, in manifest order."""
+    manifest = load_manifest(shards_dir)
+    return [
+        Path(shards_dir) / shard["name"]
+        for shard in manifest["shards"]
+        if split is None or shard["split"] == split
+    ]

@@ -1,0 +1,43 @@
+"""Shared fixtures: the bundled slide and small shard sets packed from it once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE = REPO / "shards" / "cmu_small_region.svs"
+
+# No test may touch the network or a real W&B account.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_cli(*args: str) -> int:
+    """Run ``pathgan ARGS`` in this process; returns its exit code."""
+    from pathgan.cli import main
+
+    return main([str(a) for a in args])
+
+
+def cli_command(*args: str) -> list[str]:
+    """The argv that runs ``pathgan ARGS`` in a fresh interpreter."""
+    return [sys.executable, "-m", "pathgan", *map(str, args)]
+
+
+@pytest.fixture(scope="session")
+def slide_path() -> Path:
+    assert SLIDE.is_file(), "the bundled sample slide is missing"
+    return SLIDE
+
+
+@pytest.fixture(scope="session")
+def slide_shards(tmp_path_factory, slide_path) -> Path:
+    """The bundled slide packed at 224 px into several small shards (about 40 patches)."""
+    out = tmp_path_factory.mktemp("slide_shards")
+    code = run_cli("shards", "pack", slide_path, "--out", out, "--max-count", "12",
+                   "--workers", "1")
+    assert code == 0
+    return out
