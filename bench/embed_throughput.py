@@ -1,0 +1,215 @@
+"""Embeddings/s of ``pathgan embed`` versus a plain loop (one image at a time, same encoder).
+
+Prints one JSON object. ``speedup`` (top level) is the Path Foundation-layout encoder's:
+``pathgan embed`` at its best batch size over the plain loop (each mode: best of ``--repeats``
+runs, alternated); each encoder has its own ``speedup`` too.
+
+Encoders measured, both built here with no download:
+- ``tf-vit-s16``: a ViT-S/16-sized Keras model (patch 16, width 384, 6 heads, MLP 1536,
+  ``--tf-depth`` blocks, 12 like Path Foundation by default) exported as a SavedModel in the Hub
+  layout with Path Foundation's signature and loaded by the real ``path-foundation:/dir`` path;
+- ``timm-vit_small_patch16_224``: timm's ViT-S/16, random init (``timm:...:random``).
+
+The plain loop is what the original study did: decode a sample, convert it, run the encoder on
+a batch of one. ``pathgan embed`` reads the same shards with DataLoader workers and batches.
+
+    python bench/embed_throughput.py --quick             # a couple of minutes on 2 CPU cores
+    python bench/embed_throughput.py --device cuda --precision bf16 --images 2048 \
+        --batch-sizes 64,128,256,512                     # on a GPU
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_tf_vit(directory: Path, depth: int, width: int = 384, heads: int = 6) -> None:
+    """A ViT-S/16-sized Keras model with Path Foundation's serving signature, in Hub layout."""
+    from pathgan.encoders.path_foundation import import_tensorflow
+
+    import_tensorflow()
+    import keras
+    from keras import layers
+
+    class ClassTokenAndPosition(layers.Layer):
+        def build(self, input_shape):
+            self.token = self.add_weight(shape=(1, 1, width), initializer="zeros")
+            self.position = self.add_weight(shape=(1, 197, width), initializer="random_normal")
+
+        def call(self, tokens):
+            batch = keras.ops.shape(tokens)[0]
+            cls = keras.ops.broadcast_to(self.token, (batch, 1, width))
+            return keras.ops.concatenate([cls, tokens], axis=1) + self.position
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3))
+    x = layers.Conv2D(width, 16, strides=16)(inputs)
+    x = ClassTokenAndPosition()(layers.Reshape((196, width))(x))
+    for _ in range(depth):
+        y = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = x + layers.MultiHeadAttention(heads, width // heads)(y, y)
+        y = layers.LayerNormalization(epsilon=1e-6)(x)
+        x = x + layers.Dense(width)(layers.Dense(4 * width, activation="gelu")(y))
+    x = layers.LayerNormalization(epsilon=1e-6)(x)
+    model = keras.Model(inputs, x[:, 0])
+    model.export(str(directory), format="tf_saved_model", verbose=False)
+
+
+def make_shards(directory: Path, images: int, per_shard: int) -> None:
+    """Random-texture 224x224 PNG patches in WebDataset shards with a manifest."""
+    import webdataset as wds
+    from PIL import Image
+
+    from pathgan.fileio import sha256_file
+
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, images, per_shard):
+        name = f"train-{start // per_shard:06d}.tar"
+        count = min(per_shard, images - start)
+        with wds.TarWriter(str(directory / name)) as writer:
+            for i in range(start, start + count):
+                low = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+                image = Image.fromarray(low).resize((224, 224), Image.BICUBIC)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG", compress_level=1)
+                writer.write({"__key__": f"p{i:06d}", "png": buffer.getvalue(), "json": "{}"})
+        shards.append({"name": name, "split": "train", "samples": count,
+                       "sha256": sha256_file(directory / name)})
+    manifest = {"shards": shards, "total_samples": images}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def plain_loop(shards_dir: Path, encoder, device) -> tuple[int, float]:
+    """One image at a time: read, decode, convert, embed (what the original study did)."""
+    import torch
+    import webdataset as wds
+
+    from pathgan.data.format import decode_sample, shard_paths
+    from pathgan.images import hwc_to_chw, uint8_to_signed
+
+    count, started = 0, time.perf_counter()
+    for path in shard_paths(shards_dir):
+        for raw in wds.WebDataset(str(path), shardshuffle=False):
+            _, image, _ = decode_sample(raw)
+            with torch.no_grad():
+                x = uint8_to_signed(hwc_to_chw(image).to(device))[None]
+                encoder(x).cpu().numpy()
+            count += 1
+    return count, time.perf_counter() - started
+
+
+def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
+    import shutil
+
+    import torch
+
+    from pathgan.embed import embed_shards, embeddings_dir
+
+    with torch.no_grad():  # warm up both shapes (TensorFlow traces, cuDNN picks kernels)
+        encoder(torch.zeros(1, 3, 224, 224, device=device))
+        encoder(torch.zeros(max(args.batch_sizes), 3, 224, 224, device=device))
+    # Alternate the two modes and keep each one's best of --repeats runs: a shared 2-core machine
+    # drifts by tens of percent from one minute to the next.
+    plain, batched = [], {batch_size: [] for batch_size in args.batch_sizes}
+    for _ in range(args.repeats):
+        count, seconds = plain_loop(shards_dir, encoder, device)
+        plain.append(count / seconds)
+        for batch_size in args.batch_sizes:
+            shutil.rmtree(embeddings_dir(shards_dir, encoder.encoder_id), ignore_errors=True)
+            started = time.perf_counter()
+            summary = embed_shards(shards_dir, encoder, batch_size=batch_size,
+                                   num_workers=args.num_workers, precision=args.precision,
+                                   device=device, progress=False, log=lambda message: None)
+            seconds = time.perf_counter() - started
+            assert summary["images"] == count and not summary.get("error"), summary
+            batched[batch_size].append(count / seconds)
+            print(f"{name}: batch {batch_size}: {count / seconds:.2f} images/s "
+                  f"(plain loop {plain[-1]:.2f})", file=sys.stderr, flush=True)
+    result = {"name": name, "encoder_id": encoder.encoder_id, "embed_dim": encoder.embed_dim,
+              "images": count,
+              "plain_loop": {"images_per_s": round(max(plain), 2),
+                             "runs": [round(r, 2) for r in plain]},
+              "pathgan_embed": [{"batch_size": b, "images_per_s": round(max(rates), 2),
+                                 "runs": [round(r, 2) for r in rates]}
+                                for b, rates in batched.items()]}
+    best = max(result["pathgan_embed"], key=lambda r: r["images_per_s"])
+    result["best_batch_size"] = best["batch_size"]
+    result["speedup"] = round(best["images_per_s"] / result["plain_loop"]["images_per_s"], 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small run for 2 CPU cores: 24 images, batch sizes 8,24")
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--per-shard", type=int, default=None, help="default: images / 2")
+    parser.add_argument("--batch-sizes", default="16,32,96")
+    parser.add_argument("--tf-depth", type=int, default=12, help="transformer blocks (12 = ViT-S)")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--encoders", default="tf,timm", help="tf, timm or both")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each mode; best is kept")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.batch_sizes = 24, "8,24"
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.per_shard = args.per_shard or max(1, args.images // 2)
+
+    from pathgan.encoders.path_foundation import import_tensorflow
+
+    tf = import_tensorflow() if "tf" in args.encoders else None  # triton before TF, see there
+    import torch
+
+    from pathgan.encoders import load_encoder
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pathgan-bench-") as work:
+        work = Path(work)
+        make_shards(work / "shards", args.images, args.per_shard)
+        if "tf" in args.encoders:
+            build_tf_vit(work / "tf-vit", args.tf_depth)
+            encoder = load_encoder(f"path-foundation:{work / 'tf-vit'}", device=device)
+            results.append(measure(f"tf-vit-s16-depth{args.tf_depth}", encoder,
+                                   work / "shards", args, device))
+            del encoder
+        if "timm" in args.encoders:
+            encoder = load_encoder("timm:vit_small_patch16_224:random", device=device,
+                                   precision=args.precision)
+            results.append(measure("timm-vit_small_patch16_224", encoder, work / "shards",
+                                   args, device))
+    report = {
+        "benchmark": "embed_throughput",
+        "speedup": results[0]["speedup"],
+        "speedup_of": results[0]["name"],
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "tensorflow": tf.__version__ if tf is not None else None,
+        "precision": args.precision,
+        "images": args.images,
+        "per_shard": args.per_shard,
+        "encoders": results,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The one training loop shared by both GANs, and what it needs around it."""

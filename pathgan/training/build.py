@@ -1,0 +1,54 @@
+"""Config -> the networks of a GAN and its objective (no Accelerate, no data files)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pathgan.config import Config
+from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
+from pathgan.training.objective import GANObjective
+
+
+@dataclass
+class GAN:
+    generator: Generator
+    discriminators: dict[str, nn.Module]  # feature name -> discriminator
+    weights: dict[str, float]
+    encoder: nn.Module | None
+
+    @property
+    def encoder_id(self) -> str | None:
+        return self.encoder.encoder_id if self.encoder is not None else None
+
+    def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
+        """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
+        return GANObjective(discriminators, self.weights, self.encoder)
+
+
+def model_export_config(config: Config) -> dict:
+    """What `pathgan sample` needs to rebuild the generator."""
+    return {"nz": config.model.nz, "ngf": config.model.ngf, "channels": config.model.channels,
+            "image_size": config.model.image_size, "kind": config.model.kind,
+            "encoder": config.model.encoder}
+
+
+def build_gan(config: Config, device: torch.device) -> GAN:
+    model = config.model
+    generator = Generator(model.nz, model.ngf, model.channels)
+    discriminators: dict[str, nn.Module] = {}
+    weights: dict[str, float] = {}
+    encoder = None
+    if model.kind == "dcgan" or model.hybrid:
+        discriminators["images"] = Discriminator(model.ndf, model.channels)
+        weights["images"] = model.pixel_weight if model.hybrid else 1.0
+    if model.kind == "embgan":
+        from pathgan.encoders import load_encoder
+
+        # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
+        encoder = load_encoder(model.encoder, device=device)
+        discriminators["embeddings"] = EmbeddingDiscriminator(
+            encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm
+        )
+        weights["embeddings"] = model.embedding_weight
+    return GAN(generator, discriminators, weights, encoder)

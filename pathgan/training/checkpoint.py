@@ -1,0 +1,97 @@
+"""Checkpoint folders of a run: naming, finding the latest, pruning, and the exported generator.
+
+A checkpoint is an ``accelerator.save_state`` folder (models, optimizers, the fp16 scaler, RNG
+states, and the objects registered for checkpointing: the step counter, the W&B run id, the
+EMA generator). Model weights are safetensors; nothing is unpickled from untrusted sources.
+"""
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pathgan.errors import PathganError
+from pathgan.fileio import atomic_path, read_json, write_json
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
+GENERATOR_WEIGHTS = "generator.safetensors"
+GENERATOR_CONFIG = "generator.json"
+
+
+class TrainState:
+    """Progress that must survive a restart; registered with ``register_for_checkpointing``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.wandb_run_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "wandb_run_id": self.wandb_run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.wandb_run_id = state.get("wandb_run_id")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a folder counts once its marker exists)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)
+             and (p / "COMPLETE").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``latest`` -> the newest complete checkpoint or None (a fresh start); a path -> itself."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(run_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise PathganError(f"--resume {resume}: not a complete checkpoint folder")
+    return path
+
+
+def mark_complete(path: Path, step: int) -> None:
+    """Written last: a checkpoint killed half-way is never picked by ``--resume latest``."""
+    write_json(path / "COMPLETE", {"step": step})
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_generator(generator: torch.nn.Module, model_config: dict, run_dir: Path) -> Path:
+    """Save generator weights as safetensors beside a JSON of the model config."""
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    with atomic_path(run_dir / GENERATOR_WEIGHTS) as temporary:
+        save_file(state, str(temporary))
+    write_json(run_dir / GENERATOR_CONFIG, model_config)
+    return run_dir / GENERATOR_WEIGHTS
+
+
+def load_generator(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """The exported generator of a run (eval mode) and its model config."""
+    from pathgan.models import Generator
+
+    run_dir = Path(run_dir)
+    weights, config_path = run_dir / GENERATOR_WEIGHTS, run_dir / GENERATOR_CONFIG
+    if not weights.is_file() or not config_path.is_file():
+        raise PathganError(f"{run_dir} has no exported generator ({GENERATOR_WEIGHTS}); "
+                           "train it first or point at a finished run folder")
+    config = read_json(config_path)
+    generator = Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
+    generator.load_state_dict(load_file(str(weights)))
+    return generator.to(device).eval(), config

@@ -1,0 +1,315 @@
+"""The training loop shared by the DCGAN and the Embedding GAN.
+
+Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
+in which every step is a discriminator update and a generator update on the same fake batch,
+with logging, samples, checkpoints and preemption at step boundaries. What differs between the
+GANs lives in :class:`~pathgan.training.objective.GANObjective`; where real samples come from
+lives in :mod:`pathgan.training.data`.
+"""
+
+import contextlib
+import secrets
+import string
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from pathgan.config import Config, config_to_dict, save_config
+from pathgan.errors import PathganError
+from pathgan.images import uint8_to_signed
+from pathgan.training import checkpoint as ckpt
+from pathgan.training.build import build_gan, model_export_config
+from pathgan.training.data import build_real_data
+from pathgan.training.logbook import Logbook
+from pathgan.training.signals import PreemptionFlag
+
+PREEMPTED_MARKER = "PREEMPTED"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    run_dir: Path
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """``auto``: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _switch(value: str) -> bool:
+    return value == "on" or (value == "auto" and torch.cuda.is_available())
+
+
+def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
+    # broadcast_buffers=False is what we want (rank-local BatchNorm statistics); its successor
+    # forward_sync_buffers=False would still sync at init, so the deprecation does not apply.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    return Accelerator(
+        # Without CUDA, `accelerate launch --multi_gpu` processes must still form a (gloo) group
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
+        log_with="wandb" if config.log.wandb else None,
+        project_dir=str(run_dir),
+        # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in the
+        # second forward breaks autograd (pytorch#22095). Statistics stay per rank instead.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
+    params = [p for module in modules for p in module.parameters()]
+    fused = _switch(config.train.fused_adam)
+    return torch.optim.Adam(params, lr=config.train.lr,
+                            betas=(config.train.beta1, config.train.beta2),
+                            fused=fused or None, foreach=None if fused else True)
+
+
+def _reduce_flags(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Whether any rank raised each flag (one all-reduce for all of them)."""
+    tensor = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+
+
+def _nonfinite(loss: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(loss.detach()).all())
+
+
+class WindowStats:
+    """Sums of per-step statistics between two log lines, averaged across ranks when read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+
+    def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
+        names = sorted(self.sums)
+        means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1)
+        means = accelerator.reduce(means, reduction="mean")
+        elapsed = time.perf_counter() - self.started
+        values = dict(zip(names, means.tolist(), strict=True))
+        values["step_time"] = elapsed / max(self.steps, 1)
+        values["images_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
+        if torch.cuda.is_available():
+            values["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return values
+
+
+def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
+                   run_dir: Path) -> None:
+    if not config.log.wandb:
+        return
+    if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
+        state.wandb_run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                                     for _ in range(8))
+    accelerator.init_trackers(
+        config.log.project,
+        config=config_to_dict(config),
+        init_kwargs={"wandb": {
+            "name": config.run.name or run_dir.name,
+            "entity": config.log.entity,
+            "tags": config.log.tags,
+            "id": state.wandb_run_id,  # a resumed run continues the same W&B run
+            "resume": "allow",
+            "dir": str(run_dir),
+        }},
+    )
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images from a fixed noise batch, in eval mode (BatchNorm running statistics)."""
+    was_training = generator.training
+    generator.eval()
+    images = torch.cat([generator(chunk).float() for chunk in noise.split(batch_size)])
+    generator.train(was_training)
+    return images
+
+
+def train(config: Config, resume: str | None = None) -> TrainResult:
+    run_dir = Path(config.run.dir)
+    accelerator = make_accelerator(config, run_dir)
+    world = accelerator.num_processes
+    if config.train.batch_size % world:
+        raise PathganError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                           f"the {world} processes")
+    if config.train.sync_bn and world > 1 and accelerator.device.type != "cuda":
+        raise PathganError("train.sync_bn needs CUDA; use per-rank statistics on CPU")
+    per_rank_batch = config.train.batch_size // world
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    set_seed(config.run.seed)  # the same initial weights on every rank...
+
+    # --- networks, optimizers, data ---------------------------------------------------------
+    gan = build_gan(config, accelerator.device)
+    generator, discriminators = gan.generator, gan.discriminators
+    if config.train.sync_bn and world > 1:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
+                          for k, d in discriminators.items()}
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    generator = generator.to(accelerator.device, memory_format=memory_format)
+    discriminators = {k: d.to(accelerator.device, memory_format=memory_format)
+                      for k, d in discriminators.items()}
+    ema = (AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay),
+                         use_buffers=True) if config.train.ema else None)
+    g_optimizer = make_optimizer([generator], config)
+    d_optimizer = make_optimizer(discriminators.values(), config)
+    if _switch(config.train.compile):
+        generator = torch.compile(generator)
+        discriminators = {k: torch.compile(d) for k, d in discriminators.items()}
+    names = list(discriminators)
+    prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
+    generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
+    discriminators = dict(zip(names, prepared[1:-2], strict=True))
+    objective = gan.objective(discriminators)
+    data = build_real_data(config, world, accelerator.process_index, gan.encoder_id)
+
+    # --- state, resume, trackers ------------------------------------------------------------
+    state = ckpt.TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoint = ckpt.resolve_resume(run_dir, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif resume == "latest":
+        accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
+    set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
+    logbook = Logbook(accelerator, run_dir, config.log.wandb)
+    logbook.truncate_after(state.step)
+    _init_trackers(accelerator, config, state, run_dir)
+    fixed_noise = torch.randn(config.log.num_samples, config.model.nz,
+                              generator=torch.Generator().manual_seed(config.run.seed)
+                              ).to(accelerator.device)
+    total_steps = config.train.max_steps or config.train.epochs * data.batches_per_epoch
+    plain_generator = accelerator.unwrap_model(generator, keep_torch_compile=False)
+    sample_model = ema.module if ema is not None else plain_generator
+
+    def save_checkpoint() -> Path:
+        path = ckpt.checkpoint_dir(run_dir, state.step)
+        accelerator.save_state(str(path))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.mark_complete(path, state.step)
+            ckpt.prune_checkpoints(run_dir, config.ckpt.keep)
+            logbook.loss_plot()
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------
+    preemption = PreemptionFlag().install()
+    window = WindowStats()
+    nonfinite_run = 0
+    saved_at = state.step
+    stop = False  # a rank was signalled: every rank stops at the same step
+    progress = tqdm(total=total_steps, initial=state.step, unit="step",
+                    disable=not accelerator.is_main_process, desc=run_dir.name)
+    try:
+        while state.step < total_steps and not stop:
+            for real in data:
+                real = {k: v.to(accelerator.device, non_blocking=True) for k, v in real.items()}
+                if "images" in real:  # uint8 over the bus, normalised on the device
+                    real["images"] = uint8_to_signed(real["images"]).contiguous(
+                        memory_format=memory_format)
+                noise = torch.randn(per_rank_batch, config.model.nz, device=accelerator.device)
+
+                with accelerator.autocast():  # the encoder too, where there is one
+                    fake = objective.fake_features(generator(noise))
+                d_loss, d_stats = objective.d_loss(real, fake)
+                d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss),
+                                                      preemption.requested)
+                if not d_bad:
+                    d_optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(d_loss)
+                    d_optimizer.step()
+
+                with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
+                    for discriminator in discriminators.values():
+                        no_d_sync.enter_context(accelerator.no_sync(discriminator))
+                    g_loss, g_stats = objective.g_loss(fake)
+                    (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
+                    if not g_bad:
+                        g_optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(g_loss)
+                        g_optimizer.step()
+                if ema is not None and not g_bad:
+                    ema.update_parameters(plain_generator)
+
+                if d_bad or g_bad:
+                    nonfinite_run += 1
+                    accelerator.print(f"step {state.step}: non-finite loss "
+                                      f"(D {d_loss.item():.4g}, G {g_loss.item():.4g}); skipped")
+                    if config.train.nonfinite == "stop" or \
+                            nonfinite_run >= config.train.max_nonfinite:
+                        path = save_checkpoint()
+                        raise PathganError(
+                            f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
+                            f"state saved in {path}. Lower train.lr, or try "
+                            "train.mixed_precision=bf16 or no")
+                    continue
+                nonfinite_run = 0
+                state.step += 1
+                progress.update()
+                window.add({"Loss_D": d_loss, "Loss_G": g_loss, **d_stats, **g_stats})
+
+                if state.step % config.log.every == 0 or state.step == total_steps:
+                    values = window.read(accelerator, config.train.batch_size)
+                    values.update(epoch=state.epoch, skipped_samples=data.skipped)
+                    logbook.metrics(state.step, values)
+                    progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
+                    window = WindowStats()
+                if state.step % config.log.sample_every == 0:
+                    logbook.samples(state.step, generate(sample_model, fixed_noise,
+                                                         per_rank_batch))
+                if state.step % config.ckpt.every == 0:
+                    save_checkpoint()
+                    saved_at = state.step
+                if stop_requested or state.step >= total_steps:
+                    stop = stop_requested
+                    break
+            else:
+                state.epoch += 1
+            stop = stop or _reduce_flags(accelerator, preemption.requested)[0]
+    finally:
+        preemption.uninstall()
+        progress.close()
+        data.close()
+
+    preempted = stop and state.step < total_steps
+    if saved_at != state.step or preempted:
+        save_checkpoint()
+    marker = run_dir / PREEMPTED_MARKER
+    if accelerator.is_main_process:
+        if preempted:
+            marker.write_text(f"{state.step}\n")
+            print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
+                  "rerun with --resume latest", flush=True)
+        else:
+            marker.unlink(missing_ok=True)
+            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
+            ckpt.export_generator(sample_model, model_export_config(config), run_dir)
+            logbook.loss_plot()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(state.step, preempted, run_dir)
