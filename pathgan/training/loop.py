@@ -38,6 +38,8 @@ class TrainResult:
     step: int
     preempted: bool
     run_dir: Path
+    generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
+    discriminators: dict[str, torch.nn.Module]
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -312,4 +314,5 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(state.step, preempted, run_dir)
+    return TrainResult(state.step, preempted, run_dir, plain_generator,
+                       {k: accelerator.unwrap_model(d) for k, d in discriminators.items()})

@@ -1,0 +1,258 @@
+"""The DCGAN and the shared training loop: networks, smoke run, resume, DDP, signals, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cli_command, run_cli
+from safetensors.torch import load_file
+
+from pathgan.config import load_config
+from pathgan.models import Discriminator, Generator
+from pathgan.plots import read_metrics
+
+SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
+QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+         "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(shards: Path, run_dir: Path, *overrides: str, resume: str | None = None):
+    args = ["train", "--config", SMOKE, f"data.shards={shards}", f"run.dir={run_dir}",
+            *overrides]
+    return cli_command(*args, *(["--resume", resume] if resume else []))
+
+
+def run_training(shards, run_dir, *overrides, resume=None, timeout=300):
+    result = subprocess.run(train_command(shards, run_dir, *overrides, resume=resume),
+                            capture_output=True, text=True, env=QUIET, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_networks_at_224():
+    generator, discriminator = Generator(), Discriminator()
+    assert sum(p.numel() for p in generator.parameters()) == 16_165_760
+    assert sum(p.numel() for p in discriminator.parameters()) == 11_198_208
+    images = generator(torch.randn(3, 100))
+    assert images.shape == (3, 3, 224, 224)
+    assert images.min() >= -1 and images.max() <= 1  # Tanh
+    logits = discriminator(images)
+    assert logits.shape == (3,) and not (0 <= logits).all() & (logits <= 1).all()
+    weights = generator.main[0].weight
+    assert abs(weights.std().item() - 0.02) < 0.002 and abs(weights.mean().item()) < 0.002
+    small = Generator(nz=16, ngf=8)
+    assert small(torch.randn(2, 16)).shape == (2, 3, 224, 224)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, slide_shards) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_training(slide_shards, run_dir)
+    assert "finished at step 20" in result.stdout
+    return run_dir
+
+
+def test_smoke_run_writes_everything(smoke_run):
+    rows = read_metrics(smoke_run / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(2, 21, 2))
+    for row in rows:
+        for key in ("Loss_D", "Loss_G", "D(x)", "D(G(z))", "images_per_s", "step_time"):
+            assert isinstance(row[key], float) and row[key] == row[key], key
+        assert 0 <= row["D(x)"] <= 1
+    checkpoints = sorted(p.name for p in (smoke_run / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000010", "checkpoint-000020"]
+    assert (smoke_run / "checkpoints" / "checkpoint-000020" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (smoke_run / "samples").iterdir()) == [
+        "step_000010.png", "step_000020.png"]
+    assert (smoke_run / "loss.png").stat().st_size > 10_000
+    assert list((smoke_run / "wandb").glob("offline-run-*"))
+    assert load_config(smoke_run / "config.yaml").train.max_steps == 20
+    weights = load_file(smoke_run / "generator.safetensors")
+    assert weights["main.0.weight"].shape == (100, 128, 7, 7)
+    assert json.loads((smoke_run / "generator.json").read_text())["ngf"] == 8
+    assert not (smoke_run / "PREEMPTED").exists()
+
+
+def test_sample_and_arch_commands(tmp_path, smoke_run):
+    assert run_cli("sample", smoke_run, "-n", "5", "--out", tmp_path / "png") == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 5
+    assert run_cli("sample", smoke_run, "-n", "7", "--out", tmp_path / "shards",
+                   "--format", "shards", "--per-shard", "3") == 0
+    assert run_cli("shards", "verify", tmp_path / "shards") == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["total_samples"] == 7 and len(manifest["shards"]) == 3
+    # The same seed gives the same patches.
+    assert run_cli("sample", smoke_run, "-n", "5", "--out", tmp_path / "again") == 0
+    for path in (tmp_path / "png").glob("*.png"):
+        assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes()
+    assert run_cli("arch", "--config", SMOKE, "--out", tmp_path / "arch") == 0
+    table = (tmp_path / "arch" / "architecture.md").read_text()
+    assert "3 x 224 x 224" in table and "Total parameters" in table
+    assert (tmp_path / "arch" / "discriminator-images.png").is_file()
+
+
+def wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        train_command(slide_shards, run_dir, "train.max_steps=1000", "ckpt.every=5",
+                      "log.wandb=false", "train.ema=false", "log.every=1"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=QUIET)
+    saved = run_dir / "checkpoints" / "checkpoint-000005"
+    wait_for(lambda: (saved / "COMPLETE").is_file(), process)
+    process.kill()
+    process.wait()
+    # Resuming at the saved step with nothing left to do exports the restored weights as-is.
+    result = run_training(slide_shards, run_dir, "train.max_steps=5", "log.wandb=false",
+                          "train.ema=false", resume=str(saved))
+    assert "resumed from" in result.stdout + result.stderr
+    restored = load_file(run_dir / "generator.safetensors")
+    checkpointed = load_file(saved / "model.safetensors")
+    assert restored.keys() == checkpointed.keys()
+    for name, tensor in checkpointed.items():
+        assert torch.equal(restored[name], tensor), name
+    # And training goes on from there: metrics continue after step 5 without duplicates.
+    run_training(slide_shards, run_dir, "train.max_steps=8", "log.wandb=false",
+                 "train.ema=false", "log.every=1", resume="latest")
+    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
+    run_dir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        train_command(slide_shards, run_dir, "train.max_steps=1000", "log.wandb=false",
+                      "log.every=1", "ckpt.every=1000"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=QUIET)
+    wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, process)
+    process.send_signal(signal.SIGUSR1)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    step = int((run_dir / "PREEMPTED").read_text())
+    assert f"preempted at step {step}" in stdout
+    assert (run_dir / "checkpoints" / f"checkpoint-{step:06d}" / "COMPLETE").is_file()
+    result = run_training(slide_shards, run_dir, f"train.max_steps={step + 3}",
+                          "log.wandb=false", "log.every=1", resume="latest")
+    assert f"finished at step {step + 3}" in result.stdout
+    assert not (run_dir / "PREEMPTED").exists()
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step + 3
+
+
+DDP_SCRIPT = """
+import os
+import sys
+from safetensors.torch import save_file
+from pathgan.config import load_config
+from pathgan.training.loop import train
+
+config = load_config(sys.argv[1], sys.argv[2:])
+result = train(config)
+rank = int(os.environ["RANK"])
+networks = {"generator": result.generator, **result.discriminators}
+tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
+           for name, network in networks.items()
+           for key, value in network.named_parameters()}
+save_file(tensors, f"{config.run.dir}/params-rank{rank}.safetensors")
+"""
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), str(SMOKE),
+               f"data.shards={slide_shards}", f"run.dir={run_dir}", "train.max_steps=6",
+               "log.wandb=false", "ckpt.every=6"]
+    result = subprocess.run(command, capture_output=True, text=True, env=QUIET, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(run_dir / f"params-rank{rank}.safetensors") for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    initial = Generator(ngf=8).state_dict()["main.0.weight"]
+    assert not torch.equal(ranks[0]["generator.main.0.weight"], initial)  # it did train
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
+
+
+def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
+    run_dir = tmp_path / "bf16"
+    run_training(slide_shards, run_dir, "train.mixed_precision=bf16", "train.max_steps=4",
+                 "log.wandb=false", "log.every=1")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert len(rows) == 4 and all(isinstance(row["Loss_D"], float) for row in rows)
+
+
+NAN_SCRIPT = """
+import sys
+import torch
+from pathgan.cli import main
+from pathgan.training.objective import GANObjective
+
+def nan_loss(self, real, fake):
+    return torch.tensor(float("nan"), requires_grad=True), {}
+
+GANObjective.d_loss = nan_loss
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("policy", "expected_step"), [("stop", 0), ("skip", 0)])
+def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step):
+    script = tmp_path / "nan_train.py"
+    script.write_text(textwrap.dedent(NAN_SCRIPT))
+    run_dir = tmp_path / policy
+    result = subprocess.run(
+        [sys.executable, str(script), "train", "--config", str(SMOKE),
+         f"data.shards={slide_shards}", f"run.dir={run_dir}", "log.wandb=false",
+         f"train.nonfinite={policy}", "train.max_nonfinite=3"],
+        capture_output=True, text=True, env=QUIET, timeout=300)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pathgan: error")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0]
+    assert "in a row" in errors[0] and ("(1 in a row)" in errors[0]) == (policy == "stop")
+    assert result.stdout.count("non-finite loss") == (1 if policy == "stop" else 3)
+    assert (run_dir / "checkpoints" / f"checkpoint-{expected_step:06d}" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batchsize=3", "unknown config key 'train.batchsize'"),
+        ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of"),
+        ("train.batch_size=abc", "train.batch_size: expected int"),
+        ("train.lr=-1", "train.lr must be positive"),
+        ("nonsense", "is not of the form key=value"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(capsys, override, message):
+    assert run_cli("train", "--config", SMOKE, override) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"pathgan: error: {message}")
+
+
+def test_missing_config_and_shards_are_one_line_errors(tmp_path):
+    assert run_cli("train", "--config", tmp_path / "nope.yaml") == 2
+    result = subprocess.run(cli_command("train", "--config", SMOKE,
+                                        f"data.shards={tmp_path}", f"run.dir={tmp_path}/r",
+                                        "log.wandb=false"),
+                            capture_output=True, text=True, env=QUIET, timeout=120)
+    assert result.returncode == 2 and "manifest.json is missing" in result.stderr
+    assert "Traceback" not in result.stderr
