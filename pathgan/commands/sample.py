@@ -3,7 +3,8 @@
 
 def register(subparsers) -> None:
     sample = subparsers.add_parser("sample", help="generate patches from a trained run")
-    sample.add_argument("run_dir", metavar="RUN_DIR", help="a run folder with generator.safetensors")
+    sample.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run folder with generator.safetensors")
     sample.add_argument("-n", type=int, required=True, help="number of patches")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--format", choices=["png", "shards"], default="png")
