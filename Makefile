@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/slurm/run.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -148,6 +148,15 @@ def generate(generator: torch.nn.Module, noise: torch.Tensor, batch_size: int) -
 
 
 def train(config: Config, resume: str | None = None) -> TrainResult:
+    # First of all: a preemption signal during set-up must not kill the process.
+    preemption = PreemptionFlag().install()
+    try:
+        return _train(config, resume, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
     run_dir = Path(config.run.dir)
     accelerator = make_accelerator(config, run_dir)
     world = accelerator.num_processes
@@ -220,7 +229,6 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
         return path
 
     # --- the loop ---------------------------------------------------------------------------
-    preemption = PreemptionFlag().install()
     window = WindowStats()
     nonfinite_run = 0
     saved_at = state.step
@@ -294,7 +302,6 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
                 state.epoch += 1
             stop = stop or _reduce_flags(accelerator, preemption.requested)[0]
     finally:
-        preemption.uninstall()
         progress.close()
         data.close()
 

@@ -1,0 +1,141 @@
+"""Training images/s: pathgan's loop vs a plain fp32 eager single-process loop.
+
+Both train the same DCGAN networks at the same batch on the same device. The plain loop is the
+reference's: fp32, eager, contiguous tensors, default Adam, sigmoid-free BCE-with-logits, fed
+from an in-memory batch (so data loading costs it nothing). pathgan's loop runs for real
+(``train()`` on packed shards, data pipeline included) with each variant's overrides. Rates are
+medians over timed windows after warm-up; one JSON object out::
+
+    .venv/bin/python bench/train_throughput.py                      # CPU: small widths
+    .venv/bin/python bench/train_throughput.py --ngf 64 --batch-size 128 \
+        --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile    # on a GPU
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pathgan.config import load_config
+from pathgan.data.pack import PackOptions, pack
+from pathgan.models import Discriminator, Generator
+from pathgan.plots import read_metrics
+from pathgan.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": [],  # what a user gets: auto precision, auto compile, channels_last, fused Adam
+    "fp32": ["train.mixed_precision=no", "train.channels_last=false", "train.compile=off"],
+    "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=off"],
+    "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=true",
+                           "train.compile=off"],
+    "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=true",
+                                   "train.compile=on"],
+    "fp32-contiguous": ["train.channels_last=false"],
+}
+
+
+def plain_loop_rate(args, device: torch.device) -> float:
+    """The reference loop: no autocast, no compile, no channels_last, plain Adam."""
+    generator = Generator(args.nz, args.ngf).to(device)
+    discriminator = Discriminator(args.ndf).to(device)
+    g_optimizer = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    real = torch.rand(args.batch_size, 3, 224, 224, device=device) * 2 - 1
+    ones = torch.ones(args.batch_size, device=device)
+    zeros = torch.zeros(args.batch_size, device=device)
+
+    def step():
+        fake = generator(torch.randn(args.batch_size, args.nz, device=device))
+        d_optimizer.zero_grad()
+        d_loss = (F.binary_cross_entropy_with_logits(discriminator(real), ones)
+                  + F.binary_cross_entropy_with_logits(discriminator(fake.detach()), zeros))
+        d_loss.backward()
+        d_optimizer.step()
+        g_optimizer.zero_grad()
+        F.binary_cross_entropy_with_logits(discriminator(fake), ones).backward()
+        g_optimizer.step()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup_steps):
+        step()
+    rates = []
+    for _ in range(args.windows):
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.window_steps):
+            step()
+        sync()
+        rates.append(args.batch_size * args.window_steps / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
+    steps = args.warmup_steps + args.windows * args.window_steps
+    overrides = [
+        f"data.shards={shards}", f"run.dir={scratch / variant}", f"model.nz={args.nz}",
+        f"model.ngf={args.ngf}", f"model.ndf={args.ndf}", f"train.batch_size={args.batch_size}",
+        f"train.max_steps={steps}", f"log.every={args.window_steps}", "log.wandb=false",
+        f"log.sample_every={steps * 10}", f"ckpt.every={steps * 10}", "train.ema=false",
+        f"data.num_workers={args.workers}", *VARIANTS[variant],
+    ]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(load_config(REPO / "configs" / "dcgan.yaml", overrides))
+    rows = read_metrics(scratch / variant / "metrics.jsonl")
+    # Windows end every window_steps; the first warmup_steps belong to warm-up.
+    timed = [row["images_per_s"] for row in rows if row["step"] > args.warmup_steps]
+    result = {"images_per_s": round(statistics.median(timed), 2)}
+    if torch.cuda.is_available():
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ngf", type=int, default=16)
+    parser.add_argument("--ndf", type=int, default=16)
+    parser.add_argument("--nz", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument("--window-steps", type=int, default=4)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--variants", default="default",
+                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants: {unknown}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = Path(scratch) / "shards"
+        pack([str(REPO / "shards" / "cmu_small_region.svs")], shards,
+             PackOptions(workers=1, overlap=0.5))
+        baseline = plain_loop_rate(args, device)
+        results = {v: pathgan_rate(args, shards, v, Path(scratch)) for v in variants}
+
+    print(json.dumps({
+        "benchmark": "train_throughput",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
+        "plain_fp32_images_per_s": round(baseline, 2),
+        "variants": {v: {**r, "speedup": round(r["images_per_s"] / baseline, 2)}
+                     for v, r in results.items()},
+        "speedup": round(results[variants[0]]["images_per_s"] / baseline, 2),
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
