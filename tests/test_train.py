@@ -173,6 +173,12 @@ save_file(tensors, f"{config.run.dir}/params-rank{rank}.safetensors")
 """
 
 
+def initial_generator_weight(ngf: int = 8, seed: int = 0) -> torch.Tensor:
+    """The first generator layer as the trainer initialises it (seeded before building)."""
+    torch.manual_seed(seed)
+    return Generator(ngf=ngf).state_dict()["main.0.weight"]
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
@@ -188,8 +194,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-    initial = Generator(ngf=8).state_dict()["main.0.weight"]
-    assert not torch.equal(ranks[0]["generator.main.0.weight"], initial)  # it did train
+    assert not torch.equal(ranks[0]["generator.main.0.weight"], initial_generator_weight())
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
 
 

@@ -116,6 +116,37 @@ class WindowStats:
         return values
 
 
+class EmbeddingGap:
+    """How far fake embeddings are from real ones over a logging window (all ranks).
+
+    ``emb_mean_dist``: distance between the mean embeddings; ``emb_cov_dist``: Frobenius
+    distance between the covariances, relative to the real covariance's norm. Both fall as the
+    generator closes the gap.
+    """
+
+    MAX_ROWS = 4096  # per rank and side; bounds memory on long windows
+
+    def __init__(self) -> None:
+        self.real: list[torch.Tensor] = []
+        self.fake: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        if self.rows < self.MAX_ROWS:
+            self.real.append(real.detach().float())
+            self.fake.append(fake.detach().float())
+            self.rows += len(real)
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        real = accelerator.gather(torch.cat(self.real))
+        fake = accelerator.gather(torch.cat(self.fake))
+        real_cov, fake_cov = torch.cov(real.T), torch.cov(fake.T)
+        return {
+            "emb_mean_dist": float((real.mean(0) - fake.mean(0)).norm()),
+            "emb_cov_dist": float((real_cov - fake_cov).norm() / real_cov.norm().clamp_min(1e-12)),
+        }
+
+
 def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
                    run_dir: Path) -> None:
     if not config.log.wandb:
@@ -230,6 +261,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- the loop ---------------------------------------------------------------------------
     window = WindowStats()
+    gap = EmbeddingGap() if "embeddings" in discriminators else None
     nonfinite_run = 0
     saved_at = state.step
     stop = False  # a rank was signalled: every rank stops at the same step
@@ -282,10 +314,15 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                 state.step += 1
                 progress.update()
                 window.add({"Loss_D": d_loss, "Loss_G": g_loss, **d_stats, **g_stats})
+                if gap is not None:
+                    gap.add(real["embeddings"], fake["embeddings"])
 
                 if state.step % config.log.every == 0 or state.step == total_steps:
                     values = window.read(accelerator, config.train.batch_size)
                     values.update(epoch=state.epoch, skipped_samples=data.skipped)
+                    if gap is not None:
+                        values.update(gap.read(accelerator))
+                        gap = EmbeddingGap()
                     logbook.metrics(state.step, values)
                     progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
                     window = WindowStats()

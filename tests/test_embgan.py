@@ -1,0 +1,168 @@
+"""The Embedding GAN: the generator learns through a frozen encoder, in the shared loop."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
+
+from pathgan.config import load_config
+from pathgan.data.format import decode_sample, shard_paths
+from pathgan.data.inspect import iter_tar_samples
+from pathgan.embed import embedding_path, read_embedding_file, read_embeddings
+from pathgan.images import hwc_to_chw, uint8_to_signed
+from pathgan.plots import read_metrics
+from pathgan.training.build import build_gan
+
+SMOKE = REPO / "configs" / "embgan-smoke.yaml"
+TIMM = "timm:vit_tiny_patch16_224:random"
+
+
+@pytest.fixture(scope="module")
+def embedded_shards(tmp_path_factory, slide_shards) -> tuple[Path, str]:
+    """The slide shards with precomputed embeddings of the smoke config's encoder."""
+    import shutil
+
+    shards = tmp_path_factory.mktemp("embgan") / "shards"
+    shutil.copytree(slide_shards, shards)
+    assert run_cli("embed", shards, "--encoder", TIMM, "--batch-size", "16",
+                   "--num-workers", "0") == 0
+    encoder_id = next((shards / "embeddings").iterdir()).name
+    return shards, encoder_id
+
+
+def train_embgan(shards: Path, run_dir: Path, *overrides: str, expect: int = 0):
+    result = subprocess.run(
+        [sys.executable, "-m", "pathgan", "train", "--config", str(SMOKE),
+         f"data.shards={shards}", f"run.dir={run_dir}", *overrides],
+        capture_output=True, text=True, env=QUIET, timeout=600)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+def test_smoke_run_end_to_end(tmp_path, embedded_shards):
+    shards, _ = embedded_shards
+    run_dir = tmp_path / "embgan"
+    train_embgan(shards, run_dir, "train.max_steps=6", "log.every=2", "log.sample_every=6",
+                 "ckpt.every=6")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    for row in rows:
+        assert row["emb_mean_dist"] > 0 and 0 <= row["D(x)"] <= 1
+        assert isinstance(row["Loss_G"], float)
+    assert (run_dir / "samples" / "step_000006.png").is_file()
+    assert (run_dir / "loss.png").is_file() and (run_dir / "generator.safetensors").is_file()
+    assert json.loads((run_dir / "generator.json").read_text())["encoder"] == TIMM
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def one_generator_step(config):
+    """Build the Embedding GAN from a config and take one generator step (no Accelerate)."""
+    gan = build_gan(config, torch.device("cpu"))
+    objective = gan.objective(gan.discriminators)
+    encoder_before = {k: v.clone() for k, v in gan.encoder.state_dict().items()}
+    optimizer = torch.optim.Adam(gan.generator.parameters(), lr=1e-3)
+    fake = objective.fake_features(gan.generator(torch.randn(4, config.model.nz)))
+    loss, _ = objective.g_loss(fake)
+    loss.backward()
+    optimizer.step()
+    return gan, encoder_before
+
+
+def test_generator_gradients_come_through_the_encoder():
+    config = load_config(SMOKE)
+    gan, encoder_before = one_generator_step(config)
+    grads = [p.grad for p in gan.generator.parameters()]
+    assert all(g is not None for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads)  # every layer of G got signal
+    assert all(p.grad is None and not p.requires_grad for p in gan.encoder.parameters())
+    assert not gan.encoder.training
+    for name, value in gan.encoder.state_dict().items():
+        assert torch.equal(value, encoder_before[name]), name
+    assert set(gan.discriminators) == {"embeddings"}
+    linear_layers = [m for m in gan.discriminators["embeddings"].modules()
+                     if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in linear_layers] == [192, 64, 32]
+
+
+def test_hybrid_objective_has_both_discriminators():
+    config = load_config(SMOKE, ["model.hybrid=true", "model.pixel_weight=0.5"])
+    gan, _ = one_generator_step(config)
+    assert set(gan.discriminators) == {"images", "embeddings"}
+    assert gan.weights == {"images": 0.5, "embeddings": 1.0}
+    assert all(p.grad is not None for p in gan.generator.parameters())
+
+
+def test_in_loop_embedding_of_a_real_patch_matches_the_precomputed_one(embedded_shards):
+    shards, encoder_id = embedded_shards
+    gan = build_gan(load_config(SMOKE), torch.device("cpu"))
+    assert gan.encoder_id == encoder_id
+    shard = shard_paths(shards)[0]
+    samples = [decode_sample({"__key__": key, **members})
+               for key, members in iter_tar_samples(shard)][:6]
+    # Exactly what the trainer does to a real batch: uint8 CHW -> [-1, 1] -> encoder.
+    batch = uint8_to_signed(torch.stack([hwc_to_chw(image) for _, image, _ in samples]))
+    with torch.no_grad():
+        in_loop = gan.encoder(batch)
+    stored = read_embedding_file(embedding_path(shards, encoder_id, shard.name))
+    rows = [list(stored["keys"]).index(key) for key, _, _ in samples]
+    torch.testing.assert_close(in_loop, torch.from_numpy(stored["embeddings"][rows]),
+                               rtol=1e-4, atol=1e-4)
+    keys, array = read_embeddings(shards, encoder_id)
+    assert array.shape == (len(keys), 192)
+
+
+def test_mismatched_encoder_is_refused(tmp_path, embedded_shards):
+    shards, encoder_id = embedded_shards
+    result = train_embgan(shards, tmp_path / "mismatch", "log.wandb=false",
+                          "model.encoder=timm:vit_tiny_patch16_224.augreg_in21k:random",
+                          expect=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pathgan: error")]
+    assert len(errors) == 1 and encoder_id in errors[0] and "not from the configured" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_two_process_embgan_keeps_ranks_in_sync(tmp_path, embedded_shards):
+    shards, _ = embedded_shards
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), str(SMOKE), f"data.shards={shards}",
+               f"run.dir={run_dir}", "train.max_steps=4", "log.wandb=false", "ckpt.every=4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=QUIET, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(run_dir / f"params-rank{rank}.safetensors") for rank in (0, 1)]
+    assert any(name.startswith("embeddings.") for name in ranks[0])
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
+def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
+    import shutil
+
+    from tinymodels import make_tiny_path_foundation
+
+    model_dir = make_tiny_path_foundation(tmp_path / "path-foundation")
+    spec = f"path-foundation:{model_dir}"
+    shards = tmp_path / "shards"
+    shutil.copytree(slide_shards, shards)
+    embed = subprocess.run([sys.executable, "-m", "pathgan", "embed", str(shards),
+                            "--encoder", spec, "--num-workers", "0"],
+                           capture_output=True, text=True, env=QUIET, timeout=600)
+    assert embed.returncode == 0, embed.stderr[-3000:]
+    run_dir = tmp_path / "tf"
+    train_embgan(shards, run_dir, f"model.encoder={spec}", "train.max_steps=3",
+                 "log.every=1", "log.wandb=false")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert len(rows) == 3 and all(isinstance(row["Loss_G"], float) for row in rows)
+    # The generator moved: its exported weights differ from a fresh initialisation.
+    trained = load_file(run_dir / "generator.safetensors")["main.0.weight"]
+    assert not torch.equal(trained, initial_generator_weight())
