@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[tensorflow-cpu,dev]'
 	@touch $@
 
+demo: $(STAMP)
+	$(PY) -m pathgan demo --out demo
+
 test: $(STAMP)
 	$(PY) -m pytest
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tests/slurm/run.sh

@@ -1,0 +1,22 @@
+"""``pathgan demo``: the whole pipeline on the bundled slide (what `make demo` runs)."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="pack, embed, train both GANs, evaluate: the bundled slide, on CPU",
+        description="Runs every stage on the bundled CC0 slide in about 10 minutes on 2 CPU "
+        "cores, with no key or login (W&B offline).",
+    )
+    parser.add_argument("--out", default="demo", help="output folder (default: demo)")
+    parser.add_argument("--size", choices=["full", "small"], default="full",
+                        help="small: a few steps per stage (a quick check)")
+    parser.add_argument("--encoder", help="encoder spec (default: Path Foundation when it is "
+                        "in the local cache, else a random-init timm ViT)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pathgan.demo import run_demo
+
+    run_demo(args.out, args.size, args.encoder)
+    return 0

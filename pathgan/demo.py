@@ -1,0 +1,123 @@
+"""``pathgan demo``: the whole pipeline on the bundled slide, on a CPU, with no key or login.
+
+pack -> embed -> train the DCGAN -> train the Embedding GAN -> evaluate both -> report.
+Each stage runs as the command a user would type (printed before it runs), in its own process.
+W&B runs are written offline unless the user set ``WANDB_MODE``.
+"""
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pathgan.errors import PathganError
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE = REPO / "shards" / "cmu_small_region.svs"
+RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
+
+
+@dataclass
+class DemoSize:
+    dcgan_steps: int
+    embgan_steps: int
+    eval_samples: int
+    ngf: int
+
+
+SIZES = {
+    "full": DemoSize(dcgan_steps=300, embgan_steps=80, eval_samples=128, ngf=16),  # ~10 min
+    "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8),  # for tests
+}
+
+
+def path_foundation_available() -> bool:
+    """True when Path Foundation is already in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download("google/path-foundation", local_files_only=True)
+    except Exception:
+        return False
+    return importlib.util.find_spec("tensorflow") is not None  # the optional extra
+
+
+def choose_encoder(requested: str | None) -> tuple[str, str]:
+    if requested:
+        return requested, "as requested"
+    if path_foundation_available():
+        return "path-foundation", "Path Foundation found in the Hugging Face cache"
+    return RANDOM_ENCODER, ("a RANDOM-INIT torch ViT: embeddings and metrics only show that the "
+                            "pipeline works. For real figures, get Path Foundation access "
+                            "(README) and rerun with --encoder path-foundation")
+
+
+def run_stage(title: str, args: list[str], log_dir: Path) -> float:
+    """Run ``pathgan ARGS`` in a fresh process, printing the command; returns seconds taken."""
+    command = [sys.executable, "-m", "pathgan", *map(str, args)]
+    print(f"\n== {title}\n$ pathgan {shlex.join(map(str, args))}", flush=True)
+    started = time.perf_counter()
+    log_path = log_dir / f"{title.split()[0].lower()}.log"
+    with open(log_path, "a") as log:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    print(result.stdout.rstrip(), flush=True)
+    if result.returncode != 0:
+        raise PathganError(f"demo stage '{title}' failed (exit {result.returncode}); "
+                           f"see {log_path}")
+    return time.perf_counter() - started
+
+
+def run_demo(out_dir: str | Path = "demo", size: str = "full",
+             encoder: str | None = None) -> dict:
+    out_dir = Path(out_dir).resolve()
+    sizes = SIZES[size]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    encoder_spec, why = choose_encoder(encoder)
+    print(f"pathgan demo in {out_dir}\nencoder: {encoder_spec} ({why})", flush=True)
+    shards, runs = out_dir / "shards", out_dir / "runs"
+    dcgan, embgan = runs / "dcgan", runs / "embgan"
+    common = ["log.wandb=true", f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}",
+              "data.num_workers=1"]
+    timings = {
+        "pack": run_stage("Pack the bundled slide into shards", [
+            "shards", "pack", SLIDE, "--out", shards, "--patch-sizes", "224,512",
+            "--overlap", "0.5", "--max-count", "64", "--workers", "2"], out_dir),
+        "show": run_stage("Show random training patches", [
+            "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"],
+            out_dir),
+        "embed": run_stage("Embed every patch", [
+            "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"], out_dir),
+        "dcgan": run_stage("DCGAN training", [
+            "train", "--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}",
+            f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
+            f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
+            f"ckpt.every={sizes.dcgan_steps}", *common], out_dir),
+        "embgan": run_stage("Embedding GAN training", [
+            "train", "--config", REPO / "configs" / "embgan-smoke.yaml", f"data.shards={shards}",
+            f"run.dir={embgan}", f"model.encoder={encoder_spec}",
+            f"train.max_steps={sizes.embgan_steps}",
+            f"log.sample_every={max(1, sizes.embgan_steps // 2)}",
+            f"ckpt.every={sizes.embgan_steps}", *common], out_dir),
+        "eval": run_stage("Evaluation of both generators", [
+            "eval", dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
+            "--encoder", encoder_spec, "--out", out_dir / "eval"], out_dir),
+    }
+    print("\n== Where to look")
+    for label, path in [
+        ("training patches grid", out_dir / "training-patches.png"),
+        ("DCGAN samples", dcgan / "samples"), ("DCGAN loss plot", dcgan / "loss.png"),
+        ("Embedding GAN samples", embgan / "samples"),
+        ("Embedding GAN loss plot", embgan / "loss.png"),
+        ("evaluation report", out_dir / "eval" / "report.md"),
+        ("evaluation figures", out_dir / "eval" / "eval.json"),
+        ("W&B offline runs (wandb sync DIR to upload)", runs / "*" / "wandb"),
+    ]:
+        print(f"  {label:45s} {path}")
+    print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return timings
