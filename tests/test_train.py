@@ -138,8 +138,8 @@ def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
 def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
     run_dir = tmp_path / "preempted"
     process = subprocess.Popen(
-        train_command(slide_shards, run_dir, "train.max_steps=1000", "log.wandb=false",
-                      "log.every=1", "ckpt.every=1000"),
+        train_command(slide_shards, run_dir, "train.max_steps=1000", "log.every=1",
+                      "ckpt.every=1000"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=QUIET)
     wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, process)
     process.send_signal(signal.SIGUSR1)
@@ -149,9 +149,12 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
     assert f"preempted at step {step}" in stdout
     assert (run_dir / "checkpoints" / f"checkpoint-{step:06d}" / "COMPLETE").is_file()
     result = run_training(slide_shards, run_dir, f"train.max_steps={step + 3}",
-                          "log.wandb=false", "log.every=1", resume="latest")
+                          "log.every=1", resume="latest")
     assert f"finished at step {step + 3}" in result.stdout
     assert not (run_dir / "PREEMPTED").exists()
+    # Both processes logged to the same W&B run (offline-run-<time>-<id>).
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
     assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step + 3
 
 
