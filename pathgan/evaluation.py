@@ -495,9 +495,14 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         raise PathganError(f"-n must be at least {k + 1}")
     if batch_size < 1:
         raise PathganError("--batch-size must be at least 1")
+    from pathgan.training.checkpoint import GENERATOR_WEIGHTS, load_generator
+
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise PathganError(f"{run_dir}: no such run folder")
+        if not (run_dir / GENERATOR_WEIGHTS).is_file():
+            raise PathganError(f"{run_dir} has no exported generator ({GENERATOR_WEIGHTS}); "
+                               "train it first or point at a finished run folder")
     real = select_real(real_shards, n, seed)  # checks the shard set before loading any model
     spec = encoder_spec or default_encoder_spec(run_dirs)
     extractors = []
@@ -519,8 +524,6 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_image_grid(real_grid(real), out_dir / "real.png")
-
-    from pathgan.training.checkpoint import load_generator
 
     runs = []
     for run_dir, name in zip(run_dirs, names, strict=True):

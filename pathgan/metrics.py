@@ -5,7 +5,9 @@ the same encoder (Path Foundation, a timm backbone, or Inception for the classic
 knows nothing of images, generators or ranks (:mod:`pathgan.evaluation` does that part):
 
 - :func:`frechet_distance`: the Fréchet distance between Gaussians fitted to both sets
-  (FID when the features are Inception's); torchmetrics' ``FrechetInceptionDistance``.
+  (FID when the features are Inception's); the same formula as torchmetrics'
+  ``FrechetInceptionDistance`` (a test checks they agree) through a symmetric eigensolver,
+  since its ``eigvals`` of a non-symmetric product takes minutes at D = 2048 on a CPU.
 - :func:`kernel_inception_distance`: the unbiased squared MMD with the polynomial kernel
   ``(x.y / D + 1) ** 3``, averaged over random subsets (Bińkowski et al. 2018); torchmetrics'
   ``KernelInceptionDistance``, with a seeded subset draw so that a figure can be reproduced.
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_K", "DEFAULT_SUBSET_SIZE", "DEFAULT_SUBSETS", "compare_features",
-           "frechet_distance", "kernel_inception_distance", "precision_recall"]
+           "frechet_distance", "frechet_distance_from_statistics", "gaussian_statistics",
+           "kernel_inception_distance", "precision_recall"]
 
 DEFAULT_SUBSETS = 100
 DEFAULT_SUBSET_SIZE = 1000
@@ -55,19 +58,37 @@ def _check(real: torch.Tensor, fake: torch.Tensor, minimum: int = 2) -> tuple:
     return real.double(), fake.double()
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to ``real`` (n, D) and ``fake`` (m, D).
+def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of features (n, D), in float64."""
+    features = torch.as_tensor(features).double()
+    mean = features.mean(dim=0)
+    centred = features - mean
+    return mean, centred.T @ centred / (len(features) - 1)
 
-    ``||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))``, 0 for identical sets.
+
+def frechet_distance_from_statistics(mean1: torch.Tensor, cov1: torch.Tensor,
+                                     mean2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """``||m1 - m2||^2 + Tr(C1) + Tr(C2) - 2 Tr((C1 C2)^(1/2))``.
+
+    The trace of the root is taken from the eigenvalues of ``C1^(1/2) C2 C1^(1/2)`` (symmetric,
+    positive semi-definite, the same eigenvalues as ``C1 C2``) with ``eigh``: the same value as
+    torchmetrics' ``eigvals(C1 @ C2)``, 10-100x faster at D = 1024-2048 on a CPU and stable when
+    the covariances are singular (fewer samples than dimensions).
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    values, vectors = torch.linalg.eigh(cov1)
+    root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+    middle = root @ cov2 @ root
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mean1 - mean2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_root
+    return float(distance)
 
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to ``real`` (n, D) and ``fake`` (m, D); 0 (up
+    to rounding) for identical sets. FID when the features are Inception's."""
     real, fake = _check(real, fake)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
-    metric = metric.to(real.device).set_dtype(torch.float64)
-    metric.update(real, real=True)
-    metric.update(fake, real=False)
-    return float(metric.compute())
+    return frechet_distance_from_statistics(*gaussian_statistics(real),
+                                            *gaussian_statistics(fake))
 
 
 def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor,

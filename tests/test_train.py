@@ -201,6 +201,19 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
 
 
+def test_in_loop_evaluation_is_logged_and_keeps_the_best_generator(tmp_path, slide_shards):
+    run_dir = tmp_path / "evaluated"
+    run_training(slide_shards, run_dir, "train.max_steps=4", "log.wandb=false", "eval.every=2",
+                 "eval.n=8", "eval.encoder=timm:mobilenetv3_small_050:random")
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval/fd" in row]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all(row["eval/fd"] >= 0 and row["eval/n"] == 8 for row in rows)
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["fd"] == pytest.approx(min(row["eval/fd"] for row in rows), abs=1e-6)
+    assert best["step"] in (2, 4) and best["encoder"].startswith("timm-mobilenetv3_small_050")
+    assert run_cli("sample", run_dir / "best", "-n", "2", "--out", tmp_path / "best") == 0
+
+
 def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
     run_dir = tmp_path / "bf16"
     run_training(slide_shards, run_dir, "train.mixed_precision=bf16", "train.max_steps=4",

@@ -1,4 +1,4 @@
-"""``pathgan eval RUN_DIR [RUN_DIR ...] --real SHARDS_DIR -n N``: score runs against real patches."""
+"""``pathgan eval RUN_DIR [RUN_DIR ...] --real SHARDS_DIR -n N``: score runs on real patches."""
 
 DESCRIPTION = """\
 Generate N patches from each run's exported generator and compare them with N real patches

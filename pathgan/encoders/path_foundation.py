@@ -181,17 +181,7 @@ class SavedModelBridge:
         def _forward(images):
             return signature(**{input_name: images})[OUTPUT_KEY]
 
-        def _input_gradient(images, output_gradient):
-            with tf.GradientTape() as tape:
-                tape.watch(images)
-                outputs = signature(**{input_name: images})[OUTPUT_KEY]
-            return tape.gradient(outputs, images, output_gradients=output_gradient)
-
         self._forward = tf.function(_forward, input_signature=[spec])
-        self._input_gradient = tf.function(
-            _input_gradient,
-            input_signature=[spec, tf.TensorSpec([None, None], tf.float32)],
-        )
 
     # -- torch <-> TensorFlow, no copies --------------------------------------------------------
     def _tf_device(self, tensor: torch.Tensor) -> str:
@@ -206,23 +196,47 @@ class SavedModelBridge:
     def _to_torch(self, tensor) -> torch.Tensor:
         return torch.utils.dlpack.from_dlpack(self.tf.experimental.dlpack.to_dlpack(tensor))
 
-    def _run(self, function, *tensors: torch.Tensor) -> torch.Tensor:
-        device = tensors[0].device
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
         # TensorFlow without a GPU (tensorflow-cpu) next to CUDA torch: the one case that copies.
-        staged = [t.cpu() if t.is_cuda and not self.gpu_count else t for t in tensors]
-        results = []
-        with self.tf.device(self._tf_device(staged[0])):
-            for start in range(0, staged[0].shape[0], self.chunk_size):
-                chunk = [self._to_tf(t[start : start + self.chunk_size]) for t in staged]
-                results.append(self._to_torch(function(*chunk)))
-        output = results[0] if len(results) == 1 else torch.cat(results)
-        return output.to(device)
+        return tensor.cpu() if tensor.is_cuda and not self.gpu_count else tensor
 
     def forward(self, images_nhwc: torch.Tensor) -> torch.Tensor:
-        return self._run(self._forward, images_nhwc)
+        staged = self._stage(images_nhwc)
+        with self.tf.device(self._tf_device(staged)):
+            outputs = [self._to_torch(self._forward(self._to_tf(chunk)))
+                       for chunk in staged.split(self.chunk_size)]
+        return torch.cat(outputs).to(images_nhwc.device)
 
-    def input_gradient(self, images_nhwc: torch.Tensor, output_gradient: torch.Tensor):
-        return self._run(self._input_gradient, images_nhwc, output_gradient.float())
+    def forward_recorded(self, images_nhwc: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Forward under TensorFlow gradient tapes, one per chunk, kept for the backward.
+
+        Keeping the forward's tapes and activations, as torch autograd does, costs a forward and
+        a backward pass; running the model again inside a tape at backward time would cost one
+        forward pass more.
+        """
+        device = images_nhwc.device
+        staged = self._stage(images_nhwc)
+        outputs, records = [], []
+        with self.tf.device(self._tf_device(staged)):
+            for chunk in staged.split(self.chunk_size):
+                inputs = self._to_tf(chunk)
+                with self.tf.GradientTape() as tape:
+                    tape.watch(inputs)
+                    result = self.signature(**{self.input_name: inputs})[OUTPUT_KEY]
+                records.append((tape, inputs, result))
+                outputs.append(self._to_torch(result))
+        return torch.cat(outputs).to(device), records
+
+    def recorded_gradient(self, records: list, output_gradient: torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
+        staged = self._stage(output_gradient.float())
+        gradients = []
+        with self.tf.device(self._tf_device(staged)):
+            for (tape, inputs, result), chunk in zip(records, staged.split(self.chunk_size),
+                                                     strict=True):
+                gradient = tape.gradient(result, inputs, output_gradients=self._to_tf(chunk))
+                gradients.append(self._to_torch(gradient))
+        return torch.cat(gradients).to(device)
 
 
 class _SavedModelCall(torch.autograd.Function):
@@ -231,15 +245,20 @@ class _SavedModelCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bridge: SavedModelBridge, images_nhwc: torch.Tensor) -> torch.Tensor:
         ctx.bridge = bridge
-        ctx.save_for_backward(images_nhwc)
-        return bridge.forward(images_nhwc)
+        ctx.device = images_nhwc.device
+        if not ctx.needs_input_grad[1]:  # inference: no tape, nothing kept
+            ctx.records = None
+            return bridge.forward(images_nhwc)
+        output, ctx.records = bridge.forward_recorded(images_nhwc)
+        return output
 
     @staticmethod
     def backward(ctx, output_gradient: torch.Tensor):
-        if not ctx.needs_input_grad[1]:
+        if ctx.records is None:
             return None, None
-        (images_nhwc,) = ctx.saved_tensors
-        return None, ctx.bridge.input_gradient(images_nhwc, output_gradient)
+        gradient = ctx.bridge.recorded_gradient(ctx.records, output_gradient, ctx.device)
+        ctx.records = None  # one backward, as for any torch graph: free TensorFlow's tapes
+        return None, gradient
 
 
 class PathFoundationEncoder(Encoder):

@@ -18,6 +18,7 @@ from pathgan.fileio import atomic_path, read_json, write_json
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_CONFIG = "generator.json"
+BEST_DIR = "best"  # the generator of the best in-loop evaluation, loadable like a run folder
 
 
 class TrainState:
@@ -27,13 +28,16 @@ class TrainState:
         self.step = 0
         self.epoch = 0
         self.wandb_run_id: str | None = None
+        self.best_fd: float | None = None  # of the in-loop evaluation, for best/
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "wandb_run_id": self.wandb_run_id}
+        return {"step": self.step, "epoch": self.epoch, "wandb_run_id": self.wandb_run_id,
+                "best_fd": self.best_fd}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.wandb_run_id = state.get("wandb_run_id")
+        self.best_fd = state.get("best_fd")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict, save_config
 from pathgan.errors import PathganError
+from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
 from pathgan.training import checkpoint as ckpt
 from pathgan.training.build import build_gan, model_export_config
@@ -147,6 +148,19 @@ class EmbeddingGap:
         }
 
 
+def make_evaluator(config: Config, gan, device: torch.device):
+    """The in-loop evaluator when ``eval.every`` is set; reuses the training encoder if it is
+    the one asked for (Path Foundation is loaded once)."""
+    if not config.eval.every:
+        return None
+    from pathgan.evaluation import DEFAULT_ENCODER, InLoopEvaluator
+
+    spec = config.eval.encoder or config.model.encoder or DEFAULT_ENCODER
+    encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
+    return InLoopEvaluator(config.data.shards, encoder=encoder, n=config.eval.n, device=device,
+                           seed=config.run.seed)
+
+
 def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
                    run_dir: Path) -> None:
     if not config.log.wandb:
@@ -166,6 +180,20 @@ def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainSt
             "dir": str(run_dir),
         }},
     )
+
+
+def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
+             config: Config, run_dir: Path) -> None:
+    """Score the generator (every rank takes part); log it and keep the best generator."""
+    scores = evaluator(sample_model)
+    logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
+                                 ("fd", "kid_mean", "kid_std", "precision", "recall", "n")})
+    if state.best_fd is None or scores["fd"] < state.best_fd:
+        state.best_fd = scores["fd"]
+        if logbook.active:
+            best = run_dir / ckpt.BEST_DIR
+            ckpt.export_generator(sample_model, model_export_config(config), best)
+            write_json(best / "best.json", {"step": state.step, **scores})
 
 
 @torch.no_grad()
@@ -226,6 +254,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
     objective = gan.objective(discriminators)
     data = build_real_data(config, world, accelerator.process_index, gan.encoder_id)
+    evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
     state = ckpt.TrainState()
@@ -329,6 +358,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                 if state.step % config.log.sample_every == 0:
                     logbook.samples(state.step, generate(sample_model, fixed_noise,
                                                          per_rank_batch))
+                if evaluator is not None and state.step % config.eval.every == 0:
+                    evaluate(evaluator, sample_model, state, logbook, config, run_dir)
                 if state.step % config.ckpt.every == 0:
                     save_checkpoint()
                     saved_at = state.step
