@@ -56,18 +56,17 @@ def choose_encoder(requested: str | None) -> tuple[str, str]:
                             "(README) and rerun with --encoder path-foundation")
 
 
-def run_stage(title: str, args: list[str], log_dir: Path) -> float:
-    """Run ``pathgan ARGS`` in a fresh process, printing the command; returns seconds taken."""
-    command = [sys.executable, "-m", "pathgan", *map(str, args)]
+def run_stage(title: str, args: list[str]) -> float:
+    """Run ``pathgan ARGS`` in a fresh process, printing the command; returns seconds taken.
+
+    The stage's output (progress bars included) goes straight to the terminal.
+    """
     print(f"\n== {title}\n$ pathgan {shlex.join(map(str, args))}", flush=True)
     started = time.perf_counter()
-    log_path = log_dir / f"{title.split()[0].lower()}.log"
-    with open(log_path, "a") as log:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    print(result.stdout.rstrip(), flush=True)
+    result = subprocess.run([sys.executable, "-m", "pathgan", *map(str, args)])
     if result.returncode != 0:
         raise PathganError(f"demo stage '{title}' failed (exit {result.returncode}); "
-                           f"see {log_path}")
+                           "its output is above")
     return time.perf_counter() - started
 
 
@@ -87,26 +86,25 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     timings = {
         "pack": run_stage("Pack the bundled slide into shards", [
             "shards", "pack", SLIDE, "--out", shards, "--patch-sizes", "224,512",
-            "--overlap", "0.5", "--max-count", "64", "--workers", "2"], out_dir),
+            "--overlap", "0.5", "--max-count", "64", "--workers", "2"]),
         "show": run_stage("Show random training patches", [
-            "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"],
-            out_dir),
+            "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"]),
         "embed": run_stage("Embed every patch", [
-            "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"], out_dir),
+            "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"]),
         "dcgan": run_stage("DCGAN training", [
             "train", "--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}",
             f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
             f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
-            f"ckpt.every={sizes.dcgan_steps}", *common], out_dir),
+            f"ckpt.every={sizes.dcgan_steps}", *common]),
         "embgan": run_stage("Embedding GAN training", [
             "train", "--config", REPO / "configs" / "embgan-smoke.yaml", f"data.shards={shards}",
             f"run.dir={embgan}", f"model.encoder={encoder_spec}",
             f"train.max_steps={sizes.embgan_steps}",
             f"log.sample_every={max(1, sizes.embgan_steps // 2)}",
-            f"ckpt.every={sizes.embgan_steps}", *common], out_dir),
+            f"ckpt.every={sizes.embgan_steps}", *common]),
         "eval": run_stage("Evaluation of both generators", [
             "eval", dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
-            "--encoder", encoder_spec, "--out", out_dir / "eval"], out_dir),
+            "--encoder", encoder_spec, "--out", out_dir / "eval"]),
     }
     print("\n== Where to look")
     for label, path in [

@@ -96,13 +96,15 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor,
                               subset_size: int = DEFAULT_SUBSET_SIZE,
                               seed: int = 0) -> tuple[float, float]:
     """KID (polynomial-kernel MMD², unbiased) as ``(mean, std)`` over ``subsets`` random subsets
-    of ``subset_size`` samples per side (capped at the smaller set). ~0 (can be slightly
+    of ``subset_size`` samples per side (half the smaller set when that set is not larger). ~0 (can be slightly
     negative) for one distribution; grows as the sets differ. ``seed`` fixes the subset draw.
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 
     real, fake = _check(real, fake)
-    subset_size = min(int(subset_size), len(real), len(fake))
+    smaller = min(len(real), len(fake))
+    # Subsets as large as a whole set would all be that set: the std would be 0, meaningless.
+    subset_size = int(subset_size) if subset_size < smaller else max(2, smaller // 2)
     with warnings.catch_warnings():  # "will save all extracted features in buffer": we know
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets,
