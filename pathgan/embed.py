@@ -17,9 +17,7 @@ verified outputs are skipped; files are written under a temporary name and renam
 
 import json
 import os
-import re
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathgan.data.format import decode_sample, load_manifest
+from pathgan.data.format import load_manifest
+from pathgan.data.reading import ShardSamples, collate_samples, index_shard, shard_keys
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, sha256_file
-from pathgan.images import IMAGE_SIZE, hwc_to_chw, uint8_to_signed
+from pathgan.images import uint8_to_signed
 
 FORMAT = "pathgan-embeddings/1"
 EMBEDDINGS_DIR = "embeddings"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_MISSING = 0.05
-# WebDataset's rule: the key is the member name up to the first dot of its last component.
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 
 # -- where things are -------------------------------------------------------------------------
@@ -74,83 +71,6 @@ def worker_assignment(task_index: int | None = None, num_tasks: int | None = Non
 def assigned_shards(shards: list[dict], worker: int, num_workers: int) -> list[dict]:
     """Round-robin over manifest order: disjoint across workers, and together all shards."""
     return [shard for index, shard in enumerate(shards) if index % num_workers == worker]
-
-
-# -- reading a shard without webdataset's streaming: an index of member offsets ---------------
-def index_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {extension: (offset, size)})] in tar order, from the headers only."""
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                match = _MEMBER.match(member.name)
-                if match is None:
-                    continue
-                key, extension = match.groups()
-                samples.setdefault(key, {})[extension.lower()] = (member.offset_data, member.size)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise PathganError(f"{path} is not a readable tar ({error})") from error
-    return list(samples.items())
-
-
-def shard_keys(path: str | Path) -> list[str]:
-    return [key for key, _ in index_shard(path)]
-
-
-class ShardSamples(torch.utils.data.Dataset):
-    """Samples of several shards as one map-style dataset, decoded in DataLoader workers.
-
-    Item ``i`` -> ``(i, 3x224x224 uint8 tensor or None, error or None)``; a sample that does not
-    decode is returned with its error instead of raising, so the job can list it as missing.
-    """
-
-    def __init__(self, shards: list[tuple[Path, list]]) -> None:
-        self.paths = [path for path, _ in shards]
-        self.items = [(s, key, members) for s, (_, entries) in enumerate(shards)
-                      for key, members in entries]
-        self._handles: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
-        handle.seek(offset)
-        return handle.read(size)
-
-    def __getitem__(self, index: int):
-        shard, key, members = self.items[index]
-        try:
-            raw = {"__key__": key}
-            for extension, (offset, size) in members.items():
-                raw[extension] = self._read(shard, offset, size)
-            _, image, _ = decode_sample(raw)
-            if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, not 224x224")
-            return index, hwc_to_chw(image).contiguous(), None
-        except Exception as error:  # a corrupt sample is reported, never fatal
-            return index, None, f"{type(error).__name__}: {error}"
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-    def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-
-
-def _collate(items):
-    good = [(index, image) for index, image, _ in items if image is not None]
-    bad = [(index, error) for index, _, error in items if error is not None]
-    images = torch.stack([image for _, image in good]) if good else None
-    return [index for index, _ in good], images, bad
 
 
 # -- checking and reading outputs -------------------------------------------------------------
@@ -418,7 +338,7 @@ def _run(dataset, pending, encoder, spec, device, batch_size, num_workers, preci
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        collate_fn=collate_samples, pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None,
     )
     batches = iter(loader)  # workers start decoding now, while the encoder loads

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pathgan.data.reading import collate_samples
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
 from pathgan.images import save_image_grid, signed_to_uint8, uint8_to_signed
@@ -193,7 +194,7 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
     """Draw ``min(n, available)`` real samples of ``split`` (default: :func:`real_split`) with a
     seeded generator, kept in shard order."""
     from pathgan.data.format import load_manifest
-    from pathgan.embed import ShardSamples, index_shard
+    from pathgan.data.reading import ShardSamples, index_shard
 
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
@@ -221,13 +222,6 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
         extra = f"only {count} {split} samples (asked for {n})"
         note = f"{note}; {extra}" if note else extra
     return RealSet(shards_dir, split, keys, dataset, len(flat), note)
-
-
-def _collate(items):
-    good = [(index, image) for index, image, _ in items if image is not None]
-    return ([index for index, _ in good],
-            torch.stack([image for _, image in good]) if good else None,
-            [error for _, _, error in items if error is not None])
 
 
 def _precomputed(real: RealSet, encoder_id: str) -> torch.Tensor | None:
@@ -266,12 +260,12 @@ def real_features(real: RealSet, extractors: list[_Extractor], state, *,
     per_rank = math.ceil(len(real) / state.num_processes)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(real.dataset, list(mine)), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_collate,
+        num_workers=num_workers, collate_fn=collate_samples,
     )
     indices, rows, errors = [], {e.name: [] for e in todo}, []
     with _progress(state, len(mine), "real features") as bar:
         for batch_indices, images, bad in loader:
-            errors.extend(bad)
+            errors.extend(error for _, error in bad)
             bar.update(len(batch_indices) + len(bad))
             if images is None:
                 continue

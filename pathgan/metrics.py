@@ -96,8 +96,9 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor,
                               subset_size: int = DEFAULT_SUBSET_SIZE,
                               seed: int = 0) -> tuple[float, float]:
     """KID (polynomial-kernel MMD², unbiased) as ``(mean, std)`` over ``subsets`` random subsets
-    of ``subset_size`` samples per side (half the smaller set when that set is not larger). ~0 (can be slightly
-    negative) for one distribution; grows as the sets differ. ``seed`` fixes the subset draw.
+    of ``subset_size`` samples per side (half the smaller set when that set is not larger).
+    ~0 (can be slightly negative) for one distribution; grows as the sets differ. ``seed`` fixes
+    the subset draw.
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 

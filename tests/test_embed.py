@@ -16,13 +16,13 @@ from PIL import Image
 from pathgan import embed as embed_module
 from pathgan.cli import main as cli_main
 from pathgan.data.format import decode_sample, load_manifest
+from pathgan.data.reading import shard_keys
 from pathgan.embed import (
     assigned_shards,
     embed_shards,
     embedding_path,
     read_embedding_file,
     read_embeddings,
-    shard_keys,
     verify_embeddings,
     worker_assignment,
 )

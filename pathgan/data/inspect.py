@@ -27,10 +27,6 @@ def iter_tar_samples(path: Path):
         yield current_key, members
 
 
-def shard_keys(path: Path) -> list[str]:
-    return [key for key, _ in iter_tar_samples(path)]
-
-
 def _decode_members(members: dict) -> np.ndarray:
     for extension in IMAGE_EXTENSIONS:
         if extension in members:
