@@ -120,13 +120,15 @@ class Config:
             "train.lr": self.train.lr, "log.every": self.log.every,
             "log.sample_every": self.log.sample_every, "log.num_samples": self.log.num_samples,
             "ckpt.every": self.ckpt.every, "ckpt.keep": self.ckpt.keep,
-            "train.max_nonfinite": self.train.max_nonfinite, "eval.n": self.eval.n,
+            "train.max_nonfinite": self.train.max_nonfinite,
         }
         for key, value in positive.items():
             if value <= 0:
                 raise PathganError(f"{key} must be positive, not {value}")
         if self.train.max_steps is not None and self.train.max_steps <= 0:
             raise PathganError(f"train.max_steps must be positive, not {self.train.max_steps}")
+        if self.eval.n < 4:  # k-NN precision/recall needs k + 1 = 4 samples a side
+            raise PathganError(f"eval.n must be at least 4, not {self.eval.n}")
         if self.data.num_workers < 0 or self.eval.every < 0:
             raise PathganError("data.num_workers and eval.every cannot be negative")
         for key, value in {"train.beta1": self.train.beta1, "train.beta2": self.train.beta2,

@@ -19,7 +19,6 @@ encoder id, else from the shard images.
 once, then each call scores a generator module.
 """
 
-import json
 import math
 import shutil
 import sys
@@ -41,6 +40,7 @@ __all__ = ["DEFAULT_ENCODER", "FORMAT", "InLoopEvaluator", "RealSet", "default_e
 
 FORMAT = "pathgan-eval/1"
 DEFAULT_ENCODER = "timm:vit_small_patch16_224"
+MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
 DEFAULT_BATCH_SIZE = 64
 GRID_COUNT = 64
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -169,7 +169,7 @@ def real_split(shards_dir: str | Path) -> str:
     from pathgan.data.format import load_manifest
 
     shards = load_manifest(shards_dir)["shards"]
-    has_val = any(s["split"] == "val" and s.get("count", 1) > 0 for s in shards)
+    has_val = any(s["split"] == "val" and s["samples"] > 0 for s in shards)
     return "val" if has_val else "train"
 
 
@@ -208,8 +208,9 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
         raise PathganError(f"{shards_dir} has no {split} shards")
     entries = [(shards_dir / s["name"], index_shard(shards_dir / s["name"])) for s in shards]
     flat = [(i, j) for i, (_, items) in enumerate(entries) for j in range(len(items))]
-    if len(flat) < 2:
-        raise PathganError(f"{shards_dir} has {len(flat)} {split} samples; need at least 2")
+    if len(flat) < MIN_SAMPLES:
+        raise PathganError(f"{shards_dir} has {len(flat)} {split} samples; need at least "
+                           f"{MIN_SAMPLES}")
     count = min(n, len(flat))
     chosen = sorted(np.random.default_rng(seed).choice(len(flat), count, replace=False))
     picked: dict[int, list] = {}
@@ -347,16 +348,22 @@ def _finite(value):
 def _score(real: dict, fake: dict, state, *, k: int, subsets: int, subset_size: int,
            seed: int) -> dict:
     """Statistics of every extractor's features, computed on rank 0 and sent to every rank."""
-    result = None
+    result, error = None, None
     if state.is_main_process:
         from pathgan.metrics import compare_features, frechet_distance
 
-        result = compare_features(real["encoder"], fake["encoder"], k=k, subsets=subsets,
-                                  subset_size=subset_size, seed=seed)
-        if "inception" in real:
-            result[INCEPTION_KEY] = frechet_distance(real["inception"], fake["inception"])
-        result = {key: _finite(value) for key, value in result.items()}
-    return _broadcast(result, state)
+        try:
+            result = compare_features(real["encoder"], fake["encoder"], k=k, subsets=subsets,
+                                      subset_size=subset_size, seed=seed)
+            if "inception" in real:
+                result[INCEPTION_KEY] = frechet_distance(real["inception"], fake["inception"])
+            result = {key: _finite(value) for key, value in result.items()}
+        except ValueError as problem:  # too few samples: every rank must hear of it, not hang
+            error = str(problem)
+    result, error = _broadcast((result, error), state)
+    if error:
+        raise PathganError(f"cannot score the samples: {error}")
+    return result
 
 
 def _load_encoder(spec_or_encoder, device, state):
@@ -444,16 +451,10 @@ def default_encoder_spec(run_dirs: list[Path]) -> str:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    step = None
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line).get("step", step)
-        except (json.JSONDecodeError, AttributeError):
-            continue
-    return step
+    from pathgan.plots import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return rows[-1]["step"] if rows else None
 
 
 def _names(run_dirs: list[Path]) -> list[str]:

@@ -12,10 +12,19 @@ from pathgan.fileio import atomic_path  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a line torn by a kill mid-append is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "") -> bool:

@@ -75,8 +75,9 @@ def write_shards(batches, out_dir: Path, run_dir: Path, seed: int, per_shard: in
 def sample(run_dir: str | Path, count: int, out_dir: str | Path, image_format: str = "png",
            batch_size: int = 64, seed: int = 0, device: str | None = None,
            per_shard: int = 1000) -> Path:
-    if count <= 0:
-        raise PathganError("-n must be positive")
+    for flag, value in (("-n", count), ("--batch-size", batch_size), ("--per-shard", per_shard)):
+        if value <= 0:
+            raise PathganError(f"{flag} must be positive, not {value}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator, config = load_generator(run_dir, device)

@@ -93,10 +93,42 @@ def test_sample_and_arch_commands(tmp_path, smoke_run):
     assert run_cli("sample", smoke_run, "-n", "5", "--out", tmp_path / "again") == 0
     for path in (tmp_path / "png").glob("*.png"):
         assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes()
+    assert run_cli("sample", smoke_run, "-n", "5", "--out", tmp_path / "x",
+                   "--batch-size", "0") == 2
     assert run_cli("arch", "--config", SMOKE, "--out", tmp_path / "arch") == 0
     table = (tmp_path / "arch" / "architecture.md").read_text()
     assert "3 x 224 x 224" in table and "Total parameters" in table
     assert (tmp_path / "arch" / "discriminator-images.png").is_file()
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(smoke_run, slide_shards):
+    result = subprocess.run(train_command(slide_shards, smoke_run, "log.wandb=false"),
+                            capture_output=True, text=True, env=QUIET, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds checkpoints: pass --resume latest" in result.stderr
+
+
+def test_a_checkpoint_is_replaced_whole(tmp_path):
+    from pathgan.training.checkpoint import (
+        commit_checkpoint,
+        list_checkpoints,
+        prune_checkpoints,
+        staging_dir,
+    )
+
+    path = tmp_path / "checkpoints" / "checkpoint-000005"
+    path.mkdir(parents=True)
+    (path / "COMPLETE").write_text("{}")
+    (path / "model.safetensors").write_text("old")
+    staging = staging_dir(path)
+    staging.mkdir()
+    (staging / "model.safetensors").write_text("new")
+    assert list_checkpoints(tmp_path) == [path]  # a staging folder is never a checkpoint
+    commit_checkpoint(staging, path, 5)
+    assert (path / "model.safetensors").read_text() == "new" and (path / "COMPLETE").is_file()
+    (tmp_path / "checkpoints" / "checkpoint-000009.partial").mkdir()  # a killed save
+    prune_checkpoints(tmp_path, keep=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000005"]
 
 
 def wait_for(predicate, process, timeout=240):
@@ -262,6 +294,7 @@ def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step):
         ("train.batch_size=abc", "train.batch_size: expected int"),
         ("train.lr=-1", "train.lr must be positive"),
         ("nonsense", "override 'nonsense' is not of the form key=value"),
+        ("eval.n=2", "eval.n must be at least 4"),
     ],
 )
 def test_bad_config_is_a_one_line_error(capsys, override, message):

@@ -79,16 +79,12 @@ class ImageStream:
     loader: wds.WebLoader
     batches_per_epoch: int
     skipped: SkipCounter
-    train_samples: int
     _batches: Iterator | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._batches is None:
             self._batches = iter(self.loader)
         return itertools.islice(self._batches, self.batches_per_epoch)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
     def close(self) -> None:
         """Stop the worker processes (they would otherwise prefetch until exit)."""
@@ -111,7 +107,6 @@ def make_image_stream(
     split: str = "train",
     shuffle_buffer: int = 1000,
     as_uint8: bool = False,
-    batches_per_epoch: int | None = None,
 ) -> ImageStream:
     """Batches of ``batch_size`` images (per rank) from a shard set's ``split``.
 
@@ -122,9 +117,7 @@ def make_image_stream(
     urls = [str(path) for path in shard_paths(shards_dir, split)]
     if not urls:
         raise PathganError(f"{shards_dir} has no {split} shards")
-    samples = train_samples(shards_dir, split)
-    if batches_per_epoch is None:
-        batches_per_epoch = max(1, samples // (batch_size * world_size))
+    batches_per_epoch = max(1, train_samples(shards_dir, split) // (batch_size * world_size))
     counter = SkipCounter()
     dataset = (
         wds.WebDataset(
@@ -148,4 +141,4 @@ def make_image_stream(
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return ImageStream(loader, batches_per_epoch, counter, samples)
+    return ImageStream(loader, batches_per_epoch, counter)

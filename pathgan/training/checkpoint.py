@@ -67,13 +67,28 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def mark_complete(path: Path, step: int) -> None:
-    """Written last: a checkpoint killed half-way is never picked by ``--resume latest``."""
-    write_json(path / "COMPLETE", {"step": step})
+def staging_dir(path: Path) -> Path:
+    """Where a checkpoint is written before it replaces ``path`` (not a checkpoint name)."""
+    return path.with_name(path.name + ".partial")
+
+
+def commit_checkpoint(staging: Path, path: Path, step: int) -> None:
+    """Mark ``staging`` complete and put it in place of ``path``, which is never half-written:
+    an older checkpoint of the same step is set aside first and removed after the swap."""
+    write_json(staging / "COMPLETE", {"step": step})
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep]:
+    """Keep the newest ``keep``; also drop what saves killed half-way left behind."""
+    leftovers = [*(run_dir / "checkpoints").glob("checkpoint-*.partial"),
+                 *(run_dir / "checkpoints").glob("checkpoint-*.old")]
+    for old in [*list_checkpoints(run_dir)[:-keep], *leftovers]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -83,19 +83,18 @@ def load_real_embeddings(shards_dir: str, encoder_id: str, split: str) -> np.nda
     return embeddings
 
 
-def build_real_data(config: Config, world_size: int, rank: int,
-                    encoder_id: str | None) -> RealData:
+def build_real_data(config: Config, world_size: int, rank: int, encoder_id: str | None,
+                    seed: int) -> RealData:
     per_rank = config.train.batch_size // world_size
     streams: dict[str, object] = {}
     wants_images = config.model.kind == "dcgan" or config.model.hybrid
     if wants_images:
         streams["images"] = make_image_stream(
             config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
-            num_workers=config.data.num_workers, seed=config.run.seed,
+            num_workers=config.data.num_workers, seed=seed,
             split=config.data.split, shuffle_buffer=config.data.shuffle_buffer, as_uint8=True,
         )
     if config.model.kind == "embgan":
         embeddings = load_real_embeddings(config.data.shards, encoder_id, config.data.split)
-        streams["embeddings"] = EmbeddingStream(embeddings, per_rank, world_size, rank,
-                                                config.run.seed)
+        streams["embeddings"] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
     return RealData(streams)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
+from pathgan.fileio import atomic_path
 from pathgan.images import save_image_grid, signed_to_uint8
-from pathgan.plots import plot_losses
+from pathgan.plots import plot_losses, read_metrics
 
 
 class Logbook:
@@ -54,9 +55,9 @@ class Logbook:
         """On resume, drop metric lines newer than the checkpoint (they will be redone)."""
         if not self.active or not self.metrics_path.is_file():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
+        with atomic_path(self.metrics_path) as temporary:
+            temporary.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _plain(value):

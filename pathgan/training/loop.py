@@ -80,14 +80,16 @@ def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
                             fused=fused or None, foreach=None if fused else True)
 
 
-def _reduce_flags(accelerator: Accelerator, *flags: bool) -> list[bool]:
-    """Whether any rank raised each flag (one all-reduce for all of them)."""
-    tensor = torch.tensor([float(f) for f in flags], device=accelerator.device)
+def _reduce_flags(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
+    """Whether any rank raised each flag: one all-reduce and one device-to-host read in all."""
+    tensor = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=accelerator.device)
+                          for f in flags])
     return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
 
 
-def _nonfinite(loss: torch.Tensor) -> bool:
-    return not bool(torch.isfinite(loss.detach()).all())
+def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """A device tensor (no synchronisation here): is any element NaN or infinite?"""
+    return ~torch.isfinite(loss.detach()).all()
 
 
 class WindowStats:
@@ -188,8 +190,9 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
                                  ("fd", "kid_mean", "kid_std", "precision", "recall", "n")})
-    if state.best_fd is None or scores["fd"] < state.best_fd:
-        state.best_fd = scores["fd"]
+    fd = scores["fd"]  # None when not finite
+    if fd is not None and (state.best_fd is None or fd < state.best_fd):
+        state.best_fd = fd
         if logbook.active:
             best = run_dir / ckpt.BEST_DIR
             ckpt.export_generator(sample_model, model_export_config(config), best)
@@ -253,7 +256,6 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
     objective = gan.objective(discriminators)
-    data = build_real_data(config, world, accelerator.process_index, gan.encoder_id)
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
@@ -262,12 +264,18 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     checkpoint = ckpt.resolve_resume(run_dir, resume)
+    if resume is None and ckpt.list_checkpoints(run_dir):
+        raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
+                           "continue that run, or choose another run.dir")
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume == "latest":
         accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
+    # Seeded with the step: a resumed run does not replay the data order of its first epochs.
+    data = build_real_data(config, world, accelerator.process_index, gan.encoder_id,
+                           seed=config.run.seed + state.step)
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run_dir)
@@ -280,12 +288,14 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     def save_checkpoint() -> Path:
         path = ckpt.checkpoint_dir(run_dir, state.step)
-        accelerator.save_state(str(path))
+        staging = ckpt.staging_dir(path)
+        accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ckpt.mark_complete(path, state.step)
+            ckpt.commit_checkpoint(staging, path, state.step)
             ckpt.prune_checkpoints(run_dir, config.ckpt.keep)
             logbook.loss_plot()
+        accelerator.wait_for_everyone()
         return path
 
     # --- the loop ---------------------------------------------------------------------------
@@ -355,7 +365,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                     logbook.metrics(state.step, values)
                     progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
                     window = WindowStats()
-                if state.step % config.log.sample_every == 0:
+                if state.step % config.log.sample_every == 0 and logbook.active:
                     logbook.samples(state.step, generate(sample_model, fixed_noise,
                                                          per_rank_batch))
                 if evaluator is not None and state.step % config.eval.every == 0:
@@ -374,7 +384,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         data.close()
 
     preempted = stop and state.step < total_steps
-    if saved_at != state.step or preempted:
+    if saved_at != state.step:
         save_checkpoint()
     marker = run_dir / PREEMPTED_MARKER
     if accelerator.is_main_process:
