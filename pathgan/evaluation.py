@@ -33,6 +33,7 @@ from pathgan.data.reading import collate_samples
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
 from pathgan.images import save_image_grid, signed_to_uint8, uint8_to_signed
+from pathgan.models import noise_batch
 
 __all__ = ["DEFAULT_ENCODER", "FORMAT", "InLoopEvaluator", "RealSet", "default_encoder_spec",
            "evaluate_runs", "fake_features", "inception_extractor", "make_state",
@@ -292,11 +293,6 @@ def real_grid(real: RealSet, count: int = GRID_COUNT) -> torch.Tensor:
 
 
 # -- the fake side -----------------------------------------------------------------------------
-def sample_noise(n: int, nz: int, seed: int) -> torch.Tensor:
-    """Noise row ``i`` belongs to fake sample ``i``, whatever the number of ranks."""
-    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
-
-
 def _module_device(module: torch.nn.Module, default) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
@@ -314,7 +310,7 @@ def fake_features(generator: torch.nn.Module, n: int, extractors: list[_Extracto
         getattr(generator, "module", None), "nz", None)
     if nz is None:
         raise ValueError("cannot tell the generator's nz: pass nz=")
-    noise = sample_noise(n, nz, seed)
+    noise = noise_batch(n, nz, seed)
     mine = rank_slice(n, state.process_index, state.num_processes)
     device = _module_device(generator, state.device)
     was_training = generator.training
@@ -434,14 +430,20 @@ def _run_config(run_dir: Path) -> dict:
         raise PathganError(f"{path} is not valid YAML ({error})") from error
 
 
+def eval_encoder_spec(eval_encoder: str | None, model_encoder: str | None,
+                      default: str | None = DEFAULT_ENCODER) -> str | None:
+    """The encoder an evaluation uses: ``eval.encoder``, else ``model.encoder``, else default."""
+    return eval_encoder or model_encoder or default
+
+
 def default_encoder_spec(run_dirs: list[Path]) -> str:
     """The encoder the runs name (``eval.encoder``, else ``model.encoder`` of their
     ``config.yaml``) when they agree, else :data:`DEFAULT_ENCODER` when none names one."""
     named = []
     for run_dir in run_dirs:
         config = _run_config(run_dir)
-        spec = ((config.get("eval") or {}).get("encoder")
-                or (config.get("model") or {}).get("encoder"))
+        spec = eval_encoder_spec((config.get("eval") or {}).get("encoder"),
+                                 (config.get("model") or {}).get("encoder"), default=None)
         if spec and spec not in named:
             named.append(spec)
     if len(named) > 1:
@@ -532,7 +534,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         if inception:
             entry["inception_encoder"] = extractors[-1].id
         if state.is_main_process:
-            noise = sample_noise(min(GRID_COUNT, n), model_config["nz"], seed)
+            noise = noise_batch(min(GRID_COUNT, n), model_config["nz"], seed)
             with torch.no_grad():
                 images = generator(noise.to(state.device))
             save_image_grid(signed_to_uint8(images).cpu(), out_dir / f"{name}-fake.png")

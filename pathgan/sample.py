@@ -18,13 +18,14 @@ from pathgan.data.format import MANIFEST, encode_image, shard_name
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, sha256_file, write_json
 from pathgan.images import signed_to_uint8
+from pathgan.models import noise_batch
 from pathgan.training.checkpoint import load_generator
 
 
 def generated_batches(generator, nz: int, count: int, batch_size: int, seed: int,
                       device: torch.device):
     """uint8 NHWC batches; sample ``i`` always comes from the same noise (seed, i)."""
-    noise = torch.randn(count, nz, generator=torch.Generator().manual_seed(seed))
+    noise = noise_batch(count, nz, seed)
     with torch.inference_mode():
         for start in range(0, count, batch_size):
             images = generator(noise[start:start + batch_size].to(device))

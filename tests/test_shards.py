@@ -14,9 +14,9 @@ from conftest import cli_command, run_cli
 from PIL import Image
 
 from pathgan.data.format import load_manifest, shard_paths
-from pathgan.data.inspect import iter_tar_samples, verify_shards
+from pathgan.data.inspect import verify_shards
 from pathgan.data.pipeline import make_image_stream
-from pathgan.data.reading import shard_keys
+from pathgan.data.reading import iter_tar_samples, shard_keys
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -112,19 +112,11 @@ def run_verify(args) -> int:
 
 
 def run_show(args) -> int:
-    import numpy as np
-    import torch
-
     from pathgan.data.format import load_manifest
-    from pathgan.data.inspect import random_samples, summary_lines
-    from pathgan.images import save_image_grid
+    from pathgan.data.inspect import save_samples_grid, summary_lines
 
     for line in summary_lines(load_manifest(args.shards_dir)):
         print(line)
-    images = random_samples(args.shards_dir, args.n, args.seed)
-    if not images:
-        raise PathganError(f"{args.shards_dir} holds no samples")
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    save_image_grid(batch, args.out, nrow=int(np.ceil(np.sqrt(len(images)))))
-    print(f"wrote a grid of {len(images)} samples to {args.out}")
+    count = save_samples_grid(args.shards_dir, args.out, args.n, args.seed)
+    print(f"wrote a grid of {count} samples to {args.out}")
     return 0

@@ -1,37 +1,16 @@
 """``pathgan shards verify`` and ``pathgan shards show``: read a shard set back."""
 
+import math
 import random
-import tarfile
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from pathgan.data.format import IMAGE_EXTENSIONS, decode_image, load_manifest
+from pathgan.data.format import decode_sample, load_manifest
+from pathgan.data.reading import ShardSamples, index_shard, iter_tar_samples
+from pathgan.errors import PathganError
 from pathgan.fileio import sha256_file
-
-
-def iter_tar_samples(path: Path):
-    """Yield (key, {extension: bytes}) from one shard, in order; raises on a truncated tar."""
-    current_key, members = None, {}
-    with tarfile.open(path, "r") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.partition(".")
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            members[extension] = archive.extractfile(member).read()
-    if current_key is not None:
-        yield current_key, members
-
-
-def _decode_members(members: dict) -> np.ndarray:
-    for extension in IMAGE_EXTENSIONS:
-        if extension in members:
-            return decode_image(members[extension], extension)
-    raise ValueError("no image member")
+from pathgan.images import save_image_grid
 
 
 def verify_shards(shards_dir: str | Path) -> list[str]:
@@ -51,12 +30,12 @@ def verify_shards(shards_dir: str | Path) -> list[str]:
         try:
             for key, members in iter_tar_samples(path):
                 try:
-                    _decode_members(members)
+                    decode_sample({"__key__": key, **members})
                 except Exception as error:
                     problems.append(f"{shard['name']}: sample {key} does not decode ({error})")
                 count += 1
-        except (tarfile.TarError, OSError, EOFError) as error:
-            problems.append(f"{shard['name']}: unreadable tar ({error})")
+        except PathganError as error:
+            problems.append(f"{shard['name']}: {error}")
         if count != shard["samples"]:
             problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
         listed += count
@@ -65,23 +44,26 @@ def verify_shards(shards_dir: str | Path) -> list[str]:
     return problems
 
 
-def random_samples(shards_dir: str | Path, count: int, seed: int = 0) -> list[np.ndarray]:
-    """``count`` random images of a shard set (reservoir sampling over every shard)."""
+def random_samples(shards_dir: str | Path, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` random images of a shard set as uint8 (N, 3, 224, 224); only they are decoded."""
     shards_dir = Path(shards_dir)
-    rng = random.Random(seed)
-    reservoir: list[np.ndarray] = []
-    seen = 0
-    for shard in load_manifest(shards_dir)["shards"]:
-        for _, members in iter_tar_samples(shards_dir / shard["name"]):
-            seen += 1
-            slot = len(reservoir) if len(reservoir) < count else rng.randrange(seen)
-            if slot < count:
-                image = _decode_members(members)
-                if slot == len(reservoir):
-                    reservoir.append(image)
-                else:
-                    reservoir[slot] = image
-    return reservoir
+    dataset = ShardSamples([(shards_dir / shard["name"], index_shard(shards_dir / shard["name"]))
+                            for shard in load_manifest(shards_dir)["shards"]])
+    chosen = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
+    images = [image for _, image, _ in map(dataset.__getitem__, sorted(chosen))
+              if image is not None]
+    dataset.close()
+    if not images:
+        raise PathganError(f"{shards_dir} holds no readable samples")
+    return torch.stack(images)
+
+
+def save_samples_grid(shards_dir: str | Path, out_path: str | Path, count: int,
+                      seed: int = 0) -> int:
+    """The reference's "training images" figure: a grid of random samples; returns the count."""
+    images = random_samples(shards_dir, count, seed)
+    save_image_grid(images, out_path, nrow=math.ceil(math.sqrt(len(images))))
+    return len(images)
 
 
 def summary_lines(manifest: dict) -> list[str]:

@@ -36,6 +36,18 @@ def index_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]
     return list(samples.items())
 
 
+def iter_tar_samples(path: str | Path):
+    """Yield ``(key, {extension: bytes})`` of every sample of a shard, in order."""
+    entries = index_shard(path)
+    with open(path, "rb") as handle:
+        for key, members in entries:
+            data = {}
+            for extension, (offset, size) in members.items():
+                handle.seek(offset)
+                data[extension] = handle.read(size)
+            yield key, data
+
+
 def shard_keys(path: str | Path) -> list[str]:
     return [key for key, _ in index_shard(path)]
 

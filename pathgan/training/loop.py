@@ -25,6 +25,7 @@ from pathgan.config import Config, config_to_dict, save_config
 from pathgan.errors import PathganError
 from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
+from pathgan.models import noise_batch
 from pathgan.training import checkpoint as ckpt
 from pathgan.training.build import build_gan, model_export_config
 from pathgan.training.data import build_real_data
@@ -155,9 +156,9 @@ def make_evaluator(config: Config, gan, device: torch.device):
     the one asked for (Path Foundation is loaded once)."""
     if not config.eval.every:
         return None
-    from pathgan.evaluation import DEFAULT_ENCODER, InLoopEvaluator
+    from pathgan.evaluation import InLoopEvaluator, eval_encoder_spec
 
-    spec = config.eval.encoder or config.model.encoder or DEFAULT_ENCODER
+    spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
     encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
     return InLoopEvaluator(config.data.shards, encoder=encoder, n=config.eval.n, device=device,
                            seed=config.run.seed)
@@ -279,9 +280,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run_dir)
-    fixed_noise = torch.randn(config.log.num_samples, config.model.nz,
-                              generator=torch.Generator().manual_seed(config.run.seed)
-                              ).to(accelerator.device)
+    fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
+                              config.run.seed).to(accelerator.device)
     total_steps = config.train.max_steps or config.train.epochs * data.batches_per_epoch
     plain_generator = accelerator.unwrap_model(generator, keep_torch_compile=False)
     sample_model = ema.module if ema is not None else plain_generator
