@@ -23,9 +23,9 @@ def _subparser(parser, *names):
     return parser
 
 
-def test_every_pack_and_sample_option_is_documented():
+def test_every_option_of_the_main_commands_is_documented():
     parser = build_parser()
-    for path in (("shards", "pack"), ("sample",)):
+    for path in (("shards", "pack"), ("sample",), ("embed",), ("eval",)):
         for action in _subparser(parser, *path)._actions:
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
