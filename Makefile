@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pathgan-installed
 # The machine's own pins (torch builds that lie on the CI disk); users install from pyproject.
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
