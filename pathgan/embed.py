@@ -85,18 +85,29 @@ def read_embedding_file(path: str | Path) -> dict:
         }
 
 
+def load_embedding_file(path: Path) -> tuple[dict | None, str | None]:
+    """``(contents, None)``, or ``(None, what is wrong)`` when the file is absent or unreadable."""
+    if not path.is_file():
+        return None, "no embedding file"
+    try:
+        return read_embedding_file(path), None
+    except Exception as error:
+        return None, f"unreadable ({type(error).__name__}: {error})"
+
+
 def check_embedding_file(path: Path, shard: dict, encoder_id: str,
                          keys: list[str] | None = None) -> str | None:
     """None when ``path`` is a complete, aligned output for ``shard``; else what is wrong.
 
     ``keys``: the shard's keys in tar order (read from the tar when not given).
     """
-    if not path.is_file():
-        return "no embedding file"
-    try:
-        data = read_embedding_file(path)
-    except Exception as error:
-        return f"unreadable ({type(error).__name__}: {error})"
+    data, problem = load_embedding_file(path)
+    return problem or check_embedding_data(data, path, shard, encoder_id, keys)
+
+
+def check_embedding_data(data: dict, path: Path, shard: dict, encoder_id: str,
+                         keys: list[str] | None = None) -> str | None:
+    """:func:`check_embedding_file` on contents already read from ``path``."""
     meta, array = data["meta"], data["embeddings"]
     if meta.get("encoder_id") != encoder_id:
         return f"written by encoder {meta.get('encoder_id')}, not {encoder_id}"
@@ -142,13 +153,14 @@ def verify_embeddings(shards_dir: str | Path, encoder) -> dict:
     problems, ok, missing = [], 0, 0
     for shard in manifest["shards"]:
         path = embedding_path(shards_dir, encoder_id, shard["name"])
+        data, problem = load_embedding_file(path)  # read once: checked, then counted
         try:
-            problem = check_embedding_file(path, shard, encoder_id)
+            problem = problem or check_embedding_data(data, path, shard, encoder_id)
         except PathganError as error:
             problem = str(error)
         if problem is None:
             ok += 1
-            missing += len(read_embedding_file(path)["missing_keys"])
+            missing += len(data["missing_keys"])
         else:
             problems.append({"shard": shard["name"], "problem": problem})
     return {"complete": not problems, "encoder_id": encoder_id,
