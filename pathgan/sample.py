@@ -11,12 +11,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from tqdm.auto import tqdm
 
-from pathgan.data.format import MANIFEST, encode_image, shard_name
+from pathgan.data.format import (
+    MANIFEST,
+    SHARDS_FORMAT,
+    encode_image,
+    shard_entry,
+    shard_name,
+    shard_writer,
+)
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, sha256_file, write_json
+from pathgan.fileio import atomic_path, write_json
 from pathgan.images import signed_to_uint8
 from pathgan.models import noise_batch
 from pathgan.training.checkpoint import load_generator
@@ -49,8 +55,7 @@ def write_pngs(batches, out_dir: Path, progress) -> None:
 
 def write_sample_shard(path: Path, images, run_dir: Path, seed: int, progress) -> dict:
     count = 0
-    with atomic_path(path) as temporary, open(temporary, "wb") as stream, \
-            wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+    with shard_writer(path) as sink:
         for index, image in images:
             metadata = {"synthetic": True, "run": str(run_dir), "seed": seed, "index": index,
                         "source_type": "generated"}
@@ -59,8 +64,7 @@ def write_sample_shard(path: Path, images, run_dir: Path, seed: int, progress) -
                         "json": json.dumps(metadata).encode()})
             count += 1
             progress.update()
-    return {"name": path.name, "split": "train", "samples": count,
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return shard_entry(path, "train", count)
 
 
 def write_shards(batches, out_dir: Path, run_dir: Path, seed: int, per_shard: int,
@@ -90,7 +94,7 @@ def sample(run_dir: str | Path, count: int, out_dir: str | Path, image_format: s
             return out_dir
         shards = write_shards(batches, out_dir, run_dir, seed, per_shard, progress)
     write_json(out_dir / MANIFEST, {
-        "format": "pathgan-shards/1",
+        "format": SHARDS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "synthetic": True,
         "total_samples": count,

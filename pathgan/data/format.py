@@ -10,24 +10,46 @@ A shard set is a folder::
 Keys are built from ``[A-Za-z0-9_-]`` only (a dot would split the key in WebDataset).
 """
 
+import contextlib
 import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pathgan.errors import PathganError
-from pathgan.fileio import read_json
+from pathgan.fileio import atomic_path, read_json, sha256_file
 
 MANIFEST = "manifest.json"
+SHARDS_FORMAT = "pathgan-shards/1"  # the manifest's "format"
 IMAGE_EXTENSIONS = ("png", "jpg", "npy")
 SPLITS = ("train", "val")
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+@contextlib.contextmanager
+def shard_writer(path: Path) -> Iterator:
+    """A WebDataset ``TarWriter`` (bytes in) whose tar appears at ``path`` only when complete.
+
+    mtime=0 makes a shard byte-for-byte reproducible: a redone shard has the same sha256.
+    """
+    import webdataset as wds
+
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream, \
+            wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+        yield sink
+
+
+def shard_entry(path: Path, split: str, samples: int) -> dict:
+    """A written shard as the manifest lists it."""
+    return {"name": path.name, "split": split, "samples": samples,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def safe_key_part(text: str) -> str:

@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,13 +32,16 @@ from pathgan.data import annotations as annotation_io
 from pathgan.data import slides
 from pathgan.data.format import (
     MANIFEST,
+    SHARDS_FORMAT,
     SPLITS,
     encode_image,
     safe_key_part,
+    shard_entry,
     shard_name,
+    shard_writer,
 )
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, read_json, sha256_file, write_json
+from pathgan.fileio import read_json, sha256_file, write_json
 from pathgan.images import IMAGE_SIZE
 
 PATCH_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -314,9 +316,7 @@ def write_shard(job: ShardJob) -> dict:
     out_dir = Path(job.out_dir)
     skipped, per_source, labels = [], Counter(), Counter()
     count = 0
-    # mtime=0 makes a shard byte-for-byte reproducible: a redone shard has the same sha256.
-    with atomic_path(out_dir / job.name) as temporary, open(temporary, "wb") as stream, \
-            wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+    with shard_writer(out_dir / job.name) as sink:
         for record in job.records:
             try:
                 pixels, metadata = load_patch(record)
@@ -334,11 +334,7 @@ def write_shard(job: ShardJob) -> dict:
             per_source[record["source"]] += 1
             labels[str(record["label"])] += 1
     result = {
-        "name": job.name,
-        "split": job.split,
-        "samples": count,
-        "bytes": (out_dir / job.name).stat().st_size,
-        "sha256": sha256_file(out_dir / job.name),
+        **shard_entry(out_dir / job.name, job.split, count),
         "fingerprint": job.fingerprint,
         "skipped": skipped,
         "per_source": dict(per_source),
@@ -468,7 +464,7 @@ def build_manifest(sources, plans, records, options, inputs, fingerprint) -> dic
         for split in SPLITS
     }
     return {
-        "format": "pathgan-shards/1",
+        "format": SHARDS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "total_samples": sum(r["samples"] for r in records),
