@@ -3,7 +3,9 @@
 For each run, ``n`` patches are generated from its exported generator and ``n`` real patches are
 drawn from the shard set's ``val`` split (``train`` when there is no ``val``; the JSON says which);
 both go through the same frozen encoder and :mod:`pathgan.metrics` compares the two feature sets
-(Fréchet distance, KID, k-NN precision/recall). Optionally the classic Inception FID too.
+(Fréchet distance, KID, k-NN precision/recall). Both sets are also compared on their pixels, with
+the sliced Wasserstein distance on Laplacian-pyramid descriptors (SWD, which needs no weights).
+Optionally the classic Inception FID too.
 
 Work is split across ranks (``accelerate launch``): rank ``r`` of ``W`` takes the contiguous
 slice ``[r * ceil(n/W), (r + 1) * ceil(n/W))`` of the sample indices, padded to the same length;
@@ -32,7 +34,7 @@ import torch
 from pathgan.data.reading import collate_samples
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
-from pathgan.images import save_image_grid, signed_to_uint8, uint8_to_signed
+from pathgan.images import IMAGE_SIZE, save_image_grid, signed_to_uint8, uint8_to_signed
 from pathgan.models import noise_batch
 
 __all__ = ["DEFAULT_ENCODER", "FORMAT", "InLoopEvaluator", "RealSet", "default_encoder_spec",
@@ -110,20 +112,33 @@ def _progress(state, total: int, description: str):
 # -- feature extractors ------------------------------------------------------------------------
 @dataclass
 class _Extractor:
-    """Generator-space images (float NCHW in [-1, 1]) -> float32 features (N, dim)."""
+    """Generator-space images (float NCHW in [-1, 1]) and their indices in the set -> float32
+    features (N, dim). Only the SWD descriptors depend on the indices."""
 
-    name: str  # "encoder" or "inception"
+    name: str  # "encoder", "swd" or "inception"
     dim: int
-    forward: object
+    forward: object  # (images, indices) -> features
     id: str
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images).float()
+    def __call__(self, images: torch.Tensor, indices) -> torch.Tensor:
+        return self.forward(images, indices).float()
 
 
 def _encoder_extractor(encoder) -> _Extractor:
-    return _Extractor("encoder", int(encoder.embed_dim), encoder, encoder.encoder_id)
+    return _Extractor("encoder", int(encoder.embed_dim), lambda images, _: encoder(images),
+                      encoder.encoder_id)
+
+
+def swd_extractor(n: int, seed: int = 0) -> _Extractor:
+    """Laplacian-pyramid descriptors of every image, for the SWD of a set of ``n`` images."""
+    from pathgan.metrics import descriptors_per_image, laplacian_descriptors, swd_descriptor_dim
+
+    per_image = descriptors_per_image(n)
+    return _Extractor(
+        "swd", swd_descriptor_dim(IMAGE_SIZE, per_image),
+        lambda images, indices: laplacian_descriptors(images, indices, per_image, seed),
+        f"laplacian-pyramid-7x7-{per_image}-per-image")
 
 
 def resolve_inception_weights(path: str | Path | None = None) -> Path:
@@ -160,7 +175,7 @@ def inception_extractor(weights: str | Path | None = None, device=None) -> _Extr
         raise PathganError("Inception FID needs torch-fidelity: pip install torch-fidelity"
                            ) from error
     network = metric.inception.to(device or "cpu").eval()
-    return _Extractor("inception", 2048, lambda images: network(signed_to_uint8(images)),
+    return _Extractor("inception", 2048, lambda images, _: network(signed_to_uint8(images)),
                       "inception-v3-compat--" + INCEPTION_WEIGHTS.removesuffix(".pth"))
 
 
@@ -274,7 +289,7 @@ def real_features(real: RealSet, extractors: list[_Extractor], state, *,
             images = uint8_to_signed(images.to(state.device))
             indices.extend(batch_indices)
             for extractor in todo:
-                rows[extractor.name].append(extractor(images))
+                rows[extractor.name].append(extractor(images, batch_indices))
     if errors:
         print(f"pathgan eval: {len(errors)} real samples could not be decoded and were left "
               f"out (first: {errors[0]})", file=sys.stderr, flush=True)
@@ -322,7 +337,7 @@ def fake_features(generator: torch.nn.Module, n: int, extractors: list[_Extracto
                 stop = min(start + batch_size, mine.stop)
                 images = generator(noise[start:stop].to(device)).float()
                 for extractor in extractors:
-                    rows[extractor.name].append(extractor(images))
+                    rows[extractor.name].append(extractor(images, range(start, stop)))
                 bar.update(stop - start)
     finally:
         generator.train(was_training)
@@ -346,14 +361,21 @@ def _score(real: dict, fake: dict, state, *, k: int, subsets: int, subset_size: 
     """Statistics of every extractor's features, computed on rank 0 and sent to every rank."""
     result, error = None, None
     if state.is_main_process:
-        from pathgan.metrics import compare_features, frechet_distance
+        from pathgan.metrics import (
+            compare_features,
+            frechet_distance,
+            sliced_wasserstein_distance,
+        )
 
         try:
             result = compare_features(real["encoder"], fake["encoder"], k=k, subsets=subsets,
                                       subset_size=subset_size, seed=seed)
+            result.update(sliced_wasserstein_distance(real["swd"], fake["swd"], seed=seed))
             if "inception" in real:
                 result[INCEPTION_KEY] = frechet_distance(real["inception"], fake["inception"])
             result = {key: _finite(value) for key, value in result.items()}
+            result["swd_levels"] = {size: _finite(value)
+                                    for size, value in result["swd_levels"].items()}
         except ValueError as problem:  # too few samples: every rank must hear of it, not hang
             error = str(problem)
     result, error = _broadcast((result, error), state)
@@ -377,8 +399,9 @@ class InLoopEvaluator:
     ``evaluator = InLoopEvaluator(shards_dir, split=None, encoder=spec_or_Encoder, n=256,
     device=accelerator.device)``; then ``metrics = evaluator(generator)`` on **every** rank (the
     work is split across ranks and gathered; all ranks get the same dict):
-    ``{"fd", "kid_mean", "kid_std", "precision", "recall", "n", "n_real", "encoder",
-    "real_split"}``. Pass the unwrapped (or EMA) generator; its train/eval mode is restored.
+    ``{"fd", "kid_mean", "kid_std", "precision", "recall", "swd", "swd_levels", "n", "n_real",
+    "encoder", "real_split"}``. Pass the unwrapped (or EMA) generator; its train/eval mode is
+    restored.
     The real features are computed on the first call (or by :meth:`prepare`) and kept; the
     fake noise is the same at every call, so successive figures are comparable.
     """
@@ -395,7 +418,7 @@ class InLoopEvaluator:
         self.n, self.seed, self.batch_size = int(n), int(seed), int(batch_size)
         self.k, self.subsets, self.subset_size = k, subsets, subset_size
         self.num_workers = num_workers
-        self.extractors = [_encoder_extractor(self.encoder)]
+        self.extractors = [_encoder_extractor(self.encoder), swd_extractor(self.n, self.seed)]
         self.real: RealSet | None = None
         self._real_features: dict | None = None
 
@@ -506,7 +529,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     if inception:
         extractors.append(inception_extractor(inception_weights, state.device))
     encoder = _load_encoder(spec, state.device, state)
-    extractors.insert(0, _encoder_extractor(encoder))
+    extractors[:0] = [_encoder_extractor(encoder), swd_extractor(n, seed)]
     source = "given" if encoder_spec else "default"
     _log(state, f"pathgan eval: encoder {spec} ({source}), id {encoder.encoder_id}; "
                 f"{len(real)} real samples from {real.split}; {n} generated per run; "
@@ -577,11 +600,16 @@ def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def _levels(entry: dict) -> str:
+    return ", ".join(f"{size} px {_number(value, 3)}"
+                     for size, value in entry["swd_levels"].items())
+
+
 def _summary(entry: dict) -> str:
     text = (f"FD {_number(entry['fd'])}, KID {_number(entry['kid_mean'])} ± "
             f"{_number(entry['kid_std'], 2)}, precision {_number(entry['precision'], 3)}, "
             f"recall {_number(entry['recall'], 3)} (n={entry['n']}, real {entry['n_real']}, "
-            f"{entry['encoder']})")
+            f"{entry['encoder']}); SWD {_number(entry['swd'], 4)} on pixels ({_levels(entry)})")
     if INCEPTION_KEY in entry:
         text += f", Inception FID {_number(entry[INCEPTION_KEY])}"
     return text
@@ -603,8 +631,9 @@ def format_report(result: dict) -> str:
     ]
     if real["note"]:
         lines.append(f"- note: {real['note']}")
-    header = "| run | step | n | real n | FD ↓ | KID ↓ (mean ± std) | precision ↑ | recall ↑ |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| run | step | n | real n | FD ↓ | KID ↓ (mean ± std) | precision ↑ | recall ↑ "
+              "| SWD ↓ |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if inception:
         header, rule = header + " Inception FID ↓ |", rule + "---:|"
     lines += ["", header, rule]
@@ -612,13 +641,18 @@ def format_report(result: dict) -> str:
         row = (f"| {run['name']} | {run['step'] if run['step'] is not None else ''} | "
                f"{run['n']} | {run['n_real']} | {_number(run['fd'])} | "
                f"{_number(run['kid_mean'])} ± {_number(run['kid_std'], 2)} | "
-               f"{_number(run['precision'], 3)} | {_number(run['recall'], 3)} |")
+               f"{_number(run['precision'], 3)} | {_number(run['recall'], 3)} | "
+               f"{_number(run['swd'], 4)} |")
         if inception:
             row += f" {_number(run.get(INCEPTION_KEY))} |"
         lines.append(row)
-    lines += ["", f"All figures in the space of `{result['encoder']}`; FD and KID: lower is "
-              "better, 0 is the same distribution; precision (fidelity) and recall (coverage) "
-              "in [0, 1]: higher is better."]
+    lines += ["", f"FD, KID, precision and recall in the space of `{result['encoder']}`; FD and "
+              "KID: lower is better, 0 is the same distribution; precision (fidelity) and recall "
+              "(coverage) in [0, 1]: higher is better. SWD needs no model: the sliced "
+              "Wasserstein distance (x 1000) between 7x7 neighbourhoods of the Laplacian pyramids "
+              "of the pixels (levels from 224 px down; per level in each run's summary), "
+              "normalised by the real set's statistics; lower is better, 0 is the same "
+              "distribution."]
     for run in result["runs"]:
         loss = f"![loss]({run['loss_plot']})" if run.get("loss_plot") else "(no loss.png)"
         lines += ["", f"## {run['name']}", "", f"`{run['run']}`: {_summary(run)}", "",

@@ -15,7 +15,8 @@ from conftest import REPO, cli_command, run_cli
 # a 224-input timm model small enough for 2 CPU cores; random weights, no download
 ENCODER = "timm:mobilenetv3_small_050:random"
 N = 15  # odd: two processes get uneven slices (8 + 7), padding must be dropped
-RUN_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "n", "encoder"}
+RUN_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "swd", "swd_levels", "n",
+            "encoder"}
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,10 @@ def test_eval_writes_json_and_report(single, tiny_run):
     assert "no val split" in result["real"]["note"]
     assert all(math.isfinite(run[key]) for key in ("fd", "kid_mean", "kid_std"))
     assert 0 <= run["precision"] <= 1 and 0 <= run["recall"] <= 1
+    assert run["swd"] > 0 and list(run["swd_levels"]) == ["224", "112", "56", "28"]
+    assert run["swd"] == pytest.approx(sum(run["swd_levels"].values()) / 4)
     report = (out / "report.md").read_text()
+    assert "SWD" in report and "Laplacian" in report
     assert "tiny-run" in report and run["encoder"] in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"real.png", "tiny-run-fake.png", "tiny-run-loss.png"} <= set(images)
@@ -74,7 +78,7 @@ def test_two_processes_give_the_same_figures(single, tiny_run, slide_shards, tmp
     assert result["processes"] == 2
     got, want = result["runs"][0], expected["runs"][0]
     assert got["n"] == want["n"] == N and got["n_real"] == want["n_real"]
-    for key in ("fd", "kid_mean", "precision", "recall"):
+    for key in ("fd", "kid_mean", "precision", "recall", "swd"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-9), key
 
 
@@ -105,6 +109,7 @@ def test_in_loop_evaluator_matches_pathgan_eval(single, tiny_run, slide_shards):
     first = evaluator(generator)
     assert generator.training  # its mode is given back
     assert first["fd"] == pytest.approx(single[1]["runs"][0]["fd"], rel=1e-4)
+    assert first["swd"] == pytest.approx(single[1]["runs"][0]["swd"], rel=1e-4)
     assert first["real_split"] == "train" and first["n"] == N
     assert evaluator(generator)["fd"] == first["fd"]  # real features cached, same noise
 
