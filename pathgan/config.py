@@ -14,6 +14,7 @@ import yaml
 
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path
+from pathgan.training.augment import parse_policy
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ModelConfig:
     image_size: int = 224
     # Embedding GAN
     encoder: str | None = None  # an encoder spec, e.g. path-foundation or timm:NAME:random
+    # The encoder's precision in training: auto = that of the precomputed real embeddings
+    # (fp32 when real images are encoded in the loop); any other value must match them.
+    encoder_precision: str = "auto"
     disc_hidden: list[int] = field(default_factory=lambda: [512, 256])
     disc_dropout: float = 0.0
     spectral_norm: bool = False
@@ -62,7 +66,10 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off (auto: on with CUDA)
     fused_adam: str = "auto"  # auto | on | off (auto: fused with CUDA, foreach otherwise)
     ema: bool = False
-    ema_decay: float = 0.999
+    ema_kimg: float = 10.0  # EMA half-life in thousands of images
+    ema_rampup: float | None = 0.05  # warm-up: half-life <= this x images seen (null: none)
+    # DiffAugment before every discriminator (and the encoder): "" or color,translation,cutout
+    augment: str = ""
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA) instead of per-rank statistics
     nonfinite: str = "skip"  # skip | stop: what to do when a loss is NaN or infinite
     max_nonfinite: int = 20  # stop after this many skipped steps in a row
@@ -110,6 +117,8 @@ class Config:
             "train.fused_adam": (self.train.fused_adam, ("auto", "on", "off")),
             "train.nonfinite": (self.train.nonfinite, ("skip", "stop")),
             "data.split": (self.data.split, ("train", "val")),
+            "model.encoder_precision": (self.model.encoder_precision,
+                                        ("auto", "fp32", "bf16", "fp16")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -132,7 +141,6 @@ class Config:
         if self.data.num_workers < 0 or self.eval.every < 0:
             raise PathganError("data.num_workers and eval.every cannot be negative")
         for key, value in {"train.beta1": self.train.beta1, "train.beta2": self.train.beta2,
-                           "train.ema_decay": self.train.ema_decay,
                            "model.disc_dropout": self.model.disc_dropout}.items():
             if not 0.0 <= value < 1.0:
                 raise PathganError(f"{key} must be in [0, 1), not {value}")
@@ -140,6 +148,17 @@ class Config:
             raise PathganError("model.image_size: only 224 is supported (the shards are 224)")
         if self.model.kind == "embgan" and not self.model.encoder:
             raise PathganError("model.encoder is required when model.kind is embgan")
+        if self.model.hybrid and self.model.kind != "embgan":
+            raise PathganError("model.hybrid adds a pixel discriminator to the Embedding GAN: "
+                               "it needs model.kind embgan")
+        if self.train.ema_kimg <= 0 or (self.train.ema_rampup is not None
+                                        and self.train.ema_rampup <= 0):
+            raise PathganError("train.ema_kimg and train.ema_rampup must be positive "
+                               "(ema_rampup: null for no warm-up)")
+        try:
+            parse_policy(self.train.augment)
+        except ValueError as error:
+            raise PathganError(f"train.augment: {error}") from None
         return self
 
 

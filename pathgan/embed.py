@@ -150,7 +150,7 @@ def verify_embeddings(shards_dir: str | Path, encoder) -> dict:
     """
     manifest = load_manifest(shards_dir)
     encoder_id = _encoder_id(encoder)
-    problems, ok, missing = [], 0, 0
+    problems, ok, missing, precisions = [], 0, 0, set()
     for shard in manifest["shards"]:
         path = embedding_path(shards_dir, encoder_id, shard["name"])
         data, problem = load_embedding_file(path)  # read once: checked, then counted
@@ -161,11 +161,12 @@ def verify_embeddings(shards_dir: str | Path, encoder) -> dict:
         if problem is None:
             ok += 1
             missing += len(data["missing_keys"])
+            precisions.add(data["meta"].get("precision", "fp32"))
         else:
             problems.append({"shard": shard["name"], "problem": problem})
     return {"complete": not problems, "encoder_id": encoder_id,
             "shards": len(manifest["shards"]), "ok": ok, "missing_keys": missing,
-            "problems": problems}
+            "precisions": sorted(precisions), "problems": problems}
 
 
 def read_embeddings(shards_dir: str | Path, encoder_id, split: str | None = "train"
@@ -197,6 +198,24 @@ def read_embeddings(shards_dir: str | Path, encoder_id, split: str | None = "tra
     return keys, np.concatenate(arrays)
 
 
+def stored_precision(shards_dir: str | Path, encoder_id: str, split: str | None = "train"
+                     ) -> str:
+    """The precision (fp32, bf16, fp16) the split's embeddings were computed in; a one-line
+    error when its files disagree (they were made by runs with different ``--precision``)."""
+    manifest = load_manifest(shards_dir)
+    found = set()
+    for shard in manifest["shards"]:
+        if split is None or shard["split"] == split:
+            path = embedding_path(shards_dir, encoder_id, shard["name"])
+            with np.load(path, allow_pickle=False) as data:  # reads the meta member only
+                found.add(json.loads(str(data["meta"])).get("precision", "fp32"))
+    if len(found) != 1:
+        raise PathganError(f"the embeddings of {encoder_id} in {shards_dir} were computed in "
+                           f"different precisions ({', '.join(sorted(found)) or 'none'}); rerun "
+                           "`pathgan embed` with one --precision")
+    return found.pop()
+
+
 # -- the job ----------------------------------------------------------------------------------
 @dataclass
 class _Pending:
@@ -218,6 +237,11 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def encoder_precision(encoder, requested: str) -> str:
+    """The precision an encoder really runs in: TensorFlow encoders are always float32."""
+    return requested if hasattr(encoder, "set_precision") else "fp32"
+
+
 def _write_output(item: _Pending, encoder, precision: str) -> int:
     keys_ok = [key for key, ok in zip(item.keys, item.ok, strict=True) if ok]
     missing = [key for key, ok in zip(item.keys, item.ok, strict=True) if not ok]
@@ -227,7 +251,7 @@ def _write_output(item: _Pending, encoder, precision: str) -> int:
         "encoder_spec": getattr(encoder, "spec", ""),
         "dim": int(encoder.embed_dim),
         "dtype": "float32",
-        "precision": precision,
+        "precision": encoder_precision(encoder, precision),
         "shard": item.shard["name"],
         "split": item.shard.get("split"),
         "source_sha256": item.shard["sha256"],

@@ -27,6 +27,22 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Force a file's data to disk (a node that dies after a rename may otherwise leave the
+    new name pointing at lost data on shared cluster file systems)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Force a folder's entries (new names, renames) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -166,3 +166,43 @@ def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
     # The generator moved: its exported weights differ from a fresh initialisation.
     trained = load_file(run_dir / "generator.safetensors")["main.0.weight"]
     assert not torch.equal(trained, initial_generator_weight())
+
+
+def test_the_encoder_runs_in_the_precision_of_the_real_embeddings(tmp_path, embedded_shards):
+    import shutil
+
+    shards = tmp_path / "bf16-shards"
+    shutil.copytree(embedded_shards[0], shards, ignore=shutil.ignore_patterns("embeddings"))
+    assert run_cli("embed", shards, "--encoder", TIMM, "--precision", "bf16",
+                   "--num-workers", "0") == 0
+    verify = subprocess.run([sys.executable, "-m", "pathgan", "embed", "verify", str(shards),
+                             "--encoder", TIMM], capture_output=True, text=True, env=QUIET)
+    assert verify.returncode == 0 and "(bf16)" in verify.stdout
+    result = train_embgan(shards, tmp_path / "auto", "train.max_steps=2", "log.wandb=false")
+    assert "runs in bf16; real samples: embeddings" in result.stdout + result.stderr
+    refused = train_embgan(shards, tmp_path / "fp32", "train.max_steps=2", "log.wandb=false",
+                           "model.encoder_precision=fp32", expect=2)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("pathgan: error")]
+    assert len(errors) == 1 and "model.encoder_precision is fp32" in errors[0]
+    assert "computed in bf16" in errors[0] and "Traceback" not in refused.stderr
+
+
+def test_the_encoder_ignores_the_trainers_autocast():
+    from pathgan.encoders import load_encoder
+    from pathgan.training.objective import GANObjective
+
+    encoder = load_encoder(TIMM, device="cpu")
+    objective = GANObjective({"embeddings": torch.nn.Identity()}, {"embeddings": 1.0}, encoder)
+    images = torch.rand(2, 3, 224, 224) * 2 - 1
+    expected = encoder(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = objective.fake_features(images)["embeddings"]
+    assert inside.dtype == torch.float32 and torch.equal(inside, expected)
+
+
+def test_augmented_embedding_gan_encodes_real_images_in_the_loop(tmp_path, embedded_shards):
+    shards, _ = embedded_shards
+    result = train_embgan(shards, tmp_path / "augmented", "train.max_steps=2", "log.wandb=false",
+                          "train.augment=color,translation,cutout")
+    assert "runs in fp32; real samples: images" in result.stdout + result.stderr
+    assert [row["step"] for row in read_metrics(tmp_path / "augmented" / "metrics.jsonl")] == [2]

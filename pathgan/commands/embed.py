@@ -82,6 +82,7 @@ def run_verify(shards_dir: str, encoder: str) -> int:
     for problem in report["problems"]:
         print(f"{problem['shard']}: {problem['problem']}", file=sys.stderr)
     state = "complete" if report["complete"] else "INCOMPLETE"
-    print(f"embeddings {report['encoder_id']}: {report['ok']}/{report['shards']} shards {state}, "
-          f"{report['missing_keys']} corrupt samples listed as missing")
+    precision = "/".join(report["precisions"]) or "unknown"
+    print(f"embeddings {report['encoder_id']} ({precision}): {report['ok']}/{report['shards']} "
+          f"shards {state}, {report['missing_keys']} corrupt samples listed as missing")
     return 0 if report["complete"] else 1

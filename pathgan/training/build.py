@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
+from pathgan.errors import PathganError
 from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
-from pathgan.training.objective import GANObjective
+from pathgan.training.augment import DiffAugment
+from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
 
 
 @dataclass
@@ -16,6 +18,7 @@ class GAN:
     discriminators: dict[str, nn.Module]  # feature name -> discriminator
     weights: dict[str, float]
     encoder: nn.Module | None
+    augment: DiffAugment
 
     @property
     def encoder_id(self) -> str | None:
@@ -23,7 +26,7 @@ class GAN:
 
     def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
         """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
-        return GANObjective(discriminators, self.weights, self.encoder)
+        return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
 
 def model_export_config(config: Config) -> dict:
@@ -33,6 +36,15 @@ def model_export_config(config: Config) -> dict:
             "encoder": config.model.encoder}
 
 
+def set_encoder_precision(encoder: nn.Module, precision: str) -> None:
+    """Run ``encoder`` in ``precision``; TensorFlow encoders only run in fp32."""
+    if hasattr(encoder, "set_precision"):
+        encoder.set_precision(precision)
+    elif precision != "fp32":
+        raise PathganError(f"{encoder.encoder_id} runs in fp32 only (TensorFlow), not "
+                           f"{precision}: set model.encoder_precision=fp32")
+
+
 def build_gan(config: Config, device: torch.device) -> GAN:
     model = config.model
     generator = Generator(model.nz, model.ngf, model.channels)
@@ -40,15 +52,15 @@ def build_gan(config: Config, device: torch.device) -> GAN:
     weights: dict[str, float] = {}
     encoder = None
     if model.kind == "dcgan" or model.hybrid:
-        discriminators["images"] = Discriminator(model.ndf, model.channels)
-        weights["images"] = model.pixel_weight if model.hybrid else 1.0
+        discriminators[IMAGES] = Discriminator(model.ndf, model.channels)
+        weights[IMAGES] = model.pixel_weight if model.hybrid else 1.0
     if model.kind == "embgan":
         from pathgan.encoders import load_encoder
 
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
-        discriminators["embeddings"] = EmbeddingDiscriminator(
+        discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
             encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm
         )
-        weights["embeddings"] = model.embedding_weight
-    return GAN(generator, discriminators, weights, encoder)
+        weights[EMBEDDINGS] = model.embedding_weight
+    return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment))

@@ -3,6 +3,11 @@
 A checkpoint is an ``accelerator.save_state`` folder (models, optimizers, the fp16 scaler, RNG
 states, and the objects registered for checkpointing: the step counter, the W&B run id, the
 EMA generator). Model weights are safetensors; nothing is unpickled from untrusted sources.
+
+A checkpoint counts once its ``COMPLETE`` file exists. That file is written only after every
+other file and the folder are on disk (fsync), and it lists each file's size and sha256, so a
+file truncated by a dying node is found on resume: ``--resume latest`` then falls back to the
+newest intact checkpoint.
 """
 
 import re
@@ -13,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, read_json, write_json
+from pathgan.fileio import atomic_path, fsync_dir, fsync_file, read_json, sha256_file, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
+COMPLETE = "COMPLETE"
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_CONFIG = "generator.json"
 BEST_DIR = "best"  # the generator of the best in-loop evaluation, loadable like a run folder
@@ -50,21 +56,54 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)
-             and (p / "COMPLETE").is_file()]
+             and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` -> the newest complete checkpoint or None (a fresh start); a path -> itself."""
+def checkpoint_problem(path: Path) -> str | None:
+    """None when every file ``COMPLETE`` lists is there with its size and sha256; else what is
+    wrong. (Checkpoints written before files were listed are taken as they are.)"""
+    try:
+        listed = read_json(path / COMPLETE).get("files", {})
+    except (OSError, ValueError) as error:
+        return f"unreadable {COMPLETE} ({type(error).__name__})"
+    for name, expected in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}"
+        if sha256_file(file) != expected["sha256"]:
+            return f"{name} is corrupt (sha256 differs)"
+    return None
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from, and a warning line for each damaged one passed over.
+
+    ``latest``: the newest *intact* checkpoint, or None (a fresh start) when there is none at
+    all; an error when every one is damaged. A path: itself, checked.
+    """
     if resume is None:
-        return None
-    if resume == "latest":
-        checkpoints = list_checkpoints(run_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not (path / "COMPLETE").is_file():
-        raise PathganError(f"--resume {resume}: not a complete checkpoint folder")
-    return path
+        return None, []
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / COMPLETE).is_file():
+            raise PathganError(f"--resume {resume}: not a complete checkpoint folder")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise PathganError(f"--resume {resume}: damaged checkpoint: {problem}")
+        return path, []
+    warnings = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, warnings
+        warnings.append(f"skipping damaged checkpoint {path.name}: {problem}")
+    if warnings:
+        raise PathganError(f"no intact checkpoint in {run_dir / 'checkpoints'} "
+                           f"({'; '.join(warnings)})")
+    return None, []
 
 
 def staging_dir(path: Path) -> Path:
@@ -74,13 +113,25 @@ def staging_dir(path: Path) -> Path:
 
 def commit_checkpoint(staging: Path, path: Path, step: int) -> None:
     """Mark ``staging`` complete and put it in place of ``path``, which is never half-written:
-    an older checkpoint of the same step is set aside first and removed after the swap."""
-    write_json(staging / "COMPLETE", {"step": step})
+    an older checkpoint of the same step is set aside first and removed after the swap.
+
+    Every file is on disk before ``COMPLETE`` lists it, and ``COMPLETE`` is on disk before the
+    rename makes the checkpoint visible."""
+    files = {}
+    for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+        fsync_file(file)
+        files[str(file.relative_to(staging))] = {"bytes": file.stat().st_size,
+                                                 "sha256": sha256_file(file)}
+    for folder in sorted({file.parent for file in staging.rglob("*")} | {staging}):
+        fsync_dir(folder)
+    write_json(staging / COMPLETE, {"step": step, "files": files})
+    fsync_dir(staging)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
     staging.rename(path)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

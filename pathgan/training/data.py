@@ -14,6 +14,7 @@ import torch
 from pathgan.config import Config
 from pathgan.data.pipeline import ImageStream, make_image_stream
 from pathgan.errors import PathganError
+from pathgan.training.objective import EMBEDDINGS, IMAGES
 
 
 class EmbeddingStream:
@@ -83,18 +84,39 @@ def load_real_embeddings(shards_dir: str, encoder_id: str, split: str) -> np.nda
     return embeddings
 
 
-def build_real_data(config: Config, world_size: int, rank: int, encoder_id: str | None,
-                    seed: int) -> RealData:
+def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str) -> str:
+    """The precision the encoder runs in during training: that of the precomputed real
+    embeddings, so that real and fake embeddings are rounded alike (``model.encoder_precision``
+    may name it, but not differ from it); fp32 unless asked when real images are encoded in the
+    loop."""
+    requested = config.model.encoder_precision
+    if EMBEDDINGS not in inputs:
+        return "fp32" if requested == "auto" else requested
+    from pathgan.embed import stored_precision
+
+    stored = stored_precision(config.data.shards, encoder_id, config.data.split)
+    if requested not in ("auto", stored):
+        raise PathganError(
+            f"model.encoder_precision is {requested} but the real embeddings of {encoder_id} "
+            f"were computed in {stored}: the discriminator would learn the rounding difference. "
+            f"Set model.encoder_precision={stored}, or rerun `pathgan embed --precision "
+            f"{requested}`"
+        )
+    return stored
+
+
+def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int,
+                    encoder_id: str | None, seed: int) -> RealData:
+    """The streams of the real ``inputs`` an objective needs (``GANObjective.real_inputs``)."""
     per_rank = config.train.batch_size // world_size
     streams: dict[str, object] = {}
-    wants_images = config.model.kind == "dcgan" or config.model.hybrid
-    if wants_images:
-        streams["images"] = make_image_stream(
+    if IMAGES in inputs:
+        streams[IMAGES] = make_image_stream(
             config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
             num_workers=config.data.num_workers, seed=seed,
             split=config.data.split, shuffle_buffer=config.data.shuffle_buffer, as_uint8=True,
         )
-    if config.model.kind == "embgan":
+    if EMBEDDINGS in inputs:
         embeddings = load_real_embeddings(config.data.shards, encoder_id, config.data.split)
-        streams["embeddings"] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
+        streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
     return RealData(streams)

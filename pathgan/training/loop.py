@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict, save_config
@@ -27,9 +26,11 @@ from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
 from pathgan.models import noise_batch
 from pathgan.training import checkpoint as ckpt
-from pathgan.training.build import build_gan, model_export_config
-from pathgan.training.data import build_real_data
+from pathgan.training.build import build_gan, model_export_config, set_encoder_precision
+from pathgan.training.data import build_real_data, resolve_encoder_precision
+from pathgan.training.ema import GeneratorEMA
 from pathgan.training.logbook import Logbook
+from pathgan.training.objective import EMBEDDINGS, IMAGES
 from pathgan.training.signals import PreemptionFlag
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -190,7 +191,8 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
-                                 ("fd", "kid_mean", "kid_std", "precision", "recall", "n")})
+                                 ("fd", "kid_mean", "kid_std", "precision", "recall", "swd",
+                                  "n")})
     fd = scores["fd"]  # None when not finite
     if fd is not None and (state.best_fd is None or fd < state.best_fd):
         state.best_fd = fd
@@ -245,18 +247,25 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     generator = generator.to(accelerator.device, memory_format=memory_format)
     discriminators = {k: d.to(accelerator.device, memory_format=memory_format)
                       for k, d in discriminators.items()}
-    ema = (AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay),
-                         use_buffers=True) if config.train.ema else None)
+    ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
+           if config.train.ema else None)
     g_optimizer = make_optimizer([generator], config)
     d_optimizer = make_optimizer(discriminators.values(), config)
-    if _switch(config.train.compile):
-        generator = torch.compile(generator)
-        discriminators = {k: torch.compile(d) for k, d in discriminators.items()}
     names = list(discriminators)
+    # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
+    # then hold plain keys and resume with or without compile, on any device and world size.
     prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
     generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
-    objective = gan.objective(discriminators)
+    compiled = _switch(config.train.compile)
+    run_generator = torch.compile(generator) if compiled else generator
+    objective = gan.objective({k: torch.compile(d) if compiled else d
+                               for k, d in discriminators.items()})
+    if gan.encoder is not None:
+        precision = resolve_encoder_precision(config, objective.real_inputs, gan.encoder_id)
+        set_encoder_precision(gan.encoder, precision)
+        accelerator.print(f"encoder {gan.encoder_id} runs in {precision}; real samples: "
+                          + " + ".join(sorted(objective.real_inputs)))
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
@@ -264,7 +273,9 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    checkpoint = ckpt.resolve_resume(run_dir, resume)
+    checkpoint, damaged = ckpt.resolve_resume(run_dir, resume)
+    for warning in damaged:
+        accelerator.print(f"warning: {warning}")
     if resume is None and ckpt.list_checkpoints(run_dir):
         raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
                            "continue that run, or choose another run.dir")
@@ -275,8 +286,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
     # Seeded with the step: a resumed run does not replay the data order of its first epochs.
-    data = build_real_data(config, world, accelerator.process_index, gan.encoder_id,
-                           seed=config.run.seed + state.step)
+    data = build_real_data(config, objective.real_inputs, world, accelerator.process_index,
+                           gan.encoder_id, seed=config.run.seed + state.step)
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run_dir)
@@ -300,7 +311,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- the loop ---------------------------------------------------------------------------
     window = WindowStats()
-    gap = EmbeddingGap() if "embeddings" in discriminators else None
+    gap = EmbeddingGap() if EMBEDDINGS in discriminators else None
     nonfinite_run = 0
     saved_at = state.step
     stop = False  # a rank was signalled: every rank stops at the same step
@@ -310,13 +321,14 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         while state.step < total_steps and not stop:
             for real in data:
                 real = {k: v.to(accelerator.device, non_blocking=True) for k, v in real.items()}
-                if "images" in real:  # uint8 over the bus, normalised on the device
-                    real["images"] = uint8_to_signed(real["images"]).contiguous(
+                if IMAGES in real:  # uint8 over the bus, normalised on the device
+                    real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
                         memory_format=memory_format)
                 noise = torch.randn(per_rank_batch, config.model.nz, device=accelerator.device)
 
-                with accelerator.autocast():  # the encoder too, where there is one
-                    fake = objective.fake_features(generator(noise))
+                with accelerator.autocast():  # the encoder runs in its own precision
+                    real = objective.real_features(real)
+                    fake = objective.fake_features(run_generator(noise))
                 d_loss, d_stats = objective.d_loss(real, fake)
                 d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss),
                                                       preemption.requested)
@@ -335,7 +347,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                         accelerator.backward(g_loss)
                         g_optimizer.step()
                 if ema is not None and not g_bad:
-                    ema.update_parameters(plain_generator)
+                    ema.update(plain_generator, state.step * config.train.batch_size,
+                               config.train.batch_size)
 
                 if d_bad or g_bad:
                     nonfinite_run += 1
@@ -354,7 +367,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                 progress.update()
                 window.add({"Loss_D": d_loss, "Loss_G": g_loss, **d_stats, **g_stats})
                 if gap is not None:
-                    gap.add(real["embeddings"], fake["embeddings"])
+                    gap.add(real[EMBEDDINGS], fake[EMBEDDINGS])
 
                 if state.step % config.log.every == 0 or state.step == total_steps:
                     values = window.read(accelerator, config.train.batch_size)
