@@ -180,7 +180,7 @@ def upload(folder: Path, repo_id: str, *, token: str, private: bool, revision: s
            message: str) -> str:
     """Create the repo (and branch) when missing, upload ``folder`` in one commit; its URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the transport's
 
     api = HfApi(token=token)
     try:
@@ -191,7 +191,7 @@ def upload(folder: Path, repo_id: str, *, token: str, private: bool, revision: s
                                    commit_message=message)
     except HfHubHTTPError as error:
         raise PathganError(_hub_error(repo_id, error)) from error
-    except OSError as error:  # no network, or HF_HUB_OFFLINE
+    except (OSError, HTTPError) as error:  # no network, or HF_HUB_OFFLINE
         raise PathganError(f"cannot reach the Hugging Face Hub to push {repo_id}: "
                            f"{str(error).splitlines()[0] if str(error) else type(error)}"
                            ) from error

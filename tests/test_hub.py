@@ -245,21 +245,36 @@ def test_push_uploads_the_folder_with_the_token_and_never_shows_it(tiny_run, tmp
     assert {p.name: p.read_bytes() for p in dry.iterdir()} == files
 
 
-def test_a_refused_upload_is_one_line(tiny_run, capsys, monkeypatch):
+def _refused() -> Exception:
     import httpx
-    import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
-    class Refusing(FakeHub):
+    request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+    return HfHubHTTPError("403 Forbidden", response=httpx.Response(403, request=request))
+
+
+def _unreachable() -> Exception:
+    from huggingface_hub.errors import HTTPError  # the HTTP client's own error type
+
+    return HTTPError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize(("problem", "message"), [
+    (_refused, "the token may not write to lab/tiny (403)"),
+    (_unreachable, "cannot reach the Hugging Face Hub to push lab/tiny: [Errno -2]"),
+])
+def test_a_failed_upload_is_one_line(tiny_run, capsys, monkeypatch, problem, message):
+    import huggingface_hub
+
+    class Failing(FakeHub):
         def create_repo(self, repo_id, **options):
-            request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
-            raise HfHubHTTPError("403 Forbidden", response=httpx.Response(403, request=request))
+            raise problem()
 
     monkeypatch.setenv("HF_TOKEN", "hf_read_only")
-    monkeypatch.setattr(huggingface_hub, "HfApi", Refusing)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Failing)
     assert run_cli("push", tiny_run, "--repo", "lab/tiny") == 2
     error = capsys.readouterr().err
-    assert "may not write to lab/tiny (403)" in error and error.count("\n") == 1
+    assert message in error and error.count("\n") == 1, error
 
 
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):
