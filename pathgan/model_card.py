@@ -375,8 +375,8 @@ def sample_spec(repo_id: str, revision: str | None) -> str:
 def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> str:
     spec = sample_spec(repo_id, revision)
     lines = [card_metadata(facts.config), f"# {repo_id}", "",
-             f"A {_gan_title(facts.config['model'])} generator of 224x224 RGB H&E "
-             "histopathology patches, trained with pathgan"
+             f"The generator of a pathgan {_gan_title(facts.config['model'])}: 224x224 RGB H&E "
+             "histopathology patches"
              + (" (the generator of its best in-loop evaluation)." if facts.best else "."), ""]
     if facts.sample_grid:
         which = " (the last generator of the run, not the best one)" if facts.best else ""

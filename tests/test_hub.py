@@ -277,6 +277,25 @@ def test_a_failed_upload_is_one_line(tiny_run, capsys, monkeypatch, problem, mes
     assert message in error and error.count("\n") == 1, error
 
 
+def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
+    from pathgan.hub import public_config
+    from pathgan.model_card import RunFacts, recipe_rows
+
+    config = config_to_dict(load_config(REPO / "configs" / "embgan-smoke.yaml", [
+        "model.encoder=path-foundation:/data/models/pf", "model.hybrid=true"]))
+    public, notes = public_config(config)
+    assert public["model"]["encoder"] == "path-foundation" and len(notes) == 3
+    assert config["model"]["encoder"] == "path-foundation:/data/models/pf"  # not modified
+    facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8}, 1234, 10, None, None,
+                     "path-foundation--0123456789ab--unit01")
+    recipe = dict(recipe_rows(facts))
+    assert recipe["GAN"] == "Embedding GAN (hybrid: embedding and pixel discriminators)"
+    assert ("`Linear` layers [64, 32] on the embeddings of the frozen encoder `path-foundation` "
+            "(id `path-foundation--0123456789ab--unit01`)") in recipe["discriminator"]
+    assert "/data/models" not in str(recipe)
+    assert recipe["images seen"] == f"{10 * config['train']['batch_size']} (steps x global batch)"
+
+
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):
     from pathgan.hub import check_no_local_paths
 
