@@ -28,6 +28,9 @@ from pathgan.errors import PathganError
 
 DATASET_SPEC = re.compile(r"hf-dataset:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 DEFAULT_BATCH_ROWS = 256
+#: Read column chunks through a 1 MiB stream rather than pre-buffering whole row groups (made
+#: for object stores): on a local file that keeps pyarrow's memory near one row group's size.
+READ_OPTIONS = {"pre_buffer": False, "buffer_size": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def _check_first_image(files: list[Path], column: str) -> None:
     """A column of bytes PIL cannot read fails here, at once, rather than row by row."""
     pq = _pyarrow().parquet
     for path in files:
-        with pq.ParquetFile(path) as parquet_file:
+        with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
             for batch in parquet_file.iter_batches(batch_size=16, columns=[column]):
                 for value in batch.column(0).to_pylist():
                     data = _image_bytes(value)
@@ -189,7 +192,7 @@ class PatchTable:
         self.root, self.files = table_files(source)
         self.num_rows = 0
         for path in self.files:
-            with pq.ParquetFile(path) as parquet_file:
+            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
                 _check_columns(path, parquet_file.schema_arrow, columns)
                 self.num_rows += parquet_file.metadata.num_rows
         _check_first_image(self.files, columns.image)
@@ -198,7 +201,7 @@ class PatchTable:
         pq = _pyarrow().parquet
         for path in self.files:
             key = safe_key_part(str(path.relative_to(self.root).with_suffix("")))
-            with pq.ParquetFile(path) as parquet_file:
+            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
                 names = _class_names(parquet_file.schema_arrow, self.columns.label)
                 index = 0
                 for batch in parquet_file.iter_batches(batch_size=batch_rows,
