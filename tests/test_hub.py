@@ -377,7 +377,8 @@ def _write_table(path, images: list, labels: list, groups: list, embeddings: lis
 
 @pytest.fixture
 def patch_table(tmp_path):
-    """Two files of five patches of various sizes and modes, one label, group and embedding each."""
+    """Two files of five patches of various sizes and modes, one label (-1: none, as the Hub
+    writes it), group and embedding each."""
     root = tmp_path / "patches"
     sizes = [(96, 96, "RGB"), (300, 200, "RGBA"), (224, 224, "L"), (512, 512, "RGB"),
              (50, 80, "RGB")]
@@ -385,7 +386,7 @@ def patch_table(tmp_path):
     embeddings = [[float(i), i + 0.5, -i, 1.0] for i in range(5)]
     _write_table(root / "data" / "train-0.parquet", images[:3], [0, 1, 0], ["a", "a", "b"],
                  embeddings[:3])
-    _write_table(root / "data" / "train-1.parquet", images[3:], [1, 1], ["c", "c"],
+    _write_table(root / "data" / "train-1.parquet", images[3:], [1, -1], ["c", "c"],
                  embeddings[3:])
     return root, images, sizes, embeddings
 
@@ -401,7 +402,7 @@ def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
     assert [row.row_id for row in rows] == [
         "data_train-0-r00000000", "data_train-0-r00000001", "data_train-0-r00000002",
         "data_train-1-r00000000", "data_train-1-r00000001"]
-    assert [row.label for row in rows] == ["normal", "tumor", "normal", "tumor", "tumor"]
+    assert [row.label for row in rows] == ["normal", "tumor", "normal", "tumor", None]
     assert [row.group for row in rows] == ["a", "a", "b", "c", "c"]
     for row, data, (width, height, _), embedding in zip(rows, images, sizes, embeddings,
                                                         strict=True):
@@ -415,13 +416,15 @@ def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
 
 
 def test_raw_bytes_columns_and_a_corrupt_row(tmp_path):
-    from pathgan.data.tables import PatchTable
+    from pathgan.data.tables import PatchTable, TableColumns
 
     images = [_encoded(64, 64, 0, image_format="JPEG"), b"not an image", _encoded(32, 32, 1)]
     path = tmp_path / "raw.parquet"
     _write_table(path, images, [0, 1, 0], ["g"] * 3, [[0.0]] * 3, hf_struct=False)
     rows = list(PatchTable(str(path)).rows())
     assert [row.row_id for row in rows] == ["raw-r00000000", "raw-r00000001", "raw-r00000002"]
+    same = list(PatchTable(str(path), TableColumns(label="slide", group="slide")).rows())
+    assert [(row.label, row.group) for row in same] == [("g", "g")] * 3
     assert rows[0].image.shape == (224, 224, 3) and rows[2].image.shape == (224, 224, 3)
     assert rows[1].image is None and "UnidentifiedImageError" in rows[1].skipped
     assert rows[0].label is None and rows[0].embedding is None  # columns not asked for

@@ -41,7 +41,9 @@ class TableColumns:
     embedding: str | None = None
 
     def named(self) -> list[str]:
-        return [name for name in (self.image, self.label, self.group, self.embedding) if name]
+        """The columns to read, each once (a label may also be the group)."""
+        names = (self.image, self.label, self.group, self.embedding)
+        return list(dict.fromkeys(name for name in names if name))
 
 
 @dataclass
@@ -164,23 +166,29 @@ def _skip_reason(error: Exception) -> str:
     return _reason(error)
 
 
-def _check_first_image(files: list[Path], column: str) -> None:
-    """A column of bytes PIL cannot read fails here, at once, rather than row by row."""
+def _first_image(files: list[Path], column: str) -> tuple[Path, bytes] | None:
     pq = _pyarrow().parquet
     for path in files:
         with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
             for batch in parquet_file.iter_batches(batch_size=16, columns=[column]):
-                for value in batch.column(0).to_pylist():
-                    data = _image_bytes(value)
-                    if data is None:
-                        continue
-                    try:
-                        decode_patch(data)
-                    except Exception as error:
-                        raise PathganError(
-                            f"unsupported image encoding in {path.name}, column {column!r}: its "
-                            f"first image cannot be decoded ({_skip_reason(error)})") from error
-                    return
+                values = map(_image_bytes, batch.column(0).to_pylist())
+                data = next((value for value in values if value is not None), None)
+                if data is not None:
+                    return path, data
+    return None
+
+
+def _check_first_image(files: list[Path], column: str) -> None:
+    """A column of bytes PIL cannot read fails here, at once, rather than row by row."""
+    first = _first_image(files, column)
+    if first is None:
+        return
+    path, data = first
+    try:
+        decode_patch(data)
+    except Exception as error:
+        raise PathganError(f"unsupported image encoding in {path.name}, column {column!r}: its "
+                           f"first image cannot be decoded ({_skip_reason(error)})") from error
 
 
 class PatchTable:
@@ -214,8 +222,8 @@ class PatchTable:
     def _row(self, row_id: str, values: dict, offset: int, names: list[str] | None) -> TableRow:
         columns = self.columns
         label = values[columns.label][offset] if columns.label else None
-        if names is not None and isinstance(label, int) and 0 <= label < len(names):
-            label = names[label]
+        if names is not None and isinstance(label, int):  # ClassLabel: -1 means no label
+            label = names[label] if 0 <= label < len(names) else None
         group = values[columns.group][offset] if columns.group else None
         embedding = values[columns.embedding][offset] if columns.embedding else None
         row = TableRow(row_id, None, None if label is None else str(label),
