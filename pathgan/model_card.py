@@ -82,9 +82,9 @@ def read_run_facts(run_dir: str | Path, best: bool = False,
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PathganError(f"{run_dir} is not a pathgan run folder (no config.yaml)")
-    if (run_dir / PREEMPTED_MARKER).is_file():
-        raise PathganError(f"{run_dir} was preempted before its end: resume it with "
-                           "`pathgan train ... --resume latest` first, or push --best")
+    if (run_dir / PREEMPTED_MARKER).is_file() and not best:  # best/ is complete regardless
+        raise PathganError(f"{run_dir} was preempted before its end, so its exported generator "
+                           "is not its last: resume it with --resume latest first, or push --best")
     generator_dir = run_dir / BEST_DIR if best else run_dir
     if not (generator_dir / GENERATOR_WEIGHTS).is_file():
         what = "no best generator (eval.every was 0?)" if best else "no exported generator"

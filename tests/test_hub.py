@@ -4,6 +4,7 @@ table reader that `pathgan shards pack` reads data sets with."""
 
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -189,6 +190,13 @@ def test_push_errors_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
         assert run_cli("push", tiny_run, *options) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1, error
+    preempted = tmp_path / "preempted"
+    shutil.copytree(tiny_run, preempted, ignore=shutil.ignore_patterns("checkpoints"))
+    (preempted / "PREEMPTED").write_text("3\n")
+    assert run_cli("push", preempted, "--repo", "lab/x", "--dry-run", tmp_path / "d") == 2
+    assert "was preempted before its end" in capsys.readouterr().err
+    assert run_cli("push", preempted, "--repo", "lab/x", "--best", "--dry-run",
+                   tmp_path / "e") == 0
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert run_cli("push", tiny_run, "--repo", "lab/x", "--dry-run", tmp_path / "full") == 2
