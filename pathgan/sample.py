@@ -1,5 +1,10 @@
 """``pathgan sample``: patches from a trained generator, as PNG files or WebDataset shards.
 
+The generator is a run folder or a Hub repo (``hf-hub:ORG/NAME[@REVISION]``, see
+:func:`pathgan.hub.resolve_generator`); what made the patches is recorded with them, a Hub
+generator pinned to its commit: in ``sample.json`` beside PNG files, in ``manifest.json`` and
+every sample's metadata for shards.
+
 Shards use the packing format (``<key>.png`` + ``<key>.json``, ``manifest.json``), with
 ``"synthetic": true`` in every sample's metadata, so synthetic sets can be verified, shown,
 embedded and mixed with real ones by the same tools.
@@ -23,9 +28,12 @@ from pathgan.data.format import (
 )
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
+from pathgan.hub import resolve_generator
 from pathgan.images import signed_to_uint8
 from pathgan.models import noise_batch
 from pathgan.training.checkpoint import load_generator
+
+SAMPLE_RECORD = "sample.json"  # beside PNG files: what made them (shards: the manifest)
 
 
 def generated_batches(generator, nz: int, count: int, batch_size: int, seed: int,
@@ -53,11 +61,11 @@ def write_pngs(batches, out_dir: Path, progress) -> None:
         progress.update()
 
 
-def write_sample_shard(path: Path, images, run_dir: Path, seed: int, progress) -> dict:
+def write_sample_shard(path: Path, images, generator: str, seed: int, progress) -> dict:
     count = 0
     with shard_writer(path) as sink:
         for index, image in images:
-            metadata = {"synthetic": True, "run": str(run_dir), "seed": seed, "index": index,
+            metadata = {"synthetic": True, "run": generator, "seed": seed, "index": index,
                         "source_type": "generated"}
             sink.write({"__key__": f"synthetic-s{seed}-{index:07d}",
                         "png": encode_image(image, "png"),
@@ -67,41 +75,48 @@ def write_sample_shard(path: Path, images, run_dir: Path, seed: int, progress) -
     return shard_entry(path, "train", count)
 
 
-def write_shards(batches, out_dir: Path, run_dir: Path, seed: int, per_shard: int,
+def write_shards(batches, out_dir: Path, generator: str, seed: int, per_shard: int,
                  progress) -> list[dict]:
     images, shards = indexed_images(batches), []
     while (first := next(images, None)) is not None:
         chunk = itertools.chain([first], itertools.islice(images, per_shard - 1))
         path = out_dir / shard_name("train", len(shards))
-        shards.append(write_sample_shard(path, chunk, run_dir, seed, progress))
+        shards.append(write_sample_shard(path, chunk, generator, seed, progress))
     return shards
 
 
-def sample(run_dir: str | Path, count: int, out_dir: str | Path, image_format: str = "png",
-           batch_size: int = 64, seed: int = 0, device: str | None = None,
-           per_shard: int = 1000) -> Path:
+def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
+           image_format: str = "png", batch_size: int = 64, seed: int = 0,
+           device: str | None = None, per_shard: int = 1000) -> Path:
+    """Write ``count`` patches of a run folder's or a Hub repo's generator into ``out_dir``."""
     for flag, value in (("-n", count), ("--batch-size", batch_size), ("--per-shard", per_shard)):
         if value <= 0:
             raise PathganError(f"{flag} must be positive, not {value}")
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator, config = load_generator(run_dir, device)
+    source = resolve_generator(generator_spec)
+    generator, config = load_generator(source.folder, device)
+    # What made these patches: a Hub generator is pinned to the commit that was downloaded.
+    origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
+              "seed": seed, "generator": config}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = generated_batches(generator, config["nz"], count, batch_size, seed, device)
     with tqdm(total=count, desc="sampling", unit="patch") as progress:
         if image_format == "png":
             write_pngs(batches, out_dir, progress)
+            write_json(out_dir / SAMPLE_RECORD, {"created": created, "count": count, **origin})
             return out_dir
-        shards = write_shards(batches, out_dir, run_dir, seed, per_shard, progress)
+        shards = write_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
     write_json(out_dir / MANIFEST, {
         "format": SHARDS_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created,
         "synthetic": True,
         "total_samples": count,
         "splits": {"train": {"samples": count, "shards": len(shards)},
                    "val": {"samples": 0, "shards": 0}},
         "shards": shards,
         "skipped": [],
-        "config": {"run": str(run_dir), "seed": seed, "generator": config},
+        "config": origin,
     })
     return out_dir

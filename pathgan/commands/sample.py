@@ -3,8 +3,9 @@
 
 def register(subparsers) -> None:
     sample = subparsers.add_parser("sample", help="generate patches from a trained run")
-    sample.add_argument("run_dir", metavar="RUN_DIR",
-                        help="a run folder with generator.safetensors")
+    sample.add_argument("generator", metavar="GENERATOR",
+                        help="a run folder with generator.safetensors (RUN, RUN/best), or a "
+                             "Hub repo made by `pathgan push`: hf-hub:ORG/NAME[@REVISION]")
     sample.add_argument("-n", type=int, required=True, help="number of patches")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("--format", choices=["png", "shards"], default="png")
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
 def run_sample(args) -> int:
     from pathgan.sample import sample
 
-    out = sample(args.run_dir, args.n, args.out, image_format=args.format,
+    out = sample(args.generator, args.n, args.out, image_format=args.format,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
                  per_shard=args.per_shard)
     print(f"wrote {args.n} patches to {out}")

@@ -1,0 +1,240 @@
+"""Patch tables: parquet data sets read row by row, for ``pathgan shards pack``.
+
+A table is a local ``.parquet`` file, a folder of them (searched recursively, in name order), or
+``hf-dataset:ORG/NAME[@REVISION]``: a Hub data set already in the local Hugging Face cache
+(``hf download ORG/NAME --repo-type dataset``; nothing is downloaded here). Files are read with
+pyarrow a batch of rows at a time, so memory stays bounded whatever the table's size.
+
+Columns: ``image`` (encoded image bytes, or the Hugging Face ``Image`` struct
+``{bytes, path}``), and optionally a label, a group (the unit of the train/validation split) and
+a precomputed embedding (a list of numbers). Each row comes out as a :class:`TableRow` with the
+image decoded and resized to 224x224 RGB exactly as pack resizes patch images. Every file's
+columns and the first image are checked when the table is opened, so a wrong column or an
+encoding PIL cannot read is a one-line error before any work; a corrupt image further down is
+handed on with the reason (``skipped``), for pack to count and report.
+"""
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pathgan.data.format import safe_key_part
+from pathgan.errors import PathganError
+
+DATASET_SPEC = re.compile(r"hf-dataset:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+DEFAULT_BATCH_ROWS = 256
+#: Read column chunks through a 1 MiB stream rather than pre-buffering whole row groups (made
+#: for object stores): on a local file that keeps pyarrow's memory near one row group's size.
+READ_OPTIONS = {"pre_buffer": False, "buffer_size": 1 << 20}
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    image: str = "image"
+    label: str | None = None
+    group: str | None = None
+    embedding: str | None = None
+
+    def named(self) -> list[str]:
+        """The columns to read, each once (a label may also be the group)."""
+        names = (self.image, self.label, self.group, self.embedding)
+        return list(dict.fromkeys(name for name in names if name))
+
+
+@dataclass
+class TableRow:
+    row_id: str  # "<file key>-r<row>": stable for a given table, usable in a shard key
+    image: np.ndarray | None  # 224x224x3 uint8; None when it could not be decoded
+    label: str | None
+    group: str | None
+    embedding: np.ndarray | None  # float32 (D,)
+    original_size: tuple[int, int] | None = None  # width, height before the resize
+    skipped: str | None = None  # why ``image`` is None
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as error:
+        raise PathganError("reading parquet needs pyarrow: pip install 'pathgan[parquet]'"
+                           ) from error
+    return pyarrow
+
+
+# -- where the files are -----------------------------------------------------------------------
+def cached_dataset(spec: str) -> Path:
+    """The local snapshot of ``hf-dataset:ORG/NAME[@REVISION]``; never downloads."""
+    match = DATASET_SPEC.fullmatch(spec)
+    if not match:
+        raise PathganError(f"{spec!r} is not a Hub data set: use hf-dataset:ORG/NAME or "
+                           "hf-dataset:ORG/NAME@REVISION")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, revision = match["repo"], match["revision"]
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise PathganError(
+            f"{spec} is not in the local Hugging Face cache: download it first with `hf download "
+            f"{repo} --repo-type dataset" + (f" --revision {revision}" if revision else "")
+            + "` (gated data sets: accept their terms on the Hub and `hf auth login` first)"
+        ) from error
+
+
+def table_files(source: str) -> tuple[Path, list[Path]]:
+    """The root a table's row ids are relative to, and its parquet files in name order."""
+    root = cached_dataset(source) if source.startswith("hf-dataset:") else Path(source)
+    if not root.exists():
+        raise PathganError(f"table {source}: no such file or folder")
+    if root.is_file():
+        return root.parent, [root]
+    files = sorted(path for path in root.rglob("*.parquet") if path.is_file())
+    if not files:
+        raise PathganError(f"table {source}: no .parquet files in it")
+    return root, files
+
+
+# -- checking the columns ----------------------------------------------------------------------
+def _check_columns(path: Path, schema, columns: TableColumns) -> None:
+    missing = [name for name in columns.named() if name not in schema.names]
+    if missing:
+        raise PathganError(f"{path.name} has no column {missing[0]!r} (its columns: "
+                           f"{', '.join(schema.names)})")
+    pa = _pyarrow()
+    image_type = schema.field(columns.image).type
+    if not (_is_binary(image_type) or (pa.types.is_struct(image_type)
+                                        and _struct_has_bytes(image_type))):
+        raise PathganError(f"unsupported image encoding in {path.name}: column "
+                           f"{columns.image!r} holds {image_type}, not encoded image bytes "
+                           "(binary, or the Hugging Face Image struct {bytes, path})")
+    if columns.embedding:
+        kind = schema.field(columns.embedding).type
+        lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+        if not (any(test(kind) for test in lists) and (pa.types.is_floating(kind.value_type)
+                                                       or pa.types.is_integer(kind.value_type))):
+            raise PathganError(f"column {columns.embedding!r} of {path.name} holds {kind}, not a "
+                               "list of numbers (an embedding per row)")
+
+
+def _is_binary(kind) -> bool:
+    pa = _pyarrow()
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _struct_has_bytes(kind) -> bool:
+    index = kind.get_field_index("bytes")
+    return index >= 0 and _is_binary(kind.field(index).type)
+
+
+def _class_names(schema, column: str | None) -> list[str] | None:
+    """The names of a Hugging Face ``ClassLabel`` column (stored as integers), if it is one."""
+    if not column or not schema.metadata or b"huggingface" not in schema.metadata:
+        return None
+    try:
+        features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    feature = features.get(column) or {}
+    return feature.get("names") if feature.get("_type") == "ClassLabel" else None
+
+
+# -- decoding ----------------------------------------------------------------------------------
+def _image_bytes(value) -> bytes | None:
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
+def decode_patch(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded image bytes -> 224x224x3 uint8, resized like pack's patch images, and the
+    original (width, height)."""
+    from pathgan.data.pack import load_patch
+
+    pixels, metadata = load_patch({"source_type": "image", "source": io.BytesIO(data)})
+    return pixels, tuple(metadata["original_size"])
+
+
+def _skip_reason(error: Exception) -> str:
+    from pathgan.data.pack import _reason  # pack's wording of why an input was skipped
+
+    return _reason(error)
+
+
+def _first_image(files: list[Path], column: str) -> tuple[Path, bytes] | None:
+    pq = _pyarrow().parquet
+    for path in files:
+        with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
+            for batch in parquet_file.iter_batches(batch_size=16, columns=[column]):
+                values = map(_image_bytes, batch.column(0).to_pylist())
+                data = next((value for value in values if value is not None), None)
+                if data is not None:
+                    return path, data
+    return None
+
+
+def _check_first_image(files: list[Path], column: str) -> None:
+    """A column of bytes PIL cannot read fails here, at once, rather than row by row."""
+    first = _first_image(files, column)
+    if first is None:
+        return
+    path, data = first
+    try:
+        decode_patch(data)
+    except Exception as error:
+        raise PathganError(f"unsupported image encoding in {path.name}, column {column!r}: its "
+                           f"first image cannot be decoded ({_skip_reason(error)})") from error
+
+
+class PatchTable:
+    """A parquet table of patches, checked when opened; :meth:`rows` reads it batch by batch."""
+
+    def __init__(self, source: str, columns: TableColumns = TableColumns()) -> None:
+        pq = _pyarrow().parquet
+        self.source, self.columns = source, columns
+        self.root, self.files = table_files(source)
+        self.num_rows = 0
+        for path in self.files:
+            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
+                _check_columns(path, parquet_file.schema_arrow, columns)
+                self.num_rows += parquet_file.metadata.num_rows
+        _check_first_image(self.files, columns.image)
+
+    def rows(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[TableRow]:
+        pq = _pyarrow().parquet
+        for path in self.files:
+            key = safe_key_part(str(path.relative_to(self.root).with_suffix("")))
+            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
+                names = _class_names(parquet_file.schema_arrow, self.columns.label)
+                index = 0
+                for batch in parquet_file.iter_batches(batch_size=batch_rows,
+                                                       columns=self.columns.named()):
+                    values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+                    for offset in range(batch.num_rows):
+                        yield self._row(f"{key}-r{index + offset:08d}", values, offset, names)
+                    index += batch.num_rows
+
+    def _row(self, row_id: str, values: dict, offset: int, names: list[str] | None) -> TableRow:
+        columns = self.columns
+        label = values[columns.label][offset] if columns.label else None
+        if names is not None and isinstance(label, int):  # ClassLabel: -1 means no label
+            label = names[label] if 0 <= label < len(names) else None
+        group = values[columns.group][offset] if columns.group else None
+        embedding = values[columns.embedding][offset] if columns.embedding else None
+        row = TableRow(row_id, None, None if label is None else str(label),
+                       None if group is None else str(group),
+                       None if embedding is None else np.asarray(embedding, dtype=np.float32))
+        data = _image_bytes(values[columns.image][offset])
+        if data is None:
+            row.skipped = "no image bytes in this row"
+            return row
+        try:
+            row.image, row.original_size = decode_patch(data)
+        except Exception as error:  # a corrupt image is handed on, counted by the caller
+            row.skipped = _skip_reason(error)
+        return row
