@@ -57,7 +57,8 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 128  # global: split across ranks
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    # stop after this many optimizer steps (overrides epochs); 0 exports the initial generator
+    max_steps: int | None = None
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -134,8 +135,8 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise PathganError(f"{key} must be positive, not {value}")
-        if self.train.max_steps is not None and self.train.max_steps <= 0:
-            raise PathganError(f"train.max_steps must be positive, not {self.train.max_steps}")
+        if self.train.max_steps is not None and self.train.max_steps < 0:
+            raise PathganError(f"train.max_steps cannot be negative, not {self.train.max_steps}")
         if self.eval.n < 4:  # k-NN precision/recall needs k + 1 = 4 samples a side
             raise PathganError(f"eval.n must be at least 4, not {self.eval.n}")
         if self.data.num_workers < 0 or self.eval.every < 0:

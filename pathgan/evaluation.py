@@ -482,10 +482,12 @@ def _last_step(run_dir: Path) -> int | None:
     return rows[-1]["step"] if rows else None
 
 
-def _names(run_dirs: list[Path]) -> list[str]:
+def _names(sources) -> list[str]:
+    """Short unique names: the run folder's, or the Hub repo's (not its cache folder's)."""
     names: list[str] = []
-    for run_dir in run_dirs:
-        base = run_dir.resolve().name or "run"
+    for source in sources:
+        base = (source.hub["repo"].split("/")[1] if source.hub
+                else source.folder.resolve().name) or "run"
         name, i = base, 2
         while name in names:
             name, i = f"{base}-{i}", i + 1
@@ -493,10 +495,11 @@ def _names(run_dirs: list[Path]) -> list[str]:
     return names
 
 
-def default_out_dir(run_dirs: list[Path]) -> Path:
-    """``RUN_DIR/eval`` for one run; ``./eval-YYYYmmdd-HHMMSS`` when comparing several."""
-    if len(run_dirs) == 1:
-        return run_dirs[0] / "eval"
+def default_out_dir(sources) -> Path:
+    """``RUN_DIR/eval`` for one run folder; ``./eval-YYYYmmdd-HHMMSS`` when comparing several
+    or for a Hub generator (never inside the Hugging Face cache)."""
+    if len(sources) == 1 and sources[0].hub is None:
+        return sources[0].folder / "eval"
     return Path(f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -507,8 +510,11 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     """Evaluate runs against ``n`` real samples of ``real_shards``; write ``eval.json``,
     ``report.md`` and grids into ``out_dir`` (rank 0). Returns the eval.json dict (every rank).
     """
+    from pathgan.hub import resolve_generator
+
     state = make_state()
-    run_dirs = [Path(run) for run in run_dirs]
+    sources = [resolve_generator(run) for run in run_dirs]
+    run_dirs = [source.folder for source in sources]
     if not run_dirs:
         raise PathganError("give at least one RUN_DIR")
     if n < k + 1:
@@ -539,20 +545,22 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
 
     real_rows = real_features(real, extractors, state, batch_size=batch_size,
                               num_workers=num_workers)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(run_dirs)
-    names = _names(run_dirs)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources)
+    names = _names(sources)
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_image_grid(real_grid(real), out_dir / "real.png")
 
     runs = []
-    for run_dir, name in zip(run_dirs, names, strict=True):
+    for source, name in zip(sources, names, strict=True):
+        run_dir = source.folder
         generator, model_config = load_generator(run_dir, state.device)
         fake_rows = fake_features(generator, n, extractors, state, nz=model_config["nz"],
                                   seed=seed, batch_size=batch_size)
         scores = _score(real_rows, fake_rows, state, k=k, subsets=subsets,
                         subset_size=subset_size, seed=seed)
-        entry = {"run": str(run_dir), "name": name, "step": _last_step(run_dir), **scores,
+        entry = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
+                 "name": name, "step": _last_step(run_dir), **scores,
                  "encoder": encoder.encoder_id, "real_split": real.split}
         if inception:
             entry["inception_encoder"] = extractors[-1].id

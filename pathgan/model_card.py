@@ -314,17 +314,11 @@ def _discriminator_text(model: dict, encoder_id: str | None) -> str:
     return text
 
 
-def _augmentation(config: dict) -> list[str]:
-    """Augmentation settings, whichever section holds them (``*augment*`` keys)."""
-    return [f"`{section}.{key}` = {value}" for section, values in config.items()
-            if isinstance(values, dict) for key, value in values.items() if "augment" in key]
-
-
 def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
     model, train = facts.config["model"], facts.config["train"]
     ngf = facts.generator["ngf"]
-    ema = (f"on, decay {train['ema_decay']} (the exported generator is the EMA copy)"
-           if train["ema"] else "off")
+    ema = (f"on, half-life {train['ema_kimg']} kimg, warm-up {train['ema_rampup']} (the "
+           "exported generator is the EMA copy)" if train["ema"] else "off")
     rows = [
         ("GAN", _gan_title(model)),
         ("objective", "non-saturating GAN loss: binary cross-entropy on discriminator logits"),
@@ -336,10 +330,8 @@ def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
         ("optimizer", f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})"),
         ("mixed precision", str(train["mixed_precision"])),
         ("EMA", ema),
+        ("augmentation", f"DiffAugment: {train['augment']}" if train["augment"] else "none"),
     ]
-    augmentation = _augmentation(facts.config)
-    if augmentation:
-        rows.append(("augmentation", ", ".join(augmentation)))
     step = "not recorded" if facts.step is None else str(facts.step)
     seen = "not recorded" if facts.images_seen is None else f"{facts.images_seen:,}"
     rows += [("steps", step), ("images seen", f"{seen} (steps x global batch)")]

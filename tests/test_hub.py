@@ -94,7 +94,8 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
     assert f"| batch | {train['batch_size']} (global" in card
     assert f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})" in card
     assert f"ngf {config['model']['ngf']} " in card and f"{parameters:,} parameters" in card
-    assert f"on, decay {train['ema_decay']}" in card
+    assert f"on, half-life {train['ema_kimg']} kimg, warm-up {train['ema_rampup']}" in card
+    assert "| augmentation | none |" in card
 
     manifest = json.loads((slide_shards / "manifest.json").read_text())
     assert f"manifest fingerprint `{manifest['fingerprint']}`" in card
@@ -321,8 +322,9 @@ def _hub_cache() -> Path:
 
 
 @pytest.mark.usefixtures("offline_hub")
-def test_sample_from_the_hub_cache_offline_pins_the_commit(tiny_run, card_folder, tmp_path,
-                                                           capsys):
+def test_sample_and_eval_from_the_hub_cache_offline_pin_the_commit(tiny_run, card_folder,
+                                                                    tmp_path, capsys,
+                                                                    slide_shards):
     install_in_hf_cache(card_folder, _hub_cache(), repo_id="lab/tiny-dcgan")
     install_in_hf_cache(card_folder, _hub_cache(), repo_id="lab/tiny-dcgan", ref="v1")
     pinned = f"hf-hub:lab/tiny-dcgan@{TINY_COMMIT}"
@@ -345,6 +347,14 @@ def test_sample_from_the_hub_cache_offline_pins_the_commit(tiny_run, card_folder
     with tarfile.open(out / "train-000000.tar") as tar:
         metadata = [json.load(tar.extractfile(m)) for m in tar if m.name.endswith(".json")]
     assert [m["run"] for m in metadata] == [pinned, pinned]
+
+    # pathgan eval takes the same spec: named after the repo, pinned, written outside the cache
+    evaluated = tmp_path / "eval"
+    assert run_cli("eval", "hf-hub:lab/tiny-dcgan", "--real", slide_shards, "-n", "6",
+                   "--encoder", "timm:mobilenetv3_small_050:random", "--out", evaluated) == 0
+    (entry,) = json.loads((evaluated / "eval.json").read_text())["runs"]
+    assert entry["run"] == pinned and entry["name"] == "tiny-dcgan"
+    assert entry["hub"]["commit"] == TINY_COMMIT and (evaluated / "tiny-dcgan-fake.png").is_file()
 
     capsys.readouterr()
     for spec, message in (("hf-hub:lab/missing", "not in the local Hugging Face cache"),

@@ -17,7 +17,9 @@ def register(subparsers) -> None:
         "eval", help="score runs: FD, KID, precision/recall in an encoder's space",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders to compare")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run folders (RUN, RUN/best) or Hub generators "
+                             "(hf-hub:ORG/NAME[@REVISION]) to compare")
     parser.add_argument("--real", required=True, metavar="SHARDS_DIR",
                         help="shard set of real patches (its val split, else train)")
     parser.add_argument("-n", type=int, default=1000,

@@ -293,7 +293,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     _init_trackers(accelerator, config, state, run_dir)
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
-    total_steps = config.train.max_steps or config.train.epochs * data.batches_per_epoch
+    total_steps = (config.train.epochs * data.batches_per_epoch
+                   if config.train.max_steps is None else config.train.max_steps)
     plain_generator = accelerator.unwrap_model(generator, keep_torch_compile=False)
     sample_model = ema.module if ema is not None else plain_generator
 
