@@ -30,6 +30,7 @@ from pathgan.training import checkpoint as ckpt
 from pathgan.training.build import build_gan, model_export_config
 from pathgan.training.data import build_real_data
 from pathgan.training.logbook import Logbook
+from pathgan.training.precision import resolve_mixed_precision
 from pathgan.training.signals import PreemptionFlag
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -42,15 +43,6 @@ class TrainResult:
     run_dir: Path
     generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
     discriminators: dict[str, torch.nn.Module]
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """``auto``: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _switch(value: str) -> bool:
