@@ -119,7 +119,7 @@ class WorkerShuffle:
 
     def __call__(self, samples: Iterable) -> Iterator:
         rng = worker_random(self.seed, self.rank, "samples")
-        return wds.shuffle(self.size, initial=self.size, rng=rng)(samples)
+        return wds.shuffle(self.size, rng=rng)(samples)
 
 
 class DecodeSample:
