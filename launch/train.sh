@@ -60,13 +60,13 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then
 fi
 PYTHON=${PYTHON:-python}
 
-# --- this node's GPUs --------------------------------------------------------------------------
-read -r found_gpus bf16_ok < <("$PYTHON" - <<'PY' 2>/dev/null || echo "0 0"
-import torch
-n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-print(n, int(n > 0 and torch.cuda.is_bf16_supported()))
-PY
-)
+# --- this node's GPUs and precision -------------------------------------------------------------
+# pathgan decides (pathgan/training/precision.py: bf16 on compute capability >= 8.0, fp16 below,
+# no on CPU), so that this script and pathgan.train never disagree. A failed probe stops here:
+# guessing "no GPU" would quietly train on the CPU of a GPU node.
+probe=$("$PYTHON" -m pathgan.training.precision 2>&1) \
+    || die "cannot ask $PYTHON for this node's GPUs (is pathgan installed?): ${probe##*$'\n'}"
+read -r found_gpus auto_precision <<<"${probe##*$'\n'}"
 gpus=${PATHGAN_GPUS_PER_NODE:-$found_gpus}
 [ "$gpus" -le "$found_gpus" ] || die "PATHGAN_GPUS_PER_NODE=$gpus but torch sees $found_gpus GPUs"
 
@@ -100,7 +100,6 @@ flags=()
 if [ "$gpus" -eq 0 ]; then
     config_file=$ROOT/launch/cpu.yaml
     procs=${PATHGAN_PROCS_PER_NODE:-1}
-    precision=${PATHGAN_MIXED_PRECISION:-no}
     # accelerate's multi-process launcher does not tell its workers to use the CPU; without
     # this every rank would start alone as "rank 0 of 1".
     if [ $((procs * machines)) -gt 1 ]; then export ACCELERATE_USE_CPU=true; fi
@@ -113,14 +112,13 @@ else
     else
         config_file=$ROOT/launch/1gpu.yaml
     fi
-    if [ "$bf16_ok" = 1 ]; then default_precision=bf16; else default_precision=fp16; fi
-    precision=${PATHGAN_MIXED_PRECISION:-$default_precision}
     if [ "$gpus" -lt "$found_gpus" ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
         CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1)))
         export CUDA_VISIBLE_DEVICES
     fi
 fi
 config_file=${PATHGAN_ACCELERATE_CONFIG:-$config_file}
+precision=${PATHGAN_MIXED_PRECISION:-$auto_precision}
 total=$((procs * machines))
 flags+=(--config_file "$config_file" --num_processes "$total" --mixed_precision "$precision")
 if [ "$total" -gt 1 ]; then

@@ -1,11 +1,19 @@
-"""The README tells the truth: every config key and every packing flag is documented."""
+"""The docs tell the truth: every config key and every packing flag is documented, and what the
+comments of launch/ and slurm/ name (commands, encoder specs, configs, environment variables)
+exists and parses."""
 
+import contextlib
 import dataclasses
+import io
+import re
+from pathlib import Path
 
 from conftest import REPO
 
 from pathgan.cli import build_parser
-from pathgan.config import Config
+from pathgan.config import Config, load_config
+from pathgan.encoders import is_encoder_id, parse_spec
+from pathgan.errors import PathganError
 
 README = (REPO / "README.md").read_text()
 
@@ -35,3 +43,156 @@ def test_every_option_of_the_main_commands_is_documented():
 def test_readme_starts_with_the_two_commands():
     head = README[:800]
     assert "make demo" in head and "make test" in head
+
+
+# --- launch/ and slurm/: what their comments and READMEs say is what the scripts do -----------
+
+OWN_README_SECTIONS = ("Multi-GPU and multi-node", "SLURM", "Troubleshooting")
+VARIABLE = re.compile(r"\b(?:PATHGAN|SLURM)_[A-Z0-9_]+\b")
+
+
+def _comments(path: Path) -> str:
+    """What a file tells its reader: a Markdown file whole, else its comment lines (``#SBATCH``
+    and ``#!`` lines are directives), one ``#`` and one space stripped."""
+    text = path.read_text()
+    if path.suffix == ".md":
+        return text
+    return "\n".join(re.sub(r"^\s*# ?", "", line) for line in text.splitlines()
+                     if re.match(r"\s*#(?!SBATCH|!)", line))
+
+
+def _readme_section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+SCRIPT_DOCS = {
+    **{str(path.relative_to(REPO)): _comments(path)
+       for path in sorted([*REPO.glob("launch/*"), *REPO.glob("slurm/*")]) if path.is_file()},
+    **{f"README.md ({title})": _readme_section(title) for title in OWN_README_SECTIONS},
+}
+
+
+def _snippets(text: str) -> list[str]:
+    """The command lines a text shows: `spans`, fenced code and indented example lines, with
+    backslash continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    fenced = [line for block in re.findall(r"```\w*\n(.*?)```", text, re.S)
+              for line in block.splitlines()]
+    indented = [line for line in text.splitlines() if line.startswith("  ")]
+    return [*re.findall(r"`([^`\n]+)`", text), *fenced, *indented]
+
+
+def _words(command: str) -> list[str]:
+    """A command's words up to a comment, a quote or the end of its shell statement, without
+    the optional ``[...]`` parts and ``...`` of a usage line."""
+    command = re.split(r"\s#|[\"'`);|&]", command)[0]
+    command = re.sub(r"\[[^\]]*\]", " ", command)
+    return [word for word in command.split() if word != "..."]
+
+
+def _is_placeholder(word: str) -> bool:
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", word) is not None
+
+
+def _commands(pattern: str) -> list[tuple[str, list[str]]]:
+    """(document, words after the match) for every command line matching ``pattern``."""
+    found = []
+    for name, text in SCRIPT_DOCS.items():
+        for snippet in _snippets(text):
+            for match in re.finditer(pattern, snippet):
+                found.append((name, _words(snippet[match.end():])))
+    return found
+
+
+def _parse(words: list[str]) -> tuple[object, str]:
+    """``pathgan WORDS`` through the real parser: (namespace or None, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        try:
+            return build_parser().parse_args(words), ""
+        except SystemExit as stop:  # --help exits 0
+            return None, "" if stop.code == 0 else printed.getvalue().strip()
+
+
+def _names_a_command(words: list[str]) -> bool:
+    """Only (sub)command names, e.g. `pathgan shards pack` in a sentence."""
+    parser = build_parser()
+    for word in words:
+        choices = _subcommands(parser)
+        if word not in choices:
+            return False
+        parser = choices[word]
+    return True
+
+
+def _subcommands(parser) -> dict:
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return actions[0].choices if actions else {}
+
+
+def test_every_pathgan_command_in_launch_and_slurm_docs_parses():
+    commands = _commands(r"(?:^|[\s\"'(=])(?:[\w./-]*/)?pathgan\s+")
+    top_level = _subcommands(build_parser())
+    commands = [(name, words) for name, words in commands if words and words[0] in top_level]
+    assert len(commands) >= 5, commands
+    for name, words in commands:
+        if _names_a_command(words):
+            continue
+        args, error = _parse(words)
+        assert not error, f"{name}: `pathgan {' '.join(words)}`: {error}"
+        encoder = getattr(args, "encoder", None)
+        if encoder and not _is_placeholder(encoder) and not is_encoder_id(encoder):
+            parse_spec(encoder)
+
+
+def test_every_encoder_spec_given_to_embed_sbatch_is_valid():
+    examples = [(name, words) for name, words in _commands(r"slurm/embed\.sbatch\s+")
+                if len(words) >= 2 and not _is_placeholder(words[1])]
+    assert examples
+    for name, (_, spec, *_) in examples:
+        try:
+            parse_spec(spec)
+        except PathganError as error:
+            raise AssertionError(f"{name}: slurm/embed.sbatch ... {spec}: {error}") from None
+
+
+def test_every_training_command_names_a_config_and_valid_overrides():
+    examples = []
+    for name, words in _commands(r"(?:launch/train\.sh|slurm/train\.sbatch)\s+"):
+        if words and words[0].endswith((".yaml", ".yml")):  # not CONFIG, nor a sentence
+            if "--resume" in words:
+                del words[words.index("--resume"):words.index("--resume") + 2]
+            examples.append((name, words))
+    assert len(examples) >= 5, examples
+    for name, (config, *overrides) in examples:
+        try:
+            load_config(REPO / config, overrides)
+        except PathganError as error:
+            raise AssertionError(f"{name}: {config} {' '.join(overrides)}: {error}") from None
+
+
+def _variables_read() -> set[str]:
+    """PATHGAN_*/SLURM_* variables the scripts (``$NAME``) and pathgan (``"NAME"``) read."""
+    read = set()
+    for path in [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sbatch")]:
+        code = "\n".join(line for line in path.read_text().splitlines()
+                         if not line.lstrip().startswith("#"))
+        read.update(re.findall(r"\$\{?((?:PATHGAN|SLURM)_[A-Z0-9_]+)", code))
+    for path in [*REPO.glob("pathgan/**/*.py"), *REPO.glob("slurm/*.py")]:
+        read.update(re.findall(r"[\"']((?:PATHGAN|SLURM)_[A-Z0-9_]+)[\"']", path.read_text()))
+    return read
+
+
+def test_every_variable_the_docs_name_is_read_by_the_scripts():
+    read = _variables_read()
+    assert {"PATHGAN_PROCS_PER_NODE", "SLURM_STEP_NUM_NODES", "SLURM_ARRAY_TASK_ID"} <= read
+    unread = {f"{name}: {variable}" for name, text in SCRIPT_DOCS.items()
+              for variable in VARIABLE.findall(text) if variable not in read}
+    assert not unread, sorted(unread)
+
+
+def test_the_gpu_request_of_train_sbatch_says_how_to_override_it():
+    assert "#SBATCH --gres=gpu:8" in (REPO / "slurm" / "train.sbatch").read_text()
+    for name in ("slurm/train.sbatch", "slurm/README.md", "README.md (SLURM)"):
+        text = SCRIPT_DOCS[name]
+        assert "--gres=none" in text and re.search(r"--gres=gpu:[0-9N]\b", text), name

@@ -1,9 +1,21 @@
-"""The training pipeline: shards -> shuffled, decoded batches, the same count on every rank.
+"""The training pipeline: shards -> mixed, decoded batches, the same count on every rank.
 
-Each rank draws shards at random with replacement (``resampled=True``) and stops after a fixed
-number of batches per epoch (``with_epoch``), so ranks never run out of data at different times
-(a rank with fewer batches hangs DDP) whatever the shard count. Rank and worker seeds differ,
-so ranks see different samples. A corrupt sample is skipped with a warning and counted.
+Each DataLoader worker of each rank walks the split's shards in its own random order, pass after
+pass, and stops nowhere: an epoch is a fixed number of batches (``batches_per_epoch``), so ranks
+never run out of data at different times (a rank with fewer batches hangs DDP) whatever the
+shard count. The order comes from ``seed``, the rank and the worker alone, so a stream can be
+replayed; webdataset 1.0's own resampling ignores its ``seed=`` argument, hence
+:class:`ShardOrder`.
+
+A worker reads one shard at a time, and shards of one slide hold neighbouring patches, so a batch
+formed inside one worker would be a strip of one slide at one magnification. Workers therefore
+only decode; the main process unbatches what they send, mixes samples of every worker in a
+shuffle buffer and forms the batches, stacking each into pinned memory (with CUDA) for a fast
+uint8 host-to-device copy.
+
+Unreadable data is skipped with a warning and counted. When nothing but failures come in a row
+(``MAX_CONSECUTIVE_FAILURES`` across the rank's workers: every shard unreadable, every sample
+corrupt), the stream stops with one clear error instead of skipping for ever.
 
 The loader is a ``wds.WebLoader`` and must *not* go through ``accelerator.prepare`` (that would
 dispatch every batch from rank 0).
@@ -12,8 +24,9 @@ dispatch every batch from rank 0).
 import gc
 import itertools
 import multiprocessing
+import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,48 +37,143 @@ from pathgan.data.format import decode_sample, load_manifest, shard_paths
 from pathgan.errors import PathganError
 from pathgan.images import hwc_to_chw, uint8_to_signed
 
+#: failures in a row (unreadable shards, corrupt samples) after which a rank's stream stops
+MAX_CONSECUTIVE_FAILURES = 100
+#: batches of every worker that the main process's mixing buffer holds
+MIXED_BATCHES_PER_WORKER = 2
 
-class SkipCounter:
-    """Counts skipped samples across DataLoader worker processes (shared memory)."""
 
-    def __init__(self) -> None:
-        self._value = multiprocessing.get_context("fork").Value("q", 0)
+class FailureCounter:
+    """Skipped inputs and failures in a row, shared by a rank's DataLoader workers.
 
-    def add(self) -> None:
-        with self._value.get_lock():
-            self._value.value += 1
+    Any good sample, in any worker, ends a run of failures; a run of ``limit`` stops the stream.
+    """
+
+    def __init__(self, limit: int, stop_message: str) -> None:
+        context = multiprocessing.get_context("fork")
+        self._skipped = context.Value("q", 0)
+        self._in_a_row = context.RawValue("q", 0)  # updated under _skipped's lock
+        self._stopped = context.RawValue("b", 0)
+        self.limit = limit
+        self.stop_message = stop_message
+
+    def failed(self, what: str, error: Exception) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            self._in_a_row.value += 1
+            in_a_row = self._in_a_row.value
+        warnings.warn(f"skipping {what}: {error}", stacklevel=2)
+        if in_a_row >= self.limit:
+            self._stopped.value = 1
+            raise PathganError(self.stop_message)
+
+    def succeeded(self) -> None:
+        if self._in_a_row.value:  # read first: a good sample then costs no lock
+            with self._skipped.get_lock():
+                self._in_a_row.value = 0
 
     @property
     def count(self) -> int:
-        return int(self._value.value)
+        """Samples and shard reads skipped so far."""
+        return int(self._skipped.value)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a worker stopped the stream (a good sample elsewhere does not undo that)."""
+        return bool(self._stopped.value)
+
+
+def worker_random(seed: int, rank: int, purpose: str) -> random.Random:
+    """A random generator of this rank's current DataLoader worker, the same in every replay.
+
+    String seeds are hashed with SHA-512, not Python's salted ``hash``: stable across runs.
+    """
+    worker = torch.utils.data.get_worker_info()
+    return random.Random(f"{purpose}/{seed}/{rank}/{worker.id if worker else 0}")
+
+
+class ShardOrder(torch.utils.data.IterableDataset):
+    """Every shard once per pass, in a fresh random order each pass, for ever; one order per
+    rank and worker, reproducible from the seed."""
+
+    def __init__(self, urls: list[str], seed: int, rank: int) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.seed = seed
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = worker_random(self.seed, self.rank, "shards")
+        while True:
+            for url in rng.sample(self.urls, len(self.urls)):
+                yield {"url": url}
+
+
+@dataclass
+class WorkerShuffle:
+    """webdataset's sample shuffle buffer, seeded per rank and worker when the worker starts."""
+
+    size: int
+    seed: int
+    rank: int
+
+    def __call__(self, samples: Iterable) -> Iterator:
+        rng = worker_random(self.seed, self.rank, "samples")
+        return wds.shuffle(self.size, rng=rng)(samples)
 
 
 class DecodeSample:
     """Raw sample -> image tensor (uint8 CHW, or float in [-1, 1]); None when corrupt."""
 
-    def __init__(self, counter: SkipCounter, as_uint8: bool) -> None:
-        self.counter = counter
+    def __init__(self, failures: FailureCounter, as_uint8: bool) -> None:
+        self.failures = failures
         self.as_uint8 = as_uint8
 
     def __call__(self, sample: dict):
         try:
             _, image, _ = decode_sample(sample)
         except Exception as error:
-            self.counter.add()
-            warnings.warn(f"skipping corrupt sample {sample.get('__key__')}: {error}",
-                          stacklevel=1)
+            self.failures.failed(f"corrupt sample {sample.get('__key__')}", error)
             return None
+        self.failures.succeeded()
         pixels = hwc_to_chw(image)
         return pixels if self.as_uint8 else uint8_to_signed(pixels)
 
 
-def _warn_and_count(counter: SkipCounter):
+def skip_unreadable_shard(failures: FailureCounter):
+    """webdataset's error handler: count, warn, go on (until too many failures in a row)."""
+
     def handler(error: Exception) -> bool:
-        counter.add()
-        warnings.warn(f"skipping unreadable shard data: {error}", stacklevel=1)
+        failures.failed("unreadable shard data", error)
         return True
 
     return handler
+
+
+def unbatch(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for batch in batches:
+        yield from batch
+
+
+@dataclass
+class Batches:
+    """Samples -> batches of ``size``, each stacked straight into pinned memory when ``pin``.
+
+    A batch leaves as soon as it is full (webdataset's ``batched`` waits for one sample more).
+    """
+
+    size: int
+    pin: bool
+
+    def __call__(self, samples: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.size:
+                out = torch.empty((self.size, *sample.shape), dtype=sample.dtype,
+                                  pin_memory=self.pin)
+                yield torch.stack(batch, out=out)
+                batch = []
 
 
 @dataclass
@@ -78,13 +186,19 @@ class ImageStream:
 
     loader: wds.WebLoader
     batches_per_epoch: int
-    skipped: SkipCounter
+    skipped: FailureCounter
     _batches: Iterator | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._batches is None:
             self._batches = iter(self.loader)
-        return itertools.islice(self._batches, self.batches_per_epoch)
+        try:
+            yield from itertools.islice(self._batches, self.batches_per_epoch)
+        except Exception:
+            # A worker's error arrives wrapped in its traceback: say it in one line instead.
+            if self.skipped.stopped:
+                raise PathganError(self.skipped.stop_message) from None
+            raise
 
     def close(self) -> None:
         """Stop the worker processes (they would otherwise prefetch until exit)."""
@@ -107,38 +221,41 @@ def make_image_stream(
     split: str = "train",
     shuffle_buffer: int = 1000,
     as_uint8: bool = False,
+    max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
 ) -> ImageStream:
     """Batches of ``batch_size`` images (per rank) from a shard set's ``split``.
 
     One epoch is the split's sample count divided by the global batch (at least one batch),
-    identical on every rank. ``as_uint8`` keeps pixels as uint8 so that the host-to-device copy
-    moves 4x fewer bytes; the trainer then converts on the device with ``uint8_to_signed``.
+    identical on every rank. The same ``seed``, rank and ``num_workers`` give the same batches.
+    ``as_uint8`` keeps pixels as uint8 so that the host-to-device copy moves 4x fewer bytes; the
+    trainer then converts on the device with ``uint8_to_signed``.
     """
     urls = [str(path) for path in shard_paths(shards_dir, split)]
     if not urls:
         raise PathganError(f"{shards_dir} has no {split} shards")
     batches_per_epoch = max(1, train_samples(shards_dir, split) // (batch_size * world_size))
-    counter = SkipCounter()
-    dataset = (
-        wds.WebDataset(
-            urls,
-            resampled=True,
-            shardshuffle=False,  # ignored when resampling; set to silence the warning
-            nodesplitter=None,  # resampling draws shards per rank; nothing to split
-            handler=_warn_and_count(counter),
-            seed=seed + 1000 * rank,
-            empty_check=False,
-        )
-        .shuffle(shuffle_buffer)
-        .map(DecodeSample(counter, as_uint8))
-        .select(lambda image: image is not None)
-        .batched(batch_size, collation_fn=torch.stack, partial=False)
+    failures = FailureCounter(max_consecutive_failures, (
+        f"no readable sample in {max_consecutive_failures} tries in a row from the {split} "
+        f"shards of {shards_dir} (rank {rank}): check them with `pathgan shards verify "
+        f"{shards_dir}` (the warnings above say what failed)"))
+    decoded = wds.DataPipeline(
+        ShardOrder(urls, seed, rank),
+        wds.tarfile_to_samples(handler=skip_unreadable_shard(failures)),
+        WorkerShuffle(shuffle_buffer, seed, rank),
+        wds.map(DecodeSample(failures, as_uint8)),
+        wds.select(lambda image: image is not None),
+        wds.batched(batch_size, collation_fn=torch.stack, partial=False),  # for the transfer
     )
     loader = wds.WebLoader(
-        dataset,
+        decoded,
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return ImageStream(loader, batches_per_epoch, counter)
+    stages = [unbatch]
+    if num_workers > 1:  # a lone worker's samples are mixed by its own shuffle buffer
+        mixing = batch_size * num_workers * MIXED_BATCHES_PER_WORKER
+        stages.append(wds.shuffle(mixing, initial=mixing,
+                                  rng=random.Random(f"mixing/{seed}/{rank}")))
+    stages.append(Batches(batch_size, pin=torch.cuda.is_available()))
+    return ImageStream(loader.compose(*stages), batches_per_epoch, failures)

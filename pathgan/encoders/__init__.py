@@ -17,8 +17,13 @@ see :class:`~pathgan.encoders.base.Encoder`.
 import re
 from dataclasses import dataclass
 
-from pathgan.encoders.base import Encoder
-from pathgan.errors import PathganError
+from pathgan.encoders.tensorflow_runtime import protect_from_triton_clash
+
+# Before anything else can import triton: with TensorFlow already imported, that would crash.
+protect_from_triton_clash()
+
+from pathgan.encoders.base import Encoder  # noqa: E402
+from pathgan.errors import PathganError  # noqa: E402
 
 __all__ = ["Encoder", "EncoderSpec", "is_encoder_id", "load_encoder", "parse_spec",
            "resolve_encoder_id"]

@@ -11,20 +11,25 @@ returns ``output_0`` of 384. The [-1, 1] -> [0, 1] mapping and NCHW -> NHWC perm
 torch (autograd sees them); only the SavedModel call crosses to TensorFlow, inside
 :class:`_SavedModelCall`, an autograd Function whose tensors travel by DLPack both ways (no copy,
 on GPU too) and whose backward asks ``tf.GradientTape`` for the input gradient given the incoming
-output gradient. TensorFlow is imported lazily, with GPU memory growth on, and large batches are
-cut into chunks.
+output gradient; :class:`SavedModelBridge` explains how the two frameworks' CUDA streams are
+ordered. TensorFlow is imported lazily and set up for this rank
+(:mod:`pathgan.encoders.tensorflow_runtime`), and large batches are cut into chunks.
 """
 
-import contextlib
 import hashlib
 import os
 import re
-import threading
 from pathlib import Path
 
 import torch
 
 from pathgan.encoders.base import Encoder, safe_id_part
+from pathgan.encoders.tensorflow_runtime import (
+    import_tensorflow,
+    notice,
+    resolve_device,
+    tensorflow_setup,
+)
 from pathgan.errors import PathganError
 from pathgan.images import IMAGE_SIZE, signed_to_unit
 
@@ -36,36 +41,6 @@ PREPROCESSING = "unit01"
 DEFAULT_CHUNK_SIZE = 128
 #: TensorFlow aborts the process (not an exception) on a CPU buffer that is not 64-byte aligned
 _TF_ALIGN_BYTES = 64
-
-_tf_lock = threading.Lock()
-_tf_module = None
-
-
-def import_tensorflow():
-    """Import TensorFlow once, quietly, with memory growth on every GPU it sees."""
-    global _tf_module
-    with _tf_lock:
-        if _tf_module is not None:
-            return _tf_module
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        # Importing triton (torch.compile, timm) *after* TensorFlow segfaults the process (their
-        # bundled LLVMs clash); importing it first is safe, so do that whenever it is installed.
-        with contextlib.suppress(ImportError):
-            import triton  # noqa: F401
-        try:
-            import tensorflow as tf
-        except ImportError as error:
-            raise PathganError(
-                "Path Foundation needs TensorFlow: pip install 'pathgan[tensorflow]' "
-                f"(or 'pathgan[tensorflow-cpu]') ({error})"
-            ) from error
-        for gpu in tf.config.list_physical_devices("GPU"):
-            # RuntimeError: TensorFlow already initialised the GPU; nothing to do then
-            with contextlib.suppress(RuntimeError):
-                tf.config.experimental.set_memory_growth(gpu, True)
-        _tf_module = tf
-        return tf
-
 
 def _gated_message(repo_id: str) -> str:
     return (
@@ -167,7 +142,26 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class SavedModelBridge:
-    """Runs one SavedModel signature on torch tensors, forward and input-gradient, via DLPack."""
+    """Runs one SavedModel signature on torch tensors, forward and input-gradient, via DLPack.
+
+    Tensors cross between the frameworks without a copy, and on CUDA that needs care: DLPack
+    shares memory but not stream order. torch and TensorFlow each queue kernels on their own
+    CUDA stream and neither knows the other's, so every crossing is ordered by hand:
+
+    1. torch -> TensorFlow (:meth:`_hand_to_tf`): torch's current stream is synchronised before
+       TensorFlow gets the tensors, so that TensorFlow never reads memory that torch's queued
+       kernels (the generator, a ``non_blocking`` copy, the alignment clone) have not written.
+    2. TensorFlow -> torch (:meth:`_take_from_tf`): TensorFlow's devices are synchronised before
+       torch wraps the results, so that torch never reads outputs or input gradients that
+       TensorFlow has not written yet. That also means TensorFlow has finished reading the
+       inputs of step 1: the caller keeps them referenced until this point, since dropping the
+       last reference hands their memory back to torch's allocator for reuse.
+    3. torch copies the results into its own memory and synchronises once more before the
+       TensorFlow tensors are dropped, so that TensorFlow does not reuse a buffer that torch's
+       stream is still reading.
+
+    On the CPU both frameworks run each op to completion before returning: no step is needed.
+    """
 
     def __init__(self, tf, model, signature, input_name: str, chunk_size: int) -> None:
         self.tf = tf
@@ -175,7 +169,6 @@ class SavedModelBridge:
         self.signature = signature
         self.input_name = input_name
         self.chunk_size = max(1, int(chunk_size))
-        self.gpu_count = len(tf.config.list_logical_devices("GPU"))
         spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)
 
         def _forward(images):
@@ -184,28 +177,40 @@ class SavedModelBridge:
         self._forward = tf.function(_forward, input_signature=[spec])
 
     # -- torch <-> TensorFlow, no copies --------------------------------------------------------
-    def _tf_device(self, tensor: torch.Tensor) -> str:
-        if tensor.is_cuda and self.gpu_count:
-            return f"/GPU:{tensor.device.index or 0}"
-        return "/CPU:0"
-
-    def _to_tf(self, tensor: torch.Tensor):
-        capsule = torch.utils.dlpack.to_dlpack(_aligned(tensor))
-        return self.tf.experimental.dlpack.from_dlpack(capsule)
-
-    def _to_torch(self, tensor) -> torch.Tensor:
-        return torch.utils.dlpack.from_dlpack(self.tf.experimental.dlpack.to_dlpack(tensor))
+    @staticmethod
+    def _tf_device(tensor: torch.Tensor) -> str:
+        return tensorflow_setup().device_for(tensor.device)
 
     def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
-        # TensorFlow without a GPU (tensorflow-cpu) next to CUDA torch: the one case that copies.
-        return tensor.cpu() if tensor.is_cuda and not self.gpu_count else tensor
+        # TensorFlow without this GPU (tensorflow-cpu) next to CUDA torch: the one case that copies.
+        return tensor.cpu() if tensor.is_cuda and self._tf_device(tensor) == "/CPU:0" else tensor
+
+    def _hand_to_tf(self, tensor: torch.Tensor) -> list:
+        """A staged tensor as TensorFlow tensors of ``chunk_size`` rows (step 1 above)."""
+        chunks = [_aligned(chunk) for chunk in tensor.split(self.chunk_size)]
+        if tensor.is_cuda:
+            torch.cuda.current_stream(tensor.device).synchronize()
+        return [self.tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(chunk))
+                for chunk in chunks]
+
+    def _take_from_tf(self, tensors: list, on_gpu: bool, device: torch.device) -> torch.Tensor:
+        """TensorFlow results (computed on a GPU or not) as one torch tensor on ``device``
+        (steps 2 and 3 above)."""
+        if on_gpu:
+            self.tf.test.experimental.sync_devices()
+        shared = [torch.utils.dlpack.from_dlpack(self.tf.experimental.dlpack.to_dlpack(tensor))
+                  for tensor in tensors]
+        result = torch.cat(shared).to(device)  # torch's own memory from here on
+        if on_gpu:
+            torch.cuda.current_stream(device).synchronize()
+        return result
 
     def forward(self, images_nhwc: torch.Tensor) -> torch.Tensor:
         staged = self._stage(images_nhwc)
         with self.tf.device(self._tf_device(staged)):
-            outputs = [self._to_torch(self._forward(self._to_tf(chunk)))
-                       for chunk in staged.split(self.chunk_size)]
-        return torch.cat(outputs).to(images_nhwc.device)
+            inputs = self._hand_to_tf(staged)
+            outputs = [self._forward(chunk) for chunk in inputs]
+            return self._take_from_tf(outputs, staged.is_cuda, images_nhwc.device)
 
     def forward_recorded(self, images_nhwc: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Forward under TensorFlow gradient tapes, one per chunk, kept for the backward.
@@ -214,29 +219,26 @@ class SavedModelBridge:
         a backward pass; running the model again inside a tape at backward time would cost one
         forward pass more.
         """
-        device = images_nhwc.device
         staged = self._stage(images_nhwc)
-        outputs, records = [], []
+        records = []
         with self.tf.device(self._tf_device(staged)):
-            for chunk in staged.split(self.chunk_size):
-                inputs = self._to_tf(chunk)
+            for inputs in self._hand_to_tf(staged):
                 with self.tf.GradientTape() as tape:
                     tape.watch(inputs)
                     result = self.signature(**{self.input_name: inputs})[OUTPUT_KEY]
                 records.append((tape, inputs, result))
-                outputs.append(self._to_torch(result))
-        return torch.cat(outputs).to(device), records
+            output = self._take_from_tf([result for _, _, result in records], staged.is_cuda,
+                                        images_nhwc.device)
+        return output, records
 
     def recorded_gradient(self, records: list, output_gradient: torch.Tensor,
                           device: torch.device) -> torch.Tensor:
         staged = self._stage(output_gradient.float())
-        gradients = []
         with self.tf.device(self._tf_device(staged)):
-            for (tape, inputs, result), chunk in zip(records, staged.split(self.chunk_size),
-                                                     strict=True):
-                gradient = tape.gradient(result, inputs, output_gradients=self._to_tf(chunk))
-                gradients.append(self._to_torch(gradient))
-        return torch.cat(gradients).to(device)
+            incoming = self._hand_to_tf(staged)
+            gradients = [tape.gradient(result, inputs, output_gradients=chunk)
+                         for (tape, inputs, result), chunk in zip(records, incoming, strict=True)]
+            return self._take_from_tf(gradients, staged.is_cuda, device)
 
 
 class _SavedModelCall(torch.autograd.Function):
@@ -305,10 +307,15 @@ def load_path_foundation(location: str | None = None, *, device=None, revision: 
                          spec: str = "path-foundation") -> PathFoundationEncoder:
     """Load Path Foundation from the Hub (``location=None``) or a local folder in the Hub layout."""
     folder, encoder_id = resolve(location, revision=revision, token=token)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tf = import_tensorflow()
-    gpus = tf.config.list_logical_devices("GPU")
-    placement = f"/GPU:{device.index or 0}" if device.type == "cuda" and gpus else "/CPU:0"
+    device = resolve_device(device)
+    tf = import_tensorflow(device)
+    setup = tensorflow_setup()
+    placement = setup.device_for(device)
+    notice(f"TensorFlow {tf.__version__} runs Path Foundation on {setup.describe(device)}")
+    if device.type == "cuda" and placement == "/CPU:0":
+        notice(f"warning: torch runs on {device} but TensorFlow has no GPU here (tensorflow-cpu "
+               "installed, or TensorFlow cannot load CUDA): Path Foundation runs on the CPU and "
+               "every batch goes through host memory, which is slow")
     try:
         with tf.device(placement):
             model = tf.saved_model.load(str(folder))

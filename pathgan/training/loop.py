@@ -31,6 +31,7 @@ from pathgan.training.data import build_real_data, resolve_encoder_precision
 from pathgan.training.ema import GeneratorEMA
 from pathgan.training.logbook import Logbook
 from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.training.precision import resolve_mixed_precision
 from pathgan.training.signals import PreemptionFlag
 
 PREEMPTED_MARKER = "PREEMPTED"
@@ -43,15 +44,6 @@ class TrainResult:
     run_dir: Path
     generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
     discriminators: dict[str, torch.nn.Module]
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """``auto``: bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
-    if requested != "auto":
-        return requested
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _switch(value: str) -> bool:

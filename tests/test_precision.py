@@ -1,0 +1,109 @@
+"""``mixed_precision: auto`` follows the compute capability, in pathgan.train and launch/train.sh.
+
+torch.cuda.is_bf16_supported() says True on a V100 (7.0) because it counts emulation; both
+places must still choose fp16 there. The GPUs are mocked: these tests need none.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO
+
+from pathgan.training import loop
+from pathgan.training.precision import resolve_mixed_precision
+
+
+def _fake_gpus(monkeypatch, *capabilities):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[i])
+    # What torch answers on a V100: emulated bf16 counts as supported.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize(("capabilities", "expected"), [
+    (((7, 0),), "fp16"),            # V100
+    (((7, 5),), "fp16"),            # T4
+    (((8, 0),), "bf16"),            # A100
+    (((9, 0), (9, 0)), "bf16"),     # H100 node
+    (((8, 0), (7, 0)), "fp16"),     # a mixed node: every rank must choose alike
+    ((), "no"),                     # no CUDA
+])
+def test_auto_follows_the_compute_capability(monkeypatch, capabilities, expected):
+    _fake_gpus(monkeypatch, *capabilities)
+    assert resolve_mixed_precision("auto") == expected
+
+
+def test_an_explicit_choice_is_kept(monkeypatch):
+    _fake_gpus(monkeypatch, (7, 0))
+    assert resolve_mixed_precision("bf16") == "bf16"
+    assert resolve_mixed_precision("no") == "no"
+
+
+def test_the_training_loop_uses_the_same_rule():
+    assert loop.resolve_mixed_precision is resolve_mixed_precision
+
+
+SITECUSTOMIZE = """
+import os
+import torch
+
+_capability = tuple(int(part) for part in os.environ["FAKE_CUDA_CAPABILITY"].split("."))
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 2
+torch.cuda.get_device_capability = lambda device=None: _capability
+torch.cuda.is_bf16_supported = lambda including_emulation=True: True
+"""
+
+
+def _train_sh_env(tmp_path, **extra) -> dict:
+    """launch/train.sh's environment: this interpreter, no cluster variables, a stand-in
+    `accelerate` on PATH that records its flags in tmp_path/accelerate-args."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorded = tmp_path / "accelerate-args"
+    fake_accelerate = bin_dir / "accelerate"
+    fake_accelerate.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$@" > {recorded}
+        """))
+    fake_accelerate.chmod(0o755)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PATHGAN_", "SLURM_", "MASTER_"))}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        PYTHON=sys.executable,
+        VIRTUAL_ENV=sys.prefix,  # train.sh would otherwise activate a .venv (and its accelerate)
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]),
+    )
+    env.update(extra)
+    return env
+
+
+def _run_train_sh(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "launch" / "train.sh"), "configs/dcgan-smoke.yaml"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("capability", "expected"), [("7.0", "fp16"), ("8.0", "bf16")])
+def test_train_sh_asks_pathgan_for_the_precision(tmp_path, capability, expected):
+    """launch/train.sh on a pretend 2-GPU node (sitecustomize mocks torch.cuda)."""
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    result = _run_train_sh(_train_sh_env(tmp_path, FAKE_CUDA_CAPABILITY=capability))
+    assert result.returncode == 0, result.stderr
+    flags = (tmp_path / "accelerate-args").read_text().split()
+    assert flags[flags.index("--mixed_precision") + 1] == expected
+    assert flags[flags.index("--num_processes") + 1] == "2"
+    assert f"mixed precision {expected}" in result.stderr
+
+
+def test_train_sh_stops_when_python_cannot_answer(tmp_path):
+    """Never guess "no GPU" (and train on the CPU of a GPU node) when the probe fails."""
+    result = _run_train_sh(_train_sh_env(tmp_path, PYTHON=str(tmp_path / "no-such-python")))
+    assert result.returncode == 2
+    assert "cannot ask" in result.stderr
+    assert not (tmp_path / "accelerate-args").exists()
