@@ -30,6 +30,8 @@ class DataConfig:
     split: str = "train"
     num_workers: int = 4  # loader processes per rank
     shuffle_buffer: int = 1000
+    # unreadable shards or corrupt samples in a row after which a rank's stream stops
+    max_consecutive_failures: int = 100
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Config:
             "log.sample_every": self.log.sample_every, "log.num_samples": self.log.num_samples,
             "ckpt.every": self.ckpt.every, "ckpt.keep": self.ckpt.keep,
             "train.max_nonfinite": self.train.max_nonfinite,
+            "data.max_consecutive_failures": self.data.max_consecutive_failures,
         }
         for key, value in positive.items():
             if value <= 0:

@@ -115,6 +115,7 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
             config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
             num_workers=config.data.num_workers, seed=seed,
             split=config.data.split, shuffle_buffer=config.data.shuffle_buffer, as_uint8=True,
+            max_consecutive_failures=config.data.max_consecutive_failures,
         )
     if EMBEDDINGS in inputs:
         embeddings = load_real_embeddings(config.data.shards, encoder_id, config.data.split)
