@@ -71,8 +71,9 @@ class TrainConfig:
     ema: bool = False
     ema_kimg: float = 10.0  # EMA half-life in thousands of images
     ema_rampup: float | None = 0.05  # warm-up: half-life <= this x images seen (null: none)
-    # DiffAugment before every discriminator (and the encoder): "" or color,translation,cutout
-    augment: str = ""
+    # DiffAugment before every discriminator (and the encoder): any of color,translation,cutout
+    # (comma-separated); null or "" for none
+    augment: str | None = None
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA) instead of per-rank statistics
     nonfinite: str = "skip"  # skip | stop: what to do when a loss is NaN or infinite
     max_nonfinite: int = 20  # stop after this many skipped steps in a row
@@ -160,7 +161,7 @@ class Config:
             raise PathganError("train.ema_kimg and train.ema_rampup must be positive "
                                "(ema_rampup: null for no warm-up)")
         try:
-            parse_policy(self.train.augment)
+            parse_policy(self.train.augment or "")
         except ValueError as error:
             raise PathganError(f"train.augment: {error}") from None
         return self

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathgan.errors import PathganError
+from pathgan.fileio import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
@@ -80,9 +81,10 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     encoder_spec, why = choose_encoder(encoder)
     print(f"pathgan demo in {out_dir}\nencoder: {encoder_spec} ({why})", flush=True)
     shards, runs = out_dir / "shards", out_dir / "runs"
-    dcgan, embgan = runs / "dcgan", runs / "embgan"
+    untrained, dcgan, embgan = runs / "untrained", runs / "dcgan", runs / "embgan"
     common = ["log.wandb=true", f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}",
               "data.num_workers=1"]
+    dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}"]
     timings = {
         "pack": run_stage("Pack the bundled slide into shards", [
             "shards", "pack", SLIDE, "--out", shards, "--patch-sizes", "224,512",
@@ -91,31 +93,52 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
             "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"]),
         "embed": run_stage("Embed every patch", [
             "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"]),
+        "untrained": run_stage("The untrained generator, exported as a baseline (0 steps)", [
+            "train", *dcgan_config, f"run.dir={untrained}", "train.max_steps=0", *common,
+            "log.wandb=false"]),
         "dcgan": run_stage("DCGAN training", [
-            "train", "--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}",
-            f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
+            "train", *dcgan_config, f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
             f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
             f"ckpt.every={sizes.dcgan_steps}", *common]),
         "embgan": run_stage("Embedding GAN training", [
             "train", "--config", REPO / "configs" / "embgan-smoke.yaml", f"data.shards={shards}",
             f"run.dir={embgan}", f"model.encoder={encoder_spec}",
             f"train.max_steps={sizes.embgan_steps}",
-            f"log.sample_every={max(1, sizes.embgan_steps // 2)}",
+            f"log.sample_every={max(1, sizes.embgan_steps // 3)}",
             f"ckpt.every={sizes.embgan_steps}", *common]),
-        "eval": run_stage("Evaluation of both generators", [
-            "eval", dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
+        "eval": run_stage("Evaluation: untrained vs trained generators", [
+            "eval", untrained, dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
             "--encoder", encoder_spec, "--out", out_dir / "eval"]),
     }
+    print_learning(read_json(out_dir / "eval" / "eval.json"), encoder_spec)
     print("\n== Where to look")
     for label, path in [
         ("training patches grid", out_dir / "training-patches.png"),
         ("DCGAN samples", dcgan / "samples"), ("DCGAN loss plot", dcgan / "loss.png"),
         ("Embedding GAN samples", embgan / "samples"),
         ("Embedding GAN loss plot", embgan / "loss.png"),
-        ("evaluation report", out_dir / "eval" / "report.md"),
+        ("evaluation report (grids side by side)", out_dir / "eval" / "report.md"),
         ("evaluation figures", out_dir / "eval" / "eval.json"),
         ("W&B offline runs (wandb sync DIR to upload)", runs / "*" / "wandb"),
     ]:
         print(f"  {label:45s} {path}")
     print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return timings
+
+
+def print_learning(result: dict, encoder_spec: str) -> None:
+    """What training changed, by SWD on pixels (no model involved), against the untrained
+    generator of the same architecture and seed."""
+    runs = {run["name"]: run for run in result["runs"]}
+    baseline = runs["untrained"]["swd"]
+    print(f"\n== Did they learn? SWD on the pixels' Laplacian pyramids (lower is closer to real "
+          f"patches; n = {result['n']} generated vs {result['real']['n']} real "
+          f"{result['real']['split']} patches)")
+    print(f"  untrained generator   SWD {baseline:8.1f}")
+    for name, label in (("dcgan", "DCGAN"), ("embgan", "Embedding GAN")):
+        swd = runs[name]["swd"]
+        print(f"  {label:21s} SWD {swd:8.1f}  ({(baseline - swd) / baseline:+.0%} vs untrained)")
+    if encoder_spec == RANDOM_ENCODER:
+        print("  The Embedding GAN's encoder here is a RANDOM-INIT ViT, not a pathology encoder: "
+              "its embeddings\n  (and FD/KID/precision/recall in its space) say nothing about "
+              "tissue. Use Path Foundation for real runs.")

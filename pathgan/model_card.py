@@ -330,7 +330,7 @@ def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
         ("optimizer", f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})"),
         ("mixed precision", str(train["mixed_precision"])),
         ("EMA", ema),
-        ("augmentation", f"DiffAugment: {train['augment']}" if train["augment"] else "none"),
+        ("augmentation", f"DiffAugment: {train['augment']}" if train.get("augment") else "none"),
     ]
     step = "not recorded" if facts.step is None else str(facts.step)
     seen = "not recorded" if facts.images_seen is None else f"{facts.images_seen:,}"

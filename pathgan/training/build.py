@@ -63,4 +63,4 @@ def build_gan(config: Config, device: torch.device) -> GAN:
             encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm
         )
         weights[EMBEDDINGS] = model.embedding_weight
-    return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment))
+    return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment or ""))
