@@ -206,3 +206,14 @@ def test_augmented_embedding_gan_encodes_real_images_in_the_loop(tmp_path, embed
                           "train.augment=color,translation,cutout")
     assert "runs in fp32; real samples: images" in result.stdout + result.stderr
     assert [row["step"] for row in read_metrics(tmp_path / "augmented" / "metrics.jsonl")] == [2]
+
+
+def test_the_embedding_discriminator_starts_with_informative_logits():
+    from pathgan.models import EmbeddingDiscriminator
+
+    torch.manual_seed(0)
+    discriminator = EmbeddingDiscriminator(384, [512, 256])
+    embeddings = torch.randn(256, 384)  # unit-variance features, norm ~ 20
+    logits = discriminator(embeddings)
+    # fan-in scaled weights: logits of order 0.1-1 from the first step, not ~0.005 x norm
+    assert logits.std() > 0.05
