@@ -32,6 +32,7 @@ manifest is written last, from the records.
 
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -157,24 +159,25 @@ def is_validation_group(group: str, val_fraction: float) -> bool:
     return validation_share(group) < val_fraction
 
 
-def mixing_order(records: list[dict], seed: int) -> list[dict]:
-    """Records ordered by a seeded hash of their keys: every stretch of the order mixes
-    sources, positions and patch sizes, and the order does not depend on how the inputs were
-    listed."""
-    def rank(record: dict) -> str:
-        return hashlib.sha1(f"{seed}/{record['key']}".encode()).hexdigest()
-
-    return sorted(records, key=rank)
+def mixing_rank(key: str, seed: int) -> int:
+    """Where a sample falls in its split's order: a seeded hash of its key alone, so every
+    stretch of the order mixes sources, positions and patch sizes, whatever the input order."""
+    return int.from_bytes(hashlib.sha1(f"{seed}/{key}".encode()).digest()[:8], "big")
 
 
 @dataclass
 class ShardJob:
     name: str
     split: str
-    records: list[dict]
+    members: np.ndarray  # (plan index, row in that plan) of each sample, in shard order
+    plans: list
     out_dir: str
     fingerprint: str
     image_format: str
+
+    def records(self) -> Iterator[dict]:
+        for plan, row in self.members.tolist():
+            yield {**self.plans[plan].record(row), "split": self.split}
 
 
 def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
@@ -188,34 +191,43 @@ def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def split_records(plans: list[dict], sources: list[Source],
-                  options: PackOptions) -> dict[str, list[dict]]:
-    """Each split's records, tagged with their split, in mixing order."""
-    group_of = {source.path: source.group for source in sources}
-    by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for plan in plans:
-        split = "val" if is_validation_group(group_of[plan["source"]],
-                                             options.val_fraction) else "train"
-        by_split[split].extend({**record, "split": split} for record in plan["records"])
-    return {split: mixing_order(records, options.seed) for split, records in by_split.items()}
+def split_of_sources(sources: list[Source], options: PackOptions) -> list[str]:
+    return ["val" if is_validation_group(source.group, options.val_fraction) else "train"
+            for source in sources]
 
 
-def plan_shards(by_split: dict[str, list[dict]], options: PackOptions, out_dir: Path,
+def mixed_order(plans: list, splits: list[str], split: str, seed: int) -> np.ndarray:
+    """(plan index, row) of every sample of one split, in mixing order."""
+    ranks, members = [], []
+    for index, (plan, plan_split) in enumerate(zip(plans, splits, strict=True)):
+        if plan_split == split and len(plan):
+            ranks.append(np.fromiter((mixing_rank(plan.key(row), seed) for row in range(len(plan))),
+                                     dtype=np.uint64, count=len(plan)))
+            members.append(np.column_stack([np.full(len(plan), index), np.arange(len(plan))]))
+    if not members:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.concatenate(members)[np.argsort(np.concatenate(ranks), kind="stable")]
+
+
+def plan_shards(plans: list, splits: list[str], options: PackOptions, out_dir: Path,
                 fingerprint: str) -> list[ShardJob]:
     jobs = []
     per_shard = samples_per_shard(options)
-    for split, records in by_split.items():
-        for index, start in enumerate(range(0, len(records), per_shard)):
+    for split in SPLITS:
+        members = mixed_order(plans, splits, split, options.seed)
+        for index, start in enumerate(range(0, len(members), per_shard)):
             jobs.append(ShardJob(shard_name(split, index), split,
-                                 records[start : start + per_shard], str(out_dir), fingerprint,
-                                 options.image_format))
+                                 members[start : start + per_shard], plans, str(out_dir),
+                                 fingerprint, options.image_format))
     return jobs
 
 
-def groups_per_split(by_split: dict[str, list[dict]], sources: list[Source]) -> dict[str, int]:
-    group_of = {source.path: source.group for source in sources}
-    return {split: len({group_of[record["source"]] for record in records})
-            for split, records in by_split.items()}
+def groups_per_split(plans: list, splits: list[str], sources: list[Source]) -> dict[str, int]:
+    """Groups with at least one sample, per split."""
+    return {split: len({source.group for plan, plan_split, source in zip(plans, splits, sources,
+                                                                          strict=True)
+                        if plan_split == split and len(plan)})
+            for split in SPLITS}
 
 
 def warn_small_validation(groups: dict[str, int], options: PackOptions) -> None:
@@ -237,18 +249,27 @@ def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 def run_all(executor: concurrent.futures.Executor | None, function: Callable,
-            jobs: Iterable, *args) -> Iterator[tuple]:
-    """``(job, function(job, *args))`` as each finishes; in this process without an executor."""
+            jobs: Iterable, *args, in_flight: int = 16) -> Iterator[tuple]:
+    """``(job, function(job, *args))`` as each finishes; in this process without an executor.
+
+    At most ``in_flight`` jobs are submitted ahead, so jobs made on the fly (a unit's records)
+    exist only while they run."""
     if executor is None:
         for job in jobs:
             yield job, function(job, *args)
         return
-    futures = {executor.submit(function, job, *args): job for job in jobs}
-    for future in concurrent.futures.as_completed(futures):
-        yield futures[future], future.result()
+    jobs = iter(jobs)
+    futures = {executor.submit(function, job, *args): job
+               for job in itertools.islice(jobs, in_flight)}
+    while futures:
+        done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
+        for future in done:
+            yield futures.pop(future), future.result()
+            for job in itertools.islice(jobs, 1):
+                futures[executor.submit(function, job, *args)] = job
 
 
-def _plan_all(sources: list[Source], options: PackOptions, pool) -> list[dict]:
+def _plan_all(sources: list[Source], options: PackOptions, pool) -> list:
     slide_sources = [s for s in sources if s.kind == "slide"]
     image_sources = [s for s in sources if s.kind == "image"]
     plans = dict(zip((s.path for s in image_sources), plan_images(image_sources), strict=True))
@@ -282,23 +303,39 @@ def finished_record(job: ShardJob) -> dict | None:
     return record
 
 
-def spool_units(pending: list[ShardJob], plans: list[dict], out_dir: Path, fingerprint: str,
-                options: PackOptions, pool) -> None:
-    """Spool every read unit that a pending shard draws from (complete spools are kept).
-
-    Units go out slide by slide, so a worker mostly finds its slide already open."""
-    records_of = defaultdict(list)
+def units_to_read(plans: list, pending: list[ShardJob]) -> dict[str, list[tuple]]:
+    """unit -> [(plan, rows)] of every unit a pending shard draws from, slide by slide (a
+    worker then mostly finds its slide already open); a unit of patch images spans plans."""
+    needed = {plans[plan].unit_of(row) for job in pending for plan, row in job.members.tolist()}
+    parts = defaultdict(list)
     for plan in plans:
-        for record in plan["records"]:
-            records_of[record["unit"]].append(record)
-    needed = {record["unit"] for job in pending for record in job.records}
-    jobs = [UnitJob(unit, records, str(out_dir / SPOOL_DIR), fingerprint, options, IMAGE_SIZE)
-            for unit, records in records_of.items() if unit in needed]
-    todo = [job for job in jobs if not spool_is_complete(job)]
-    total = sum(len(job.records) for job in jobs)
-    done = total - sum(len(job.records) for job in todo)
+        for unit, rows in plan.units():
+            if unit in needed:
+                parts[unit].append((plan, rows))
+    return parts
+
+
+def spool_units(plans: list, pending: list[ShardJob], out_dir: Path, fingerprint: str,
+                options: PackOptions, pool) -> None:
+    """Spool every unit that a pending shard draws from; complete spools are kept. A unit's
+    records are made only when it is sent to a worker."""
+    spool_dir = str(out_dir / SPOOL_DIR)
+    todo, done, total = [], 0, 0
+    for unit, parts in units_to_read(plans, pending).items():
+        count = sum(len(rows) for _, rows in parts)
+        total += count
+        if spool_is_complete(spool_dir, unit, fingerprint):
+            done += count
+        else:
+            todo.append((unit, parts))
+
+    def jobs() -> Iterator[UnitJob]:
+        for unit, parts in todo:
+            records = [plan.record(row) for plan, rows in parts for row in rows]
+            yield UnitJob(unit, records, spool_dir, fingerprint, options, IMAGE_SIZE)
+
     with tqdm(total=total, initial=done, desc="reading patches", unit="patch") as progress:
-        for _, count in run_all(pool, spool_unit, todo):
+        for _, count in run_all(pool, spool_unit, jobs()):
             progress.update(count)
 
 
@@ -309,7 +346,7 @@ def write_shard(job: ShardJob) -> dict:
     skipped, per_source, labels = [], Counter(), Counter()
     count = 0
     with shard_writer(out_dir / job.name) as sink, SpoolReader(out_dir / SPOOL_DIR) as spool:
-        for record in job.records:
+        for record in job.records():
             try:
                 image_bytes, learnt = spool.read(record)
             except ValueError as error:  # the patch could not be read: skipped and reported
@@ -338,12 +375,12 @@ def write_shards(pending: list[ShardJob], workers: int, total: int) -> dict[str,
     """Assemble the pending shards with ``workers`` threads (byte copies, checksums and file
     writes release the GIL); ``total`` patches in the plan. Returns their records by name."""
     records = {}
-    done = total - sum(len(job.records) for job in pending)
+    done = total - sum(len(job.members) for job in pending)
     with tqdm(total=total, initial=done, desc="writing shards", unit="patch") as progress, \
             concurrent.futures.ThreadPoolExecutor(workers) as threads:
         for job, record in run_all(threads, write_shard, pending):
             records[job.name] = record
-            progress.update(len(job.records))
+            progress.update(len(job.members))
     return records
 
 
@@ -379,7 +416,7 @@ def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob]) -> None:
 
 
 def build_manifest(sources, plans, records, groups, options, inputs, fingerprint) -> dict:
-    skipped = [{"path": p["source"], "reason": p["skipped"]} for p in plans if p["skipped"]]
+    skipped = [{"path": p.source, "reason": p.skipped} for p in plans if p.skipped]
     skipped += [entry for record in records for entry in record["skipped"]]
     per_source = Counter()
     labels = Counter()
@@ -410,7 +447,7 @@ def build_manifest(sources, plans, records, groups, options, inputs, fingerprint
         "sources": [
             {"path": s.path, "kind": s.kind, "group": s.group,
              "split": split_of.get(s.path), "samples": per_source.get(s.path, 0),
-             **({"mpp": p.get("mpp")} if s.kind == "slide" else {})}
+             **({"mpp": p.mpp} if s.kind == "slide" else {})}
             for s, p in zip(sources, plans, strict=True)
         ],
         "labels": dict(labels),
@@ -419,9 +456,9 @@ def build_manifest(sources, plans, records, groups, options, inputs, fingerprint
     }
 
 
-def _check_skip_threshold(manifest: dict, plans: list[dict], options: PackOptions) -> None:
+def _check_skip_threshold(manifest: dict, plans: list, options: PackOptions) -> None:
     attempted = len(manifest["skipped"]) + manifest["total_samples"]
-    attempted += sum(1 for p in plans if not p["skipped"] and p["records"] == [])
+    attempted += sum(1 for p in plans if not p.skipped and not len(p))
     fraction = len(manifest["skipped"]) / max(attempted, 1)
     if fraction > options.max_skipped_fraction:
         raise PathganError(
@@ -443,27 +480,27 @@ def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
     pool = _process_pool(options.workers) if options.workers > 1 else None
     try:
         plans = _plan_all(sources, options, pool)
-        by_split = split_records(plans, sources, options)
-        jobs = plan_shards(by_split, options, out_dir, fingerprint)
+        splits = split_of_sources(sources, options)
+        jobs = plan_shards(plans, splits, options, out_dir, fingerprint)
         if not jobs:
-            reasons = "; ".join(f"{Path(p['source']).name}: {p['skipped']}" for p in plans
-                                if p["skipped"])[:500]
+            reasons = "; ".join(f"{Path(p.source).name}: {p.skipped}" for p in plans
+                                if p.skipped)[:500]
             raise PathganError(
                 "no patches found (every slide was unreadable or had no tissue patch above "
                 f"--min-tissue {options.min_tissue})" + (f": {reasons}" if reasons else "")
             )
-        groups = groups_per_split(by_split, sources)
+        groups = groups_per_split(plans, splits, sources)
         warn_small_validation(groups, options)
         _remove_stale_shards(out_dir, jobs)
         records = {job.name: record for job in jobs if (record := finished_record(job))}
         if records:
             print(f"resuming: {len(records)} of {len(jobs)} shards already written and verified")
         pending = [job for job in jobs if job.name not in records]
-        spool_units(pending, plans, out_dir, fingerprint, options, pool)
+        spool_units(plans, pending, out_dir, fingerprint, options, pool)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    total = sum(len(job.records) for job in jobs)
+    total = sum(len(job.members) for job in jobs)
     records.update(write_shards(pending, options.workers, total))
     manifest = build_manifest(sources, plans, [records[job.name] for job in jobs], groups,
                               options, inputs, fingerprint)

@@ -108,8 +108,107 @@ def source_hash(path: str) -> str:
 # --- plan -----------------------------------------------------------------------------------
 
 
-def plan_slide(source: Source, options: PackOptions, output_size: int) -> dict:
-    """All tissue patches of one slide as sample records, or the reason it was skipped."""
+# A slide's windows, one row each (about 70 bytes, where a dict record takes 2 KB): a pack of
+# millions of patches keeps its whole plan in memory.
+WINDOW_ROW = np.dtype([("x", "i8"), ("y", "i8"), ("size", "i8"), ("level", "i8"),
+                       ("read_size", "i8"), ("tissue_fraction", "f8"), ("column", "i8"),
+                       ("row", "i8"), ("label", "i1")])
+LABELS = (None, "normal", "tumor")
+
+
+@dataclass
+class SlidePlan:
+    """The tissue windows of one slide, with the fields its samples share, or why it was
+    skipped. Sample records (dicts) are made one at a time, when a unit or a shard needs them."""
+
+    source: str
+    skipped: str | None = None
+    prefix: str = ""
+    mpp: float | None = None
+    mpp_source: str = "unknown"
+    output_size: int = 0
+    windows: np.ndarray = field(default_factory=lambda: np.empty(0, WINDOW_ROW))
+    kind = "slide"
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def key(self, index: int) -> str:
+        window = self.windows[index]
+        return f"{self.prefix}-s{window['size']}-x{window['x']}-y{window['y']}"
+
+    def _unit(self, level: int, column: int, row: int) -> str:
+        return f"{self.prefix}-L{level}-c{column}-r{row}"
+
+    def unit_of(self, index: int) -> str:
+        window = self.windows[index]
+        return self._unit(window["level"], window["column"], window["row"])
+
+    def units(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(unit, indices of its windows) for every read unit, in (level, column, row) order."""
+        cells = self.windows[["level", "column", "row"]]
+        unique, inverse = np.unique(cells, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
+        for cell, start, end in zip(unique.tolist(), bounds[:-1], bounds[1:], strict=True):
+            yield self._unit(*cell), order[start:end]
+
+    def record(self, index: int) -> dict:
+        window = self.windows[index].tolist()
+        x, y, size, level, read_size, tissue_fraction, column, row, label = window
+        return {
+            "key": f"{self.prefix}-s{size}-x{x}-y{y}",
+            "unit": self._unit(level, column, row),
+            "source": self.source,
+            "source_type": "slide",
+            "level": level,
+            "x": x,
+            "y": y,
+            "patch_size": size,
+            "read_size": read_size,
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "output_mpp": self.mpp * size / self.output_size if self.mpp else None,
+            "label": LABELS[label],
+            "tissue_fraction": tissue_fraction,
+        }
+
+
+@dataclass
+class ImagePlan:
+    """One patch image: its one record."""
+
+    source: str
+    fields: dict
+    skipped: str | None = None
+    kind = "image"
+
+    def __len__(self) -> int:
+        return 1
+
+    def key(self, index: int) -> str:
+        return self.fields["key"]
+
+    def unit_of(self, index: int) -> str:
+        return self.fields["unit"]
+
+    def units(self) -> Iterator[tuple[str, list[int]]]:
+        yield self.fields["unit"], [0]
+
+    def record(self, index: int) -> dict:
+        return dict(self.fields)
+
+
+def _label_code(window: slides.PatchWindow, tumors, options: PackOptions) -> int:
+    if tumors:
+        return LABELS.index(tumors.label(window.x, window.y, window.size,
+                                         options.tumor_fraction))
+    # With annotations, a slide that has no annotation file has no tumour.
+    return LABELS.index("normal") if options.annotations else LABELS.index(None)
+
+
+def plan_slide(source: Source, options: PackOptions, output_size: int) -> SlidePlan:
+    """All tissue windows of one slide, or the reason it was skipped."""
     path = Path(source.path)
     try:
         slide = slides.open_slide(path)
@@ -126,42 +225,21 @@ def plan_slide(source: Source, options: PackOptions, output_size: int) -> dict:
         tumors = annotation_io.read_asap_xml(annotation_file) if annotation_file else None
         slide.close()
     except Exception as error:  # an unreadable slide is skipped and reported, never fatal
-        return {"source": source.path, "records": [], "skipped": reason(error)}
-    prefix = f"{safe_key_part(path.stem)}-{source_hash(source.path)}"
-    records = []
-    for window, (level, column, row) in zip(windows, cells, strict=True):
-        label = None
-        if tumors:
-            label = tumors.label(window.x, window.y, window.size, options.tumor_fraction)
-        elif options.annotations:
-            label = "normal"  # a slide with no annotation file has no tumour
-        records.append(
-            {
-                "key": f"{prefix}-s{window.size}-x{window.x}-y{window.y}",
-                "unit": f"{prefix}-L{level}-c{column}-r{row}",
-                "source": source.path,
-                "source_type": "slide",
-                "level": window.level,
-                "x": window.x,
-                "y": window.y,
-                "patch_size": window.size,
-                "read_size": window.read_size,
-                "mpp": mpp,
-                "mpp_source": mpp_source,
-                "output_mpp": mpp * window.size / output_size if mpp else None,
-                "label": label,
-                "tissue_fraction": window.tissue_fraction,
-            }
-        )
-    return {"source": source.path, "records": records, "skipped": None, "mpp": mpp}
+        return SlidePlan(source.path, skipped=reason(error))
+    rows = [(w.x, w.y, w.size, w.level, w.read_size, w.tissue_fraction, column, row,
+             _label_code(w, tumors, options))
+            for w, (_, column, row) in zip(windows, cells, strict=True)]
+    return SlidePlan(source.path, prefix=f"{safe_key_part(path.stem)}-{source_hash(source.path)}",
+                     mpp=mpp, mpp_source=mpp_source, output_size=output_size,
+                     windows=np.array(rows, dtype=WINDOW_ROW))
 
 
-def plan_images(sources: list[Source]) -> list[dict]:
+def plan_images(sources: list[Source]) -> list[ImagePlan]:
     """One record per patch image, in units of ``IMAGES_PER_UNIT`` images in source order."""
     plans = []
     for index, source in enumerate(sources):
         path = Path(source.path)
-        record = {
+        plans.append(ImagePlan(source.path, {
             "key": f"{safe_key_part(path.stem)}-{source_hash(source.path)}",
             "unit": f"images-{index // IMAGES_PER_UNIT:06d}",
             "source": source.path,
@@ -170,8 +248,7 @@ def plan_images(sources: list[Source]) -> list[dict]:
             "x": 0,
             "y": 0,
             "label": source.label,
-        }
-        plans.append({"source": source.path, "records": [record], "skipped": None})
+        }))
     return plans
 
 
@@ -199,14 +276,14 @@ def read_spool_index(handle: int) -> dict:
     return json.loads(os.pread(handle, length, size - TRAILER.size - length))
 
 
-def spool_is_complete(job: UnitJob) -> bool:
+def spool_is_complete(spool_dir: str | Path, unit: str, fingerprint: str) -> bool:
     """A spool written by this same plan."""
     try:
-        handle = os.open(spool_path(job.spool_dir, job.unit), os.O_RDONLY)
+        handle = os.open(spool_path(spool_dir, unit), os.O_RDONLY)
     except OSError:
         return False
     try:
-        return read_spool_index(handle)["fingerprint"] == job.fingerprint
+        return read_spool_index(handle)["fingerprint"] == fingerprint
     except (OSError, ValueError, KeyError, struct.error):
         return False
     finally:
