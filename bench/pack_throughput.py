@@ -13,8 +13,9 @@ gigapixels so that per-slide fixed costs do not dominate. Both contenders cut th
 
 Each is timed by wall clock and by CPU seconds (all its processes); per core means patches/s
 divided by the worker count, or patches per CPU second. Peak memory is the largest resident
-set of any one process, sampled. ``--encodings N`` adds the size and speed of lossless
-encodings on N of the packed patches. One JSON object out::
+set of any one process, sampled. ``reading`` compares, without encoding, reading each window
+alone in a shard's mixed order with pathgan's region-batched reading; ``--encodings N`` adds
+the size and speed of lossless encodings on N of the packed patches. One JSON object out::
 
     .venv/bin/python bench/pack_throughput.py [--width 65536 --height 40960] [--workers 1,2]
 """
@@ -76,6 +77,35 @@ def plan_windows(slide_path: Path, args) -> tuple[list, dict]:
                 "tile": slide.properties.get("tiffslide.level[0].tile-width"),
                 "level0_patch_sizes": sizes, "windows": len(windows)}
     return windows, info
+
+
+def reading_costs(slide_path: Path, windows: list, sample: int = 300) -> dict:
+    """Milliseconds per window (read and resize, no encoding) of the two ways a packer can
+    read: each window alone in a shard's mixed order, or region by region as pathgan does."""
+    import random
+
+    import tiffslide
+
+    from pathgan.data import slides
+
+    with tiffslide.TiffSlide(slide_path) as slide:
+        mixed = random.Random(0).sample(windows, min(sample, len(windows)))
+        started = time.perf_counter()
+        for window in mixed:
+            slides.resize_patch(np.asarray(slide.read_region(
+                (window.x, window.y), window.level, (window.read_size,) * 2).convert("RGB")),
+                OUTPUT_SIZE)
+        per_window = (time.perf_counter() - started) / len(mixed) * 1000
+        units: dict[tuple, list] = {}
+        for window in windows:
+            units.setdefault(slides.region_cell(slide, window), []).append(window)
+        started = time.perf_counter()
+        for unit in units.values():
+            for _ in slides.read_windows(slide, unit, OUTPUT_SIZE):
+                pass
+        batched = (time.perf_counter() - started) / len(windows) * 1000
+    return {"per_window_mixed_order_ms": round(per_window, 2),
+            "region_batched_ms": round(batched, 2), "units": len(units)}
 
 
 def plain_loop(slide_path: str, windows_path: str, out_dir: str) -> None:
@@ -253,7 +283,7 @@ def main() -> None:
     parser.add_argument("--target-mpp", type=float, default=0.5)
     parser.add_argument("--overlap", type=float, default=0.0)
     parser.add_argument("--workers", default="1,2", help="pathgan worker counts to time")
-    parser.add_argument("--encodings", type=int, default=200,
+    parser.add_argument("--encodings", type=int, default=100,
                         help="patches for the encoding table (0: skip it)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "pathgan-bench"),
                         help="folder that keeps the built slide between runs")
@@ -264,6 +294,7 @@ def main() -> None:
     windows, slide_info = plan_windows(slide_path, args)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
+        reading = reading_costs(slide_path, windows)
         plain = run_plain(slide_path, windows, work)
         runs = [run_pathgan(slide_path, args, int(w), work) for w in args.workers.split(",")]
         encodings = measure_encodings(work / f"pathgan-w{runs[0]['workers']}",
@@ -280,6 +311,7 @@ def main() -> None:
         "slide": slide_info,
         "options": {"patch_sizes": args.patch_sizes, "target_mpp": args.target_mpp,
                     "overlap": args.overlap},
+        "reading": reading,
         "plain_loop": plain,
         "pathgan": runs,
         "reproducible": len({tuple(run["shard_sha256"]) for run in runs}) == 1,
