@@ -15,9 +15,11 @@ Each is timed by wall clock and by CPU seconds (all its processes); per core mea
 divided by the worker count, or patches per CPU second. Peak memory is the largest resident
 set of any one process, sampled. ``reading`` compares, without encoding, reading each window
 alone in a shard's mixed order with pathgan's region-batched reading; ``--encodings N`` adds
-the size and speed of lossless encodings on N of the packed patches. One JSON object out::
+the size and speed of lossless encodings on N of the packed patches; ``--profile`` the
+milliseconds per patch of each step of both. One JSON object out::
 
     .venv/bin/python bench/pack_throughput.py [--width 65536 --height 40960] [--workers 1,2]
+        [--encodings 100] [--profile]
 """
 
 import argparse
@@ -106,6 +108,67 @@ def reading_costs(slide_path: Path, windows: list, sample: int = 300) -> dict:
         batched = (time.perf_counter() - started) / len(windows) * 1000
     return {"per_window_mixed_order_ms": round(per_window, 2),
             "region_batched_ms": round(batched, 2), "units": len(units)}
+
+
+def plain_stages(slide_path: Path, windows: list, sample: int = 200) -> dict:
+    """Milliseconds per patch of each step of the plain loop, on a sample of the windows."""
+    import random
+
+    import tiffslide
+    from PIL import Image
+
+    totals = dict.fromkeys(("read_region", "resize", "png_default_level", "png_level_1"), 0.0)
+    chosen = random.Random(0).sample(windows, min(sample, len(windows)))
+    with tiffslide.TiffSlide(slide_path) as slide:
+        for window in chosen:
+            started = time.perf_counter()
+            region = slide.read_region((window.x, window.y), window.level,
+                                       (window.read_size,) * 2).convert("RGB")
+            read = time.perf_counter()
+            patch = region.resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.Resampling.LANCZOS)
+            resized = time.perf_counter()
+            patch.save(io.BytesIO(), format="PNG")
+            encoded = time.perf_counter()
+            patch.save(io.BytesIO(), format="PNG", compress_level=1)
+            for name, elapsed in zip(totals, (read - started, resized - read, encoded - resized,
+                                              time.perf_counter() - encoded), strict=True):
+                totals[name] += elapsed
+    return {name: round(total / len(chosen) * 1000, 2) for name, total in totals.items()}
+
+
+# pathgan's steps, by the function that does each (pstats: file name, function name).
+PATHGAN_STEPS = {
+    "tissue_detection": ("pack_worker.py", "plan_slide"),
+    "tile_decoding": ("slides.py", "_decode"),
+    "resize": ("slides.py", "resize_patch"),
+    "encoding": ("format.py", "encode_image"),
+    "spooling_all": ("pack_worker.py", "spool_unit"),
+    "shard_assembly": ("pack.py", "write_shards"),
+    "whole_pack": ("pack.py", "pack"),
+}
+
+
+def pathgan_stages(slide_path: Path, args, work: Path) -> dict:
+    """Milliseconds per patch of each step of pathgan's pack (one process, profiled)."""
+    import contextlib
+    import cProfile
+    import pstats
+
+    from pathgan.data.pack import PackOptions, pack
+
+    options = PackOptions(patch_sizes=args.patch_sizes, target_mpp=args.target_mpp,
+                          overlap=args.overlap, workers=1)
+    profiler = cProfile.Profile()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        manifest = profiler.runcall(pack, [str(slide_path)], work / "profiled", options)
+    stats = pstats.Stats(profiler).stats
+    patches = manifest["total_samples"]
+    steps = {}
+    for step, (file_name, function) in PATHGAN_STEPS.items():
+        cumulative = sum(entry[3] for (path, _, name), entry in stats.items()
+                         if path.endswith(file_name) and name == function)
+        steps[step] = round(cumulative / patches * 1000, 2)
+    return steps
 
 
 def plain_loop(slide_path: str, windows_path: str, out_dir: str) -> None:
@@ -285,6 +348,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="pathgan worker counts to time")
     parser.add_argument("--encodings", type=int, default=100,
                         help="patches for the encoding table (0: skip it)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each step of both (pathgan in one process, profiled)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "pathgan-bench"),
                         help="folder that keeps the built slide between runs")
     args = parser.parse_args()
@@ -299,6 +364,9 @@ def main() -> None:
         runs = [run_pathgan(slide_path, args, int(w), work) for w in args.workers.split(",")]
         encodings = measure_encodings(work / f"pathgan-w{runs[0]['workers']}",
                                       args.encodings) if args.encodings else None
+        profile = {"plain_loop_ms_per_patch": plain_stages(slide_path, windows),
+                   "pathgan_ms_per_patch": pathgan_stages(slide_path, args, work)
+                   } if args.profile else None
     for run in runs:
         if run["patches"] != plain["patches"]:
             raise SystemExit(f"pathgan packed {run['patches']} patches, the plain loop "
@@ -316,6 +384,7 @@ def main() -> None:
         "pathgan": runs,
         "reproducible": len({tuple(run["shard_sha256"]) for run in runs}) == 1,
         "encodings": encodings,
+        "profile": profile,
         "bench_seconds": round(time.perf_counter() - started),
     }, indent=2))
 
