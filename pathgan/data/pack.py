@@ -87,9 +87,13 @@ SAMPLE_BYTES_BOUND = IMAGE_SIZE * IMAGE_SIZE * 3 + 4096
 MIN_VAL_GROUPS = 5
 
 
-def samples_per_shard(options: PackOptions) -> int:
+def validate(options: PackOptions) -> None:
+    options.validate()
     if options.max_bytes < SAMPLE_BYTES_BOUND:
         raise PathganError(f"--max-bytes must be at least {SAMPLE_BYTES_BOUND} (one sample)")
+
+
+def samples_per_shard(options: PackOptions) -> int:
     return max(1, min(options.max_count, options.max_bytes // SAMPLE_BYTES_BOUND))
 
 
@@ -117,7 +121,7 @@ def source_group(path: Path, kind: str, options: PackOptions) -> str:
         match = re.search(options.group_pattern, path.name)
         if match:
             return match.group(1) if match.groups() else match.group(0)
-    return path.stem if kind == "slide" else path.resolve().parent.name
+    return path.stem if kind == "slide" else path.absolute().parent.name
 
 
 def _source(path: Path, kind: str, label: str | None, options: PackOptions) -> Source:
@@ -200,14 +204,13 @@ def split_of_sources(sources: list[Source], options: PackOptions) -> list[str]:
 
 def mixed_order(plans: list, splits: list[str], split: str, seed: int) -> np.ndarray:
     """(plan index, row) of every sample of one split, in mixing order."""
-    ranks, members = [], []
+    ranks, members = [np.empty(0, np.uint64)], [np.empty((0, 2), np.int64)]
     for index, (plan, plan_split) in enumerate(zip(plans, splits, strict=True)):
-        if plan_split == split and len(plan):
-            ranks.append(np.fromiter((mixing_rank(plan.key(row), seed) for row in range(len(plan))),
-                                     dtype=np.uint64, count=len(plan)))
-            members.append(np.column_stack([np.full(len(plan), index), np.arange(len(plan))]))
-    if not members:
-        return np.empty((0, 2), dtype=np.int64)
+        if plan_split == split:
+            rows = np.arange(len(plan), dtype=np.int64)
+            ranks.append(np.fromiter((mixing_rank(plan.key(row), seed) for row in rows.tolist()),
+                                     dtype=np.uint64, count=len(rows)))
+            members.append(np.column_stack([np.full(len(rows), index, dtype=np.int64), rows]))
     return np.concatenate(members)[np.argsort(np.concatenate(ranks), kind="stable")]
 
 
@@ -226,10 +229,11 @@ def plan_shards(plans: list, splits: list[str], options: PackOptions, out_dir: P
 
 def groups_per_split(plans: list, splits: list[str], sources: list[Source]) -> dict[str, int]:
     """Groups with at least one sample, per split."""
-    return {split: len({source.group for plan, plan_split, source in zip(plans, splits, sources,
-                                                                          strict=True)
-                        if plan_split == split and len(plan)})
-            for split in SPLITS}
+    groups: dict[str, set[str]] = {split: set() for split in SPLITS}
+    for plan, split, source in zip(plans, splits, sources, strict=True):
+        if len(plan):
+            groups[split].add(source.group)
+    return {split: len(names) for split, names in groups.items()}
 
 
 def warn_small_validation(groups: dict[str, int], options: PackOptions) -> None:
@@ -251,11 +255,11 @@ def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
 
 
 def run_all(executor: concurrent.futures.Executor | None, function: Callable,
-            jobs: Iterable, *args, in_flight: int = 16) -> Iterator[tuple]:
+            jobs: Iterable, *args, in_flight: int) -> Iterator[tuple]:
     """``(job, function(job, *args))`` as each finishes; in this process without an executor.
 
     At most ``in_flight`` jobs are submitted ahead, so jobs made on the fly (a unit's records)
-    exist only while they run."""
+    exist only while they wait or run."""
     if executor is None:
         for job in jobs:
             yield job, function(job, *args)
@@ -277,7 +281,8 @@ def _plan_all(sources: list[Source], options: PackOptions, pool) -> list:
     plans = dict(zip((s.path for s in image_sources), plan_images(image_sources), strict=True))
     if slide_sources:
         with tqdm(total=len(slide_sources), desc="tissue detection", unit="slide") as progress:
-            for source, plan in run_all(pool, plan_slide, slide_sources, options, IMAGE_SIZE):
+            for source, plan in run_all(pool, plan_slide, slide_sources, options, IMAGE_SIZE,
+                                        in_flight=len(slide_sources)):
                 plans[source.path] = plan
                 progress.update()
     return [plans[s.path] for s in sources]
@@ -337,7 +342,7 @@ def spool_units(plans: list, pending: list[ShardJob], out_dir: Path, fingerprint
             yield UnitJob(unit, records, spool_dir, fingerprint, options, IMAGE_SIZE)
 
     with tqdm(total=total, initial=done, desc="reading patches", unit="patch") as progress:
-        for _, count in run_all(pool, spool_unit, jobs()):
+        for _, count in run_all(pool, spool_unit, jobs(), in_flight=2 * options.workers):
             progress.update(count)
 
 
@@ -380,7 +385,7 @@ def write_shards(pending: list[ShardJob], workers: int, total: int) -> dict[str,
     done = total - sum(len(job.members) for job in pending)
     with tqdm(total=total, initial=done, desc="writing shards", unit="patch") as progress, \
             concurrent.futures.ThreadPoolExecutor(workers) as threads:
-        for job, record in run_all(threads, write_shard, pending):
+        for job, record in run_all(threads, write_shard, pending, in_flight=len(pending)):
             records[job.name] = record
             progress.update(len(job.members))
     return records
@@ -472,7 +477,7 @@ def _check_skip_threshold(manifest: dict, plans: list, options: PackOptions) -> 
 def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
          overwrite: bool = False) -> dict:
     """Pack ``inputs`` into shards under ``out_dir``; returns the manifest."""
-    options.validate()
+    validate(options)
     out_dir = Path(out_dir)
     sources = discover_sources(inputs, options)
     if not sources:
