@@ -322,7 +322,11 @@ def _read_image(record: dict, output_size: int) -> tuple[np.ndarray, dict]:
 def _read_unit(job: UnitJob) -> Iterator:
     """(pixels, metadata learnt reading them) or the error, for every record of the unit."""
     if job.records[0]["source_type"] == "slide":
-        slide = _slide(job.records[0]["source"])
+        try:
+            slide = _slide(job.records[0]["source"])
+        except Exception as error:  # readable when planned, not now: its patches are skipped
+            yield from (error for _ in job.records)
+            return
         windows = [_window(record) for record in job.records]
         for pixels in slides.read_windows(slide, windows, job.output_size):
             yield pixels if isinstance(pixels, Exception) else (pixels, {})
