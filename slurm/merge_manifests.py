@@ -8,6 +8,10 @@ task is done, this script makes ``OUT_DIR`` one shard set: each part's tars are 
 where links are impossible) to ``OUT_DIR/<split>-<n>.tar`` numbered in task order, and
 ``OUT_DIR/manifest.json`` is rewritten with the totals, written last and atomically.
 
+The merged train/validation membership is that of one pack of all inputs: pack decides each
+group's side from a hash of the group id alone, whatever task packed it. The merge prints the
+number of groups per split and warns when validation has fewer than 5.
+
 It is idempotent: rerunning it re-links what is missing, drops shards of an older merge that are
 no longer listed, and rewrites the manifest. ``--if-complete`` (what pack.sbatch uses) exits 0
 quietly while some task is still running; a lock directory makes sure only one task merges.
@@ -29,6 +33,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"(train|val)-\d{6}\.tar")
+MIN_VAL_GROUPS = 5  # as pathgan.data.pack: fewer validation groups give noisy figures
 
 
 class MergeError(Exception):
@@ -123,6 +128,8 @@ def merge(out_dir: Path, if_complete: bool) -> int:
         if SHARD_RE.fullmatch(path.name) and path.name not in listed:
             path.unlink()  # left by an older merge of other inputs
     splits = sorted({s["split"] for s in shards} | {"train", "val"}, key=["train", "val"].index)
+    groups = {split: len({s["group"] for s in sources if s.get("split") == split})
+              for split in splits}
     merged = {
         "format": "pathgan-shards/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -130,7 +137,8 @@ def merge(out_dir: Path, if_complete: bool) -> int:
         "total_samples": sum(s["samples"] for s in shards),
         "splits": {
             split: {"samples": sum(s["samples"] for s in shards if s["split"] == split),
-                    "shards": sum(1 for s in shards if s["split"] == split)}
+                    "shards": sum(1 for s in shards if s["split"] == split),
+                    "groups": groups[split]}
             for split in splits
         },
         "shards": shards,
@@ -143,6 +151,10 @@ def merge(out_dir: Path, if_complete: bool) -> int:
     write_json_atomic(out_dir / MANIFEST, merged)
     print(f"merge: {merged['total_samples']} samples in {len(shards)} shards from {num_tasks} "
           f"task(s) -> {out_dir / MANIFEST}")
+    print("merge: groups: " + ", ".join(f"{split} {count}" for split, count in groups.items()))
+    if (options or {}).get("val_fraction", 0) > 0 and groups.get("val", 0) < MIN_VAL_GROUPS:
+        print(f"merge: warning: the val split has {groups.get('val', 0)} group(s) (fewer than "
+              f"{MIN_VAL_GROUPS}): its figures will be noisy", file=sys.stderr)
     return 0
 
 

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     pack.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                       help="worker processes (default: cores, at most 8)")
     pack.add_argument("--val-fraction", type=float, default=0.0,
-                      help="share of sources (whole slides) held out for validation")
+                      help="share of groups (slides, or --group-pattern groups) held out for "
+                      "validation, decided per group by a hash of its name")
     pack.add_argument("--target-mpp", type=float,
                       help="tile at this many µm/px (Path Foundation is validated at ~0.5-2)")
     pack.add_argument("--slide-mpp", type=float,
@@ -46,8 +47,12 @@ def register(subparsers) -> None:
     pack.add_argument("--tumor-fraction", type=float, default=0.0,
                       help="tumour label when this fraction is inside a polygon (0: centre)")
     pack.add_argument("--group-pattern",
-                      help="regex on patch file names whose first group names the source "
-                      "slide, so the split keeps a slide's patches together")
+                      help="regex on file names (slides and patch images) whose first group "
+                      "names the split group (e.g. the patient); default: a slide's name, a "
+                      "patch image's folder")
+    pack.add_argument("--seed", type=int, default=0,
+                      help="seed of the order of samples in the shards (mixed across sources, "
+                      "positions and patch sizes)")
     pack.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     pack.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most")
     pack.add_argument("--max-skipped", type=float, default=0.1,
@@ -85,6 +90,7 @@ def run_pack(args) -> int:
         annotations=args.annotations,
         tumor_fraction=args.tumor_fraction,
         group_pattern=args.group_pattern,
+        seed=args.seed,
         max_count=args.max_count,
         max_bytes=int(args.max_bytes),
         max_skipped_fraction=args.max_skipped,

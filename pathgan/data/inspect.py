@@ -69,6 +69,7 @@ def save_samples_grid(shards_dir: str | Path, out_path: str | Path, count: int,
 def summary_lines(manifest: dict) -> list[str]:
     splits = ", ".join(
         f"{name} {info['samples']} in {info['shards']} shards"
+        + (f" from {info['groups']} groups" if "groups" in info else "")
         for name, info in manifest.get("splits", {}).items()
     )
     lines = [

@@ -1,26 +1,49 @@
 """``pathgan shards pack``: slides and patch folders -> WebDataset shards + manifest.json.
 
-The job runs in three steps, each deterministic given the inputs and the options:
+The job runs in four steps, each deterministic given the inputs and the options:
 
-1. *discover*: expand the inputs into sources (slides, patch images with their labels);
-2. *plan*: find every tissue patch of every slide (in worker processes), assign whole sources
-   to train or validation, and cut each split into shards of bounded count and size;
-3. *write*: worker processes write the shards; each lands atomically with a small record
-   under ``DIR/.pack/``. A rerun recomputes the same plan, checks each finished shard against
-   its record (checksum) and writes only what is missing, so a killed pack resumes.
+1. *discover*: expand the inputs into sources (slides, patch images with their labels), each
+   with the *group* that is the unit of the train/validation split;
+2. *plan*: find every tissue patch of every slide (in worker processes); put each group on
+   the validation side when a hash of its id alone falls below ``--val-fraction``, so the same
+   inputs give the same split however they are divided among pack jobs (``slurm/pack.sbatch``);
+   order each split's records by a seeded hash of their keys (shards mix sources, positions and
+   patch sizes) and cut the order into shards of bounded count and size;
+3. *spool*: worker processes read each level-aligned region of a slide once, cut every window
+   inside it, resize, encode, and append the encoded patches to a spool file per region
+   (``pack_worker.py``); the work is dealt out by regions, so one huge slide keeps every
+   worker busy;
+4. *assemble*: threads copy the encoded bytes from the spools into each shard, in the shard's
+   mixed order; each shard lands atomically with a small record under ``DIR/.pack/``.
 
-The manifest is written last, from the records.
+Why spools: reading a region once serves every window inside it (neighbouring windows share
+tiles: 0.6 tile decodes per patch region by region against 2.1 one window at a time, on a
+CAMELYON16-layout slide), but a shard in mixed order draws from every region of every slide of
+its split. Reading in that order would read each window alone (measured: 2 to 12 ms more per
+patch, read and resize alone) and, with many slides, reopen slides at random; writing shards in
+region order would give shards of one strip of one slide; shuffling within bounded groups of
+slides would mix less and still need one of the two. The spool decouples the orders: reads are
+region by region, shards are mixed, and the second pass is a byte copy (0.9 ms per patch,
+about a tenth of the pack; BENCHMARKS.md, "Packing"). It costs transient disk space about the
+size of the shards; the spools are deleted when the manifest is written.
+
+A rerun recomputes the same plan, keeps every finished shard whose record and checksum match
+and every complete spool, and does only what is missing, so a killed pack resumes. The
+manifest is written last, from the records.
 """
 
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import shutil
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,86 +51,50 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pathgan.data import annotations as annotation_io
 from pathgan.data import slides
 from pathgan.data.format import (
     MANIFEST,
     SHARDS_FORMAT,
     SPLITS,
-    encode_image,
-    safe_key_part,
     shard_entry,
     shard_name,
     shard_writer,
+)
+from pathgan.data.pack_worker import (
+    PLAN_FIELDS,
+    PackOptions,
+    Source,
+    SpoolReader,
+    UnitJob,
+    plan_images,
+    plan_slide,
+    spool_is_complete,
+    spool_unit,
 )
 from pathgan.errors import PathganError
 from pathgan.fileio import read_json, sha256_file, write_json
 from pathgan.images import IMAGE_SIZE
 
+__all__ = ["PackOptions", "pack"]
+
 PATCH_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 RECORDS_DIR = ".pack"
+SPOOL_DIR = f"{RECORDS_DIR}/spool"
 # Upper bound of one sample in a shard: raw pixels plus tar headers and metadata. PNG and JPEG
 # are smaller, so shards planned with it never exceed --max-bytes.
 SAMPLE_BYTES_BOUND = IMAGE_SIZE * IMAGE_SIZE * 3 + 4096
+# Fewer validation groups than this make validation figures noisy: say so.
+MIN_VAL_GROUPS = 5
 
 
-@dataclass
-class PackOptions:
-    patch_sizes: list[int] = field(default_factory=lambda: [224])
-    image_format: str = "png"  # png | jpg | npy ("raw" on the command line)
-    jpeg_quality: int = 95
-    workers: int = 2
-    val_fraction: float = 0.0
-    target_mpp: float | None = None  # tile at this µm/px instead of level-0 pixels
-    slide_mpp: float | None = None  # override the slide's own level-0 µm/px
-    overlap: float = 0.0
-    min_tissue: float = 0.5
-    min_saturation: int = 20
-    annotations: str | None = None
-    tumor_fraction: float = 0.0  # 0: a patch is tumour when its centre is inside a polygon
-    group_pattern: str | None = None  # regex on patch file names; group 1 = the source id
-    max_count: int = 1000
-    max_bytes: int = 1 << 30
-    max_skipped_fraction: float = 0.1
-
-    def validate(self) -> None:
-        if not self.patch_sizes or min(self.patch_sizes) < 8:
-            raise PathganError("--patch-sizes must list sizes of at least 8 pixels")
-        if self.image_format not in ("png", "jpg", "npy"):
-            raise PathganError(f"--format must be png, jpg or raw, not {self.image_format!r}")
-        checks = {
-            "--val-fraction": 0.0 <= self.val_fraction < 1.0,
-            "--overlap": 0.0 <= self.overlap < 1.0,
-            "--min-tissue": 0.0 <= self.min_tissue <= 1.0,
-            "--tumor-fraction": 0.0 <= self.tumor_fraction <= 1.0,
-            "--workers": self.workers >= 1,
-            "--max-count": self.max_count >= 1,
-            "--max-bytes": self.max_bytes >= SAMPLE_BYTES_BOUND,
-            "--jpeg-quality": 1 <= self.jpeg_quality <= 100,
-            "--target-mpp": self.target_mpp is None or self.target_mpp > 0,
-        }
-        for flag, ok in checks.items():
-            if not ok:
-                raise PathganError(f"{flag} is out of range")
-        if self.annotations and not Path(self.annotations).is_dir():
-            raise PathganError(f"--annotations {self.annotations}: no such folder")
-        if self.group_pattern:
-            try:
-                re.compile(self.group_pattern)
-            except re.error as error:
-                raise PathganError(f"--group-pattern is not a valid regex: {error}") from None
-
-    @property
-    def samples_per_shard(self) -> int:
-        return max(1, min(self.max_count, self.max_bytes // SAMPLE_BYTES_BOUND))
+def validate(options: PackOptions) -> None:
+    options.validate()
+    if options.max_bytes < SAMPLE_BYTES_BOUND:
+        raise PathganError(f"--max-bytes must be at least {SAMPLE_BYTES_BOUND} (one sample)")
 
 
-@dataclass(frozen=True)
-class Source:
-    path: str
-    kind: str  # "slide" | "image"
-    label: str | None
-    group: str  # the unit of the train/validation split
+def samples_per_shard(options: PackOptions) -> int:
+    return max(1, min(options.max_count, options.max_bytes // SAMPLE_BYTES_BOUND))
 
 
 # --- discover -------------------------------------------------------------------------------
@@ -126,12 +113,19 @@ def _is_slide_file(path: Path) -> bool:
     return False
 
 
-def _image_group(path: Path, options: PackOptions) -> str:
+def source_group(path: Path, kind: str, options: PackOptions) -> str:
+    """The split group of a file: group 1 of ``--group-pattern`` on its name when that matches,
+    else the slide's name without extension, or the folder a patch image lies in (one folder
+    per slide or patient). Names, not paths: the split is the same on every machine."""
     if options.group_pattern:
         match = re.search(options.group_pattern, path.name)
         if match:
             return match.group(1) if match.groups() else match.group(0)
-    return str(path)
+    return path.stem if kind == "slide" else path.absolute().parent.name
+
+
+def _source(path: Path, kind: str, label: str | None, options: PackOptions) -> Source:
+    return Source(str(path), kind, label, source_group(path, kind, options))
 
 
 def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
@@ -143,108 +137,53 @@ def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
             raise PathganError(f"input {raw}: no such file or folder")
         if root.is_file():
             if _is_slide_file(root):
-                sources.append(Source(str(root), "slide", None, str(root)))
+                sources.append(_source(root, "slide", None, options))
             elif root.suffix.lower() in PATCH_IMAGE_EXTENSIONS:
-                sources.append(Source(str(root), "image", None, _image_group(root, options)))
+                sources.append(_source(root, "image", None, options))
             else:
                 raise PathganError(f"input {raw}: not a slide or a patch image")
             continue
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             if _is_slide_file(path):
-                sources.append(Source(str(path), "slide", None, str(path)))
+                sources.append(_source(path, "slide", None, options))
             elif path.suffix.lower() in PATCH_IMAGE_EXTENSIONS:
                 # Patch images in a class sub-folder take the folder name as their label.
                 label = path.parent.name if path.parent != root else None
-                sources.append(Source(str(path), "image", label, _image_group(path, options)))
+                sources.append(_source(path, "image", label, options))
     return sources
 
 
 # --- plan -----------------------------------------------------------------------------------
 
 
-def _source_hash(path: str) -> str:
-    return hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
+def validation_share(group: str) -> float:
+    """Where a group falls in [0, 1): a hash of its id alone."""
+    return int(hashlib.sha256(group.encode()).hexdigest()[:16], 16) / 2**64
 
 
-def plan_slide(source: Source, options: PackOptions) -> dict:
-    """All tissue patches of one slide as sample records, or the reason it was skipped."""
-    path = Path(source.path)
-    try:
-        slide = slides.open_slide(path)
-        mpp, mpp_source = slides.slide_mpp(slide, options.slide_mpp)
-        sizes = slides.level0_sizes(options.patch_sizes, options.target_mpp, mpp, path)
-        windows, _, _ = slides.patch_windows(
-            slide, sizes, IMAGE_SIZE, options.overlap, options.min_tissue, options.min_saturation
-        )
-        annotation_file = annotation_io.find_annotation(
-            Path(options.annotations) if options.annotations else None, path
-        )
-        tumors = annotation_io.read_asap_xml(annotation_file) if annotation_file else None
-    except Exception as error:  # an unreadable slide is skipped and reported, never fatal
-        return {"source": source.path, "records": [], "skipped": _reason(error)}
-    prefix = f"{safe_key_part(path.stem)}-{_source_hash(source.path)}"
-    records = []
-    for window in windows:
-        label = None
-        if tumors:
-            label = tumors.label(window.x, window.y, window.size, options.tumor_fraction)
-        elif options.annotations:
-            label = "normal"  # a slide with no annotation file has no tumour
-        records.append(
-            {
-                "key": f"{prefix}-s{window.size}-x{window.x}-y{window.y}",
-                "source": source.path,
-                "source_type": "slide",
-                "level": window.level,
-                "x": window.x,
-                "y": window.y,
-                "patch_size": window.size,
-                "read_size": window.read_size,
-                "mpp": mpp,
-                "mpp_source": mpp_source,
-                "output_mpp": mpp * window.size / IMAGE_SIZE if mpp else None,
-                "label": label,
-                "tissue_fraction": window.tissue_fraction,
-            }
-        )
-    return {"source": source.path, "records": records, "skipped": None, "mpp": mpp}
+def is_validation_group(group: str, val_fraction: float) -> bool:
+    return validation_share(group) < val_fraction
 
 
-def plan_image(source: Source) -> dict:
-    path = Path(source.path)
-    record = {
-        "key": f"{safe_key_part(path.stem)}-{_source_hash(source.path)}",
-        "source": source.path,
-        "source_type": "image",
-        "level": 0,
-        "x": 0,
-        "y": 0,
-        "label": source.label,
-    }
-    return {"source": source.path, "records": [record], "skipped": None}
-
-
-def _reason(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
-
-
-def split_groups(groups: list[str], val_fraction: float) -> set[str]:
-    """The groups that go to validation: a deterministic, hash-ordered share of them."""
-    if val_fraction <= 0 or len(groups) < 2:
-        return set()
-    ordered = sorted(set(groups), key=lambda g: hashlib.sha1(g.encode()).hexdigest())
-    count = min(len(ordered) - 1, max(1, round(val_fraction * len(ordered))))
-    return set(ordered[:count])
+def mixing_rank(key: str, seed: int) -> int:
+    """Where a sample falls in its split's order: a seeded hash of its key alone, so every
+    stretch of the order mixes sources, positions and patch sizes, whatever the input order."""
+    return int.from_bytes(hashlib.sha1(f"{seed}/{key}".encode()).digest()[:8], "big")
 
 
 @dataclass
 class ShardJob:
     name: str
     split: str
-    records: list[dict]
+    members: np.ndarray  # (plan index, row in that plan) of each sample, in shard order
+    plans: list
     out_dir: str
     fingerprint: str
-    options: PackOptions
+    image_format: str
+
+    def records(self) -> Iterator[dict]:
+        for plan, row in self.members.tolist():
+            yield {**self.plans[plan].record(row), "split": self.split}
 
 
 def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
@@ -258,90 +197,102 @@ def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def plan_shards(plans: list[dict], sources: list[Source], options: PackOptions, out_dir: Path,
+def split_of_sources(sources: list[Source], options: PackOptions) -> list[str]:
+    return ["val" if is_validation_group(source.group, options.val_fraction) else "train"
+            for source in sources]
+
+
+def mixed_order(plans: list, splits: list[str], split: str, seed: int) -> np.ndarray:
+    """(plan index, row) of every sample of one split, in mixing order."""
+    ranks, members = [np.empty(0, np.uint64)], [np.empty((0, 2), np.int64)]
+    for index, (plan, plan_split) in enumerate(zip(plans, splits, strict=True)):
+        if plan_split == split:
+            rows = np.arange(len(plan), dtype=np.int64)
+            ranks.append(np.fromiter((mixing_rank(plan.key(row), seed) for row in rows.tolist()),
+                                     dtype=np.uint64, count=len(rows)))
+            members.append(np.column_stack([np.full(len(rows), index, dtype=np.int64), rows]))
+    return np.concatenate(members)[np.argsort(np.concatenate(ranks), kind="stable")]
+
+
+def plan_shards(plans: list, splits: list[str], options: PackOptions, out_dir: Path,
                 fingerprint: str) -> list[ShardJob]:
-    group_of = {source.path: source.group for source in sources}
-    val_groups = split_groups([s.group for s in sources], options.val_fraction)
-    by_split: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for plan in plans:
-        split = "val" if group_of[plan["source"]] in val_groups else "train"
-        by_split[split].extend({**record, "split": split} for record in plan["records"])
     jobs = []
-    per_shard = options.samples_per_shard
-    for split, records in by_split.items():
-        for index, start in enumerate(range(0, len(records), per_shard)):
-            jobs.append(
-                ShardJob(shard_name(split, index), split, records[start : start + per_shard],
-                         str(out_dir), fingerprint, options)
-            )
+    per_shard = samples_per_shard(options)
+    for split in SPLITS:
+        members = mixed_order(plans, splits, split, options.seed)
+        for index, start in enumerate(range(0, len(members), per_shard)):
+            jobs.append(ShardJob(shard_name(split, index), split,
+                                 members[start : start + per_shard], plans, str(out_dir),
+                                 fingerprint, options.image_format))
     return jobs
 
 
-# --- write ----------------------------------------------------------------------------------
-
-_open_slides: dict[str, object] = {}
-
-
-def _slide(path: str):
-    if path not in _open_slides:
-        if len(_open_slides) >= 4:  # a shard spans few slides; keep memory bounded
-            _open_slides.pop(next(iter(_open_slides))).close()
-        _open_slides[path] = slides.open_slide(path)
-    return _open_slides[path]
+def groups_per_split(plans: list, splits: list[str], sources: list[Source]) -> dict[str, int]:
+    """Groups with at least one sample, per split."""
+    groups: dict[str, set[str]] = {split: set() for split in SPLITS}
+    for plan, split, source in zip(plans, splits, sources, strict=True):
+        if len(plan):
+            groups[split].add(source.group)
+    return {split: len(names) for split, names in groups.items()}
 
 
-def load_patch(record: dict) -> tuple:
-    """Read one sample's 224x224 RGB pixels and complete its metadata."""
-    if record["source_type"] == "slide":
-        window = slides.PatchWindow(record["x"], record["y"], record["patch_size"],
-                                    record["level"], record["read_size"],
-                                    record["tissue_fraction"])
-        return slides.read_patch(_slide(record["source"]), window, IMAGE_SIZE), record
-    with Image.open(record["source"]) as image:
-        image.load()
-        width, height = image.size
-        pixels = image.convert("RGB")
-        if pixels.size != (IMAGE_SIZE, IMAGE_SIZE):
-            pixels = pixels.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(pixels), {**record, "patch_size": max(width, height),
-                                "original_size": [width, height]}
+def warn_small_validation(groups: dict[str, int], options: PackOptions) -> None:
+    if options.val_fraction > 0 and groups["val"] < MIN_VAL_GROUPS:
+        print(f"pathgan: warning: the val split has {groups['val']} group(s) of "
+              f"{sum(groups.values())} (fewer than {MIN_VAL_GROUPS}): its figures will be noisy; "
+              "add inputs or check the grouping (--group-pattern)", file=sys.stderr)
+
+
+# --- running work ---------------------------------------------------------------------------
+
+
+def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # spawn: slide readers and torch do not survive fork reliably. The workers run
+    # pack_worker.py only, which imports no torch, so they start quickly.
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+    )
+
+
+def run_all(executor: concurrent.futures.Executor | None, function: Callable,
+            jobs: Iterable, *args, in_flight: int) -> Iterator[tuple]:
+    """``(job, function(job, *args))`` as each finishes; in this process without an executor.
+
+    At most ``in_flight`` jobs are submitted ahead, so jobs made on the fly (a unit's records)
+    exist only while they wait or run."""
+    if executor is None:
+        for job in jobs:
+            yield job, function(job, *args)
+        return
+    jobs = iter(jobs)
+    futures = {executor.submit(function, job, *args): job
+               for job in itertools.islice(jobs, in_flight)}
+    while futures:
+        done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
+        for future in done:
+            yield futures.pop(future), future.result()
+            for job in itertools.islice(jobs, 1):
+                futures[executor.submit(function, job, *args)] = job
+
+
+def _plan_all(sources: list[Source], options: PackOptions, pool) -> list:
+    slide_sources = [s for s in sources if s.kind == "slide"]
+    image_sources = [s for s in sources if s.kind == "image"]
+    plans = dict(zip((s.path for s in image_sources), plan_images(image_sources), strict=True))
+    if slide_sources:
+        with tqdm(total=len(slide_sources), desc="tissue detection", unit="slide") as progress:
+            for source, plan in run_all(pool, plan_slide, slide_sources, options, IMAGE_SIZE,
+                                        in_flight=len(slide_sources)):
+                plans[source.path] = plan
+                progress.update()
+    return [plans[s.path] for s in sources]
+
+
+# --- spool and assemble ---------------------------------------------------------------------
 
 
 def record_path(out_dir: Path, name: str) -> Path:
     return out_dir / RECORDS_DIR / f"{name}.json"
-
-
-def write_shard(job: ShardJob) -> dict:
-    """Write one shard atomically; returns its record (count, checksum, what was skipped)."""
-    out_dir = Path(job.out_dir)
-    skipped, per_source, labels = [], Counter(), Counter()
-    count = 0
-    with shard_writer(out_dir / job.name) as sink:
-        for record in job.records:
-            try:
-                pixels, metadata = load_patch(record)
-                image_bytes = encode_image(pixels, job.options.image_format,
-                                           job.options.jpeg_quality)
-            except Exception as error:  # a corrupt input is skipped and reported
-                skipped.append({"path": record["source"], "key": record["key"],
-                                "reason": _reason(error)})
-                continue
-            metadata = {k: v for k, v in metadata.items() if k != "key"}
-            metadata["synthetic"] = False
-            sink.write({"__key__": record["key"], job.options.image_format: image_bytes,
-                        "json": json.dumps(metadata).encode()})
-            count += 1
-            per_source[record["source"]] += 1
-            labels[str(record["label"])] += 1
-    result = {
-        **shard_entry(out_dir / job.name, job.split, count),
-        "fingerprint": job.fingerprint,
-        "skipped": skipped,
-        "per_source": dict(per_source),
-        "labels": dict(labels),
-    }
-    write_json(record_path(out_dir, job.name), result)
-    return result
 
 
 def finished_record(job: ShardJob) -> dict | None:
@@ -359,62 +310,88 @@ def finished_record(job: ShardJob) -> dict | None:
     return record
 
 
-# --- the job --------------------------------------------------------------------------------
+def units_to_read(plans: list, pending: list[ShardJob]) -> dict[str, list[tuple]]:
+    """unit -> [(plan, rows)] of every unit a pending shard draws from, slide by slide (a
+    worker then mostly finds its slide already open); a unit of patch images spans plans."""
+    needed = {plans[plan].unit_of(row) for job in pending for plan, row in job.members.tolist()}
+    parts = defaultdict(list)
+    for plan in plans:
+        for unit, rows in plan.units():
+            if unit in needed:
+                parts[unit].append((plan, rows))
+    return parts
 
 
-def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    # spawn: slide readers and torch do not survive fork reliably
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
-    )
-
-
-def _plan_all(sources: list[Source], options: PackOptions) -> list[dict]:
-    slide_sources = [s for s in sources if s.kind == "slide"]
-    plans = {s.path: plan_image(s) for s in sources if s.kind == "image"}
-    if slide_sources:
-        workers = min(options.workers, len(slide_sources))
-        progress = tqdm(total=len(slide_sources), desc="tissue detection", unit="slide")
-        if workers == 1:
-            for source in slide_sources:
-                plans[source.path] = plan_slide(source, options)
-                progress.update()
+def spool_units(plans: list, pending: list[ShardJob], out_dir: Path, fingerprint: str,
+                options: PackOptions, pool) -> None:
+    """Spool every unit that a pending shard draws from; complete spools are kept. A unit's
+    records are made only when it is sent to a worker."""
+    spool_dir = str(out_dir / SPOOL_DIR)
+    todo, done, total = [], 0, 0
+    for unit, parts in units_to_read(plans, pending).items():
+        count = sum(len(rows) for _, rows in parts)
+        total += count
+        if spool_is_complete(spool_dir, unit, fingerprint):
+            done += count
         else:
-            with _pool(workers) as pool:
-                futures = {pool.submit(plan_slide, s, options): s for s in slide_sources}
-                for future in concurrent.futures.as_completed(futures):
-                    plans[futures[future].path] = future.result()
-                    progress.update()
-        progress.close()
-    return [plans[s.path] for s in sources]
+            todo.append((unit, parts))
+
+    def jobs() -> Iterator[UnitJob]:
+        for unit, parts in todo:
+            records = [plan.record(row) for plan, rows in parts for row in rows]
+            yield UnitJob(unit, records, spool_dir, fingerprint, options, IMAGE_SIZE)
+
+    with tqdm(total=total, initial=done, desc="reading patches", unit="patch") as progress:
+        for _, count in run_all(pool, spool_unit, jobs(), in_flight=2 * options.workers):
+            progress.update(count)
 
 
-def _write_all(jobs: list[ShardJob], workers: int) -> list[dict]:
-    records: dict[str, dict] = {}
-    pending = []
-    for job in jobs:
-        record = finished_record(job)
-        if record is None:
-            pending.append(job)
-        else:
+def write_shard(job: ShardJob) -> dict:
+    """Assemble one shard from the spools, atomically; returns its record (count, checksum,
+    what was skipped)."""
+    out_dir = Path(job.out_dir)
+    skipped, per_source, labels = [], Counter(), Counter()
+    count = 0
+    with shard_writer(out_dir / job.name) as sink, SpoolReader(out_dir / SPOOL_DIR) as spool:
+        for record in job.records():
+            try:
+                image_bytes, learnt = spool.read(record)
+            except ValueError as error:  # the patch could not be read: skipped and reported
+                skipped.append({"path": record["source"], "key": record["key"],
+                                "reason": str(error)})
+                continue
+            metadata = {k: v for k, v in record.items() if k not in PLAN_FIELDS}
+            metadata = {**metadata, **learnt, "synthetic": False}
+            sink.write({"__key__": record["key"], job.image_format: image_bytes,
+                        "json": json.dumps(metadata).encode()})
+            count += 1
+            per_source[record["source"]] += 1
+            labels[str(record["label"])] += 1
+    result = {
+        **shard_entry(out_dir / job.name, job.split, count),
+        "fingerprint": job.fingerprint,
+        "skipped": skipped,
+        "per_source": dict(per_source),
+        "labels": dict(labels),
+    }
+    write_json(record_path(out_dir, job.name), result)
+    return result
+
+
+def write_shards(pending: list[ShardJob], workers: int, total: int) -> dict[str, dict]:
+    """Assemble the pending shards with ``workers`` threads (byte copies, checksums and file
+    writes release the GIL); ``total`` patches in the plan. Returns their records by name."""
+    records = {}
+    done = total - sum(len(job.members) for job in pending)
+    with tqdm(total=total, initial=done, desc="writing shards", unit="patch") as progress, \
+            concurrent.futures.ThreadPoolExecutor(workers) as threads:
+        for job, record in run_all(threads, write_shard, pending, in_flight=len(pending)):
             records[job.name] = record
-    total = sum(len(job.records) for job in jobs)
-    done = sum(record["samples"] + len(record["skipped"]) for record in records.values())
-    if records:
-        print(f"resuming: {len(records)} of {len(jobs)} shards already written and verified")
-    with tqdm(total=total, initial=done, desc="packing", unit="patch") as progress:
-        if workers == 1 or len(pending) <= 1:
-            for job in pending:
-                records[job.name] = write_shard(job)
-                progress.update(len(job.records))
-        else:
-            with _pool(min(workers, len(pending))) as pool:
-                futures = {pool.submit(write_shard, job): job for job in pending}
-                for future in concurrent.futures.as_completed(futures):
-                    job = futures[future]
-                    records[job.name] = future.result()
-                    progress.update(len(job.records))
-    return [records[job.name] for job in jobs]
+            progress.update(len(job.members))
+    return records
+
+
+# --- the job --------------------------------------------------------------------------------
 
 
 def _prepare_out_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
@@ -435,8 +412,9 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
 
 def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob]) -> None:
     """Shards, records and partial files left by an earlier (killed or different) run go."""
-    for partial in [*out_dir.glob(".*.tmp-*"), *(out_dir / RECORDS_DIR).glob(".*.tmp-*")]:
-        partial.unlink(missing_ok=True)
+    for folder in (out_dir, out_dir / RECORDS_DIR, out_dir / SPOOL_DIR):
+        for partial in folder.glob(".*.tmp-*"):
+            partial.unlink(missing_ok=True)
     planned = {job.name for job in jobs}
     for path in out_dir.glob("*.tar"):
         if path.name not in planned and re.fullmatch(r"(train|val)-\d{6}\.tar", path.name):
@@ -444,8 +422,8 @@ def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob]) -> None:
             record_path(out_dir, path.name).unlink(missing_ok=True)
 
 
-def build_manifest(sources, plans, records, options, inputs, fingerprint) -> dict:
-    skipped = [{"path": p["source"], "reason": p["skipped"]} for p in plans if p["skipped"]]
+def build_manifest(sources, plans, records, groups, options, inputs, fingerprint) -> dict:
+    skipped = [{"path": p.source, "reason": p.skipped} for p in plans if p.skipped]
     skipped += [entry for record in records for entry in record["skipped"]]
     per_source = Counter()
     labels = Counter()
@@ -460,6 +438,7 @@ def build_manifest(sources, plans, records, options, inputs, fingerprint) -> dic
         split: {
             "samples": sum(r["samples"] for r in records if r["split"] == split),
             "shards": sum(1 for r in records if r["split"] == split),
+            "groups": groups[split],
         }
         for split in SPLITS
     }
@@ -475,7 +454,7 @@ def build_manifest(sources, plans, records, options, inputs, fingerprint) -> dic
         "sources": [
             {"path": s.path, "kind": s.kind, "group": s.group,
              "split": split_of.get(s.path), "samples": per_source.get(s.path, 0),
-             **({"mpp": p.get("mpp")} if s.kind == "slide" else {})}
+             **({"mpp": p.mpp} if s.kind == "slide" else {})}
             for s, p in zip(sources, plans, strict=True)
         ],
         "labels": dict(labels),
@@ -484,9 +463,9 @@ def build_manifest(sources, plans, records, options, inputs, fingerprint) -> dic
     }
 
 
-def _check_skip_threshold(manifest: dict, plans: list[dict], options: PackOptions) -> None:
+def _check_skip_threshold(manifest: dict, plans: list, options: PackOptions) -> None:
     attempted = len(manifest["skipped"]) + manifest["total_samples"]
-    attempted += sum(1 for p in plans if not p["skipped"] and p["records"] == [])
+    attempted += sum(1 for p in plans if not p.skipped and not len(p))
     fraction = len(manifest["skipped"]) / max(attempted, 1)
     if fraction > options.max_skipped_fraction:
         raise PathganError(
@@ -498,26 +477,42 @@ def _check_skip_threshold(manifest: dict, plans: list[dict], options: PackOption
 def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
          overwrite: bool = False) -> dict:
     """Pack ``inputs`` into shards under ``out_dir``; returns the manifest."""
-    options.validate()
+    validate(options)
     out_dir = Path(out_dir)
     sources = discover_sources(inputs, options)
     if not sources:
         raise PathganError(f"no slides or patch images found in {' '.join(inputs)}")
     fingerprint = plan_fingerprint(sources, options)
     _prepare_out_dir(out_dir, fingerprint, overwrite)
-    plans = _plan_all(sources, options)
-    jobs = plan_shards(plans, sources, options, out_dir, fingerprint)
-    if not jobs:
-        reasons = "; ".join(f"{Path(p['source']).name}: {p['skipped']}" for p in plans
-                            if p["skipped"])[:500]
-        raise PathganError(
-            "no patches found (every slide was unreadable or had no tissue patch above "
-            f"--min-tissue {options.min_tissue})" + (f": {reasons}" if reasons else "")
-        )
-    _remove_stale_shards(out_dir, jobs)
-    records = _write_all(jobs, options.workers)
-    manifest = build_manifest(sources, plans, records, options, inputs, fingerprint)
+    pool = _process_pool(options.workers) if options.workers > 1 else None
+    try:
+        plans = _plan_all(sources, options, pool)
+        splits = split_of_sources(sources, options)
+        jobs = plan_shards(plans, splits, options, out_dir, fingerprint)
+        if not jobs:
+            reasons = "; ".join(f"{Path(p.source).name}: {p.skipped}" for p in plans
+                                if p.skipped)[:500]
+            raise PathganError(
+                "no patches found (every slide was unreadable or had no tissue patch above "
+                f"--min-tissue {options.min_tissue})" + (f": {reasons}" if reasons else "")
+            )
+        groups = groups_per_split(plans, splits, sources)
+        warn_small_validation(groups, options)
+        _remove_stale_shards(out_dir, jobs)
+        records = {job.name: record for job in jobs if (record := finished_record(job))}
+        if records:
+            print(f"resuming: {len(records)} of {len(jobs)} shards already written and verified")
+        pending = [job for job in jobs if job.name not in records]
+        spool_units(plans, pending, out_dir, fingerprint, options, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    total = sum(len(job.members) for job in jobs)
+    records.update(write_shards(pending, options.workers, total))
+    manifest = build_manifest(sources, plans, [records[job.name] for job in jobs], groups,
+                              options, inputs, fingerprint)
     write_json(out_dir / MANIFEST, manifest)
+    shutil.rmtree(out_dir / SPOOL_DIR, ignore_errors=True)  # every shard is written
     if manifest["total_samples"] == 0:
         raise PathganError("every patch failed to read; see 'skipped' in the manifest")
     _check_skip_threshold(manifest, plans, options)
