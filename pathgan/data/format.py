@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -62,7 +63,11 @@ def encode_image(image: np.ndarray, image_format: str, jpeg_quality: int = 95) -
     if image_format == "npy":
         np.save(buffer, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
     elif image_format == "png":
-        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+        # zlib level 1, Huffman coding only, the Up filter: on H&E patches 3x faster to encode
+        # and faster to decode than Pillow's level 1, 8% larger (BENCHMARKS.md, "Packing").
+        return imagecodecs.png_encode(np.ascontiguousarray(image, dtype=np.uint8), 1,
+                                      strategy=imagecodecs.PNG.STRATEGY.HUFFMAN_ONLY,
+                                      filter=imagecodecs.PNG.FILTER.UP)
     elif image_format == "jpg":
         Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality)
     else:
