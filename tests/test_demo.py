@@ -15,6 +15,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         capture_output=True, text=True, env=QUIET, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "== Where to look" in result.stdout
+    assert "== Did they learn? SWD on the pixels' Laplacian pyramids" in result.stdout
     assert (out / "training-patches.png").is_file()
     for run in ("dcgan", "embgan"):
         run_dir = out / "runs" / run
@@ -22,6 +23,9 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         assert list((run_dir / "samples").glob("*.png"))
         assert list((run_dir / "wandb").glob("offline-run-*"))
     report = json.loads((out / "eval" / "eval.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["dcgan", "embgan"]
-    assert all(r["n"] == 16 and r["fd"] is not None for r in report["runs"])
+    assert [r["name"] for r in report["runs"]] == ["untrained", "dcgan", "embgan"]
+    assert all(r["n"] == 16 and r["fd"] is not None and r["swd"] > 0 for r in report["runs"])
+    assert report["runs"][0]["step"] is None  # the baseline never trained
+    for run in report["runs"]:
+        assert f"SWD {run['swd']:8.1f}" in result.stdout
     assert (out / "eval" / "report.md").is_file()
