@@ -39,8 +39,9 @@ COMMIT=$(git rev-parse HEAD 2>/dev/null) && [[ -n $(git status --porcelain 2>/de
     && COMMIT="$COMMIT (with uncommitted changes)"
 [[ -n $COMMIT ]] || COMMIT="$(cat .whl/COMMIT 2>/dev/null || echo unknown) (from .whl/COMMIT)"
 
-# Sizes and time limits (seconds). On the GPU the limits add up to 5 minutes; on the CPU they
-# only stop a hung step (a loaded 2-core machine is slow).
+# Sizes and time limits (seconds). On the GPU the limits add up to 290 s, so that the whole
+# check takes at most 5 minutes; LIMIT_<STEP>=N in the environment moves time between steps for
+# a rerun. On the CPU they only stop a hung step (a loaded 2-core machine is slow).
 if ((DRY_RUN)); then
     LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_PYTEST=900 LIMIT_TRAIN=600 LIMIT_EMBED=600
     LIMIT_EMBGAN=600 LIMIT_REPORT=120
@@ -53,8 +54,8 @@ if ((DRY_RUN)); then
                  --torch-encoder timm:vit_tiny_patch16_224:random)
     export PATHGAN_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1
 else
-    LIMIT_SETUP=15 LIMIT_DATA=25 LIMIT_PYTEST=105 LIMIT_TRAIN=80 LIMIT_EMBED=35
-    LIMIT_EMBGAN=30 LIMIT_REPORT=10
+    : "${LIMIT_SETUP:=10}" "${LIMIT_DATA:=20}" "${LIMIT_PYTEST:=110}" "${LIMIT_TRAIN:=85}"
+    : "${LIMIT_EMBED:=30}" "${LIMIT_EMBGAN:=25}" "${LIMIT_REPORT:=10}"
     DATA_ARGS=(--stride 112 --workers 8)
     TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
                 --window-steps 5 --windows 3

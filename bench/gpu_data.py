@@ -9,7 +9,9 @@ which is all this 2220 x 2967 px region has. Rerunning on the same folder skips 
 """
 
 import argparse
+import contextlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,8 +56,9 @@ def prepare(directory: Path, stride: int = DEFAULT_STRIDE, encoder: str = EMBED_
     if not (shards / MANIFEST).is_file():
         pack([str(patches)], shards, PackOptions(workers=workers, max_count=64))
     device_args = ["--device", device] if device else []
-    code = pathgan_cli(["embed", str(shards), "--encoder", encoder, "--batch-size", "32",
-                        "--num-workers", "1", "--no-progress", *device_args])
+    with contextlib.redirect_stdout(sys.stderr):  # its summary: stdout is for the JSON
+        code = pathgan_cli(["embed", str(shards), "--encoder", encoder, "--batch-size", "32",
+                            "--num-workers", "1", "--no-progress", *device_args])
     if code != 0:
         raise RuntimeError(f"pathgan embed {shards} --encoder {encoder} exited with {code}")
     return shards
