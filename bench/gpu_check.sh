@@ -10,7 +10,7 @@
 # PYTHON defaults to .venv/bin/python when there is one, else python3. Packages the machine
 # lacks come from the wheels in .whl/ (make gpu-wheels, listed in bench/gpu_wheels.txt), pathgan
 # from this checkout. Each step has a time limit; one that fails or runs out of time is recorded
-# in the JSON and the next step runs.
+# in the JSON and the next step runs; the exit code is 1 when a step failed.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +20,7 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
+STARTED=$(date +%s)
 OUT=${OUT:-$REPO/gpu-check-out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
@@ -55,7 +56,7 @@ if ((DRY_RUN)); then
     export PATHGAN_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1
 else
     : "${LIMIT_SETUP:=10}" "${LIMIT_DATA:=20}" "${LIMIT_PYTEST:=110}" "${LIMIT_TRAIN:=85}"
-    : "${LIMIT_EMBED:=30}" "${LIMIT_EMBGAN:=25}" "${LIMIT_REPORT:=10}"
+    : "${LIMIT_EMBED:=35}" "${LIMIT_EMBGAN:=20}" "${LIMIT_REPORT:=10}"
     DATA_ARGS=(--stride 112 --workers 8)
     TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
                 --window-steps 5 --windows 3
@@ -121,8 +122,9 @@ step embed_throughput "$LIMIT_EMBED" "$PYTHON" bench/embed_throughput.py --encod
 step embgan_throughput "$LIMIT_EMBGAN" "$PYTHON" bench/embgan_throughput.py --encoders torch \
     --precision bf16 "${EMBGAN_ARGS[@]}"
 timeout "$LIMIT_REPORT" "$PYTHON" bench/gpu_report.py --work "$WORK" \
-    --out "$OUT/gpu_check.json" --commit "$COMMIT" $( ((DRY_RUN)) && echo --dry-run)
-rc=$?
+    --out "$OUT/gpu_check.json" --commit "$COMMIT" --started "$STARTED" \
+    $( ((DRY_RUN)) && echo --dry-run)
+rc=$?  # 1 when a step failed
 rm -rf "$WORK"
 exec >&- 2>&-  # let tee write the end of the log before the script ends
 wait "$TEE"

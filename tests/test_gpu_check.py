@@ -24,15 +24,15 @@ def dry_run(tmp_path_factory) -> dict:
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"],
                             env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
                             capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "=== embgan_throughput: exit" in (out / "gpu_check.log").read_text()
-    return json.loads((out / "gpu_check.json").read_text())
+    assert "=== embgan_throughput: exit" in (out / "gpu_check.log").read_text(), result.stderr
+    return {"returncode": result.returncode, **json.loads((out / "gpu_check.json").read_text())}
 
 
 @pytest.mark.slow
 def test_every_step_of_the_dry_run_succeeds(dry_run):
     not_ok = {name: step for name, step in dry_run["steps"].items() if step["status"] != "ok"}
     assert not not_ok, json.dumps(not_ok, indent=1)[:3000]
+    assert dry_run["returncode"] == 0
     tests = dry_run["steps"]["pytest"]["tests"]
     assert not tests["failed"] and len(tests["passed"]) >= 5
     assert all("fp16" in skipped["test"] for skipped in tests["skipped"])
@@ -41,6 +41,7 @@ def test_every_step_of_the_dry_run_succeeds(dry_run):
 @pytest.mark.slow
 def test_the_dry_run_json_has_every_figure(dry_run):
     assert dry_run["dry_run"] and dry_run["commit"] and dry_run["torch"]
+    assert dry_run["elapsed_s"] > 0
     steps = dry_run["steps"]
     train = steps["train_throughput"]["result"]
     assert train["plain_fp32_images_per_s"] > 0
@@ -70,6 +71,14 @@ def test_targets_are_judged_on_a_gpu():
     assert memory["value"] == 0.375 and memory["variant"] == "fp32" and memory["pass"] is True
     missing = gpu_report.targets({"train_throughput": None, "embed_throughput": None}, False)
     assert all(t["value"] is None and t["pass"] is None for t in missing.values())
+
+
+def test_a_step_json_is_found_after_other_output(tmp_path):
+    (tmp_path / "bench.out").write_text('a notice\n{"images_per_s": 1.5,\n "n": 2}\n')
+    assert gpu_report.benchmark_result(tmp_path, "bench") == {"images_per_s": 1.5, "n": 2}
+    (tmp_path / "broken.out").write_text('{"cut short": ')
+    assert gpu_report.benchmark_result(tmp_path, "broken") is None
+    assert gpu_report.benchmark_result(tmp_path, "absent") is None
 
 
 def test_the_dry_run_hides_from_pathgan_what_the_gpu_machine_lacks():
