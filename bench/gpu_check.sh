@@ -20,17 +20,21 @@ case "${1:-}" in
     "") ;;
     *) echo "usage: bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
+if [[ -z ${PYTHON:-} ]]; then
+    PYTHON=python3
+    [[ -x $REPO/.venv/bin/python ]] && PYTHON=$REPO/.venv/bin/python
+fi
+if ! ((DRY_RUN)) && ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null
+then
+    echo "gpu_check: $PYTHON has no torch that sees a CUDA device; on a CPU, use --dry-run" >&2
+    exit 2
+fi
 STARTED=$(date +%s)
 OUT=${OUT:-$REPO/gpu-check-out}
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 TEE=$!
-
-if [[ -z ${PYTHON:-} ]]; then
-    PYTHON=python3
-    [[ -x $REPO/.venv/bin/python ]] && PYTHON=$REPO/.venv/bin/python
-fi
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export TMPDIR=$WORK  # pytest's and the benchmarks' scratch files, removed at the end
 cd "$REPO" || exit 2
