@@ -6,8 +6,8 @@ width. The Embedding GAN runs with a torch ViT-S/16 (timm, random init; ``--torc
 names another) and with a ViT-S/16-sized Keras SavedModel in Path Foundation's layout through
 the TensorFlow bridge (``--encoders torch`` leaves TensorFlow out). The breakdown times the
 parts of a generator step alone: generator forward+backward, encoder forward, encoder forward +
-input gradient. ``--precision bf16`` runs every forward under bf16 autocast, as the loop does
-on a GPU. JSON out::
+input gradient. ``--precision bf16`` runs the networks under bf16 autocast, as the loop does on
+a GPU, and the torch encoder in bf16 (the TensorFlow one stays fp32). JSON out::
 
     .venv/bin/python bench/embgan_throughput.py [--batch-size 8] [--ngf 16] [--tf-depth 12]
     .venv/bin/python bench/embgan_throughput.py --batch-size 128 --ngf 64 --precision bf16 \
@@ -51,9 +51,11 @@ def autocast(args, device):
             else contextlib.nullcontext())
 
 
-def gan_step_seconds(config_name: str, overrides: list[str], args, device) -> float:
+def gan_step_seconds(config_name: str, overrides: list[str], args, device,
+                     encoder_precision: str | None = None) -> float:
     config = load_config(REPO / "configs" / config_name, overrides)
-    gan = PlainGAN.build(config, device, autocast_dtype=AUTOCAST_DTYPES[args.precision])
+    gan = PlainGAN.build(config, device, autocast_dtype=AUTOCAST_DTYPES[args.precision],
+                         encoder_precision=encoder_precision)
     real = {"images": torch.rand(args.batch_size, 3, 224, 224, device=device) * 2 - 1}
     if gan.embed_dim is not None:
         real = {"embeddings": torch.randn(args.batch_size, gan.embed_dim, device=device)}
@@ -74,14 +76,12 @@ def breakdown(encoder, args, device) -> dict:
         output.backward()
 
     def encoder_forward():
-        with torch.no_grad(), autocast(args, device):
+        with torch.no_grad():
             encoder(images)
 
     def encoder_input_gradient():
         leaf = images.clone().requires_grad_(True)
-        with autocast(args, device):
-            output = encoder(leaf).sum()
-        output.backward()
+        encoder(leaf).sum().backward()
 
     return {name: round(median_seconds(fn, args.repeats), 4) for name, fn in [
         ("generator_fwd_bwd_s", generator_forward_backward),
@@ -117,12 +117,15 @@ def main() -> None:
             tf_dir = Path(scratch) / "path-foundation-vits"
             build_tf_vit(tf_dir, depth=args.tf_depth)
             encoders["tf_bridge"] = f"path-foundation:{tf_dir}"
+        # --precision applies to the torch encoder; the TensorFlow bridge runs in fp32 only
+        precisions = {"torch": args.precision, "tf_bridge": None}
         seconds = {"dcgan": gan_step_seconds("dcgan.yaml", common, args, device)}
         for name, spec in encoders.items():
             seconds[f"embgan_{name}"] = gan_step_seconds(
-                "embgan.yaml", [*common, f"model.encoder={spec}"], args, device)
-        parts = {name: breakdown(load_encoder(spec, device=device), args, device)
-                 for name, spec in encoders.items()}
+                "embgan.yaml", [*common, f"model.encoder={spec}"], args, device,
+                encoder_precision=precisions[name])
+        parts = {name: breakdown(load_encoder(spec, device=device, precision=precisions[name]),
+                                 args, device) for name, spec in encoders.items()}
 
     rates = {name: args.batch_size / s for name, s in seconds.items()}
     print(json.dumps({

@@ -29,12 +29,16 @@ class PlainGAN:
 
     @classmethod
     def build(cls, config: Config, device: torch.device, *, compile_backend: str | None = None,
-              autocast_dtype: torch.dtype | None = None) -> "PlainGAN":
+              autocast_dtype: torch.dtype | None = None,
+              encoder_precision: str | None = None) -> "PlainGAN":
         """The loop's set-up: seeded weights, ``train.channels_last``, ``make_optimizer``, and
         each network compiled alone when ``compile_backend`` is given (``inductor`` is what
-        ``train.compile`` uses)."""
+        ``train.compile`` uses). ``encoder_precision`` (fp32, bf16, fp16) is the precision of a
+        timm encoder, which runs in its own precision whatever the autocast around it."""
         torch.manual_seed(config.run.seed)
         gan = build_gan(config, device)
+        if encoder_precision is not None:
+            gan.encoder.set_precision(encoder_precision)
         memory_format = (torch.channels_last if config.train.channels_last
                          else torch.contiguous_format)
         generator = gan.generator.to(device, memory_format=memory_format)
