@@ -34,9 +34,11 @@ clean:
 # The GPU check (bench/gpu_check.sh): a bare GPU machine with no network gets the wheels it
 # lacks from .whl/ (CPython 3.12, manylinux x86-64), and the commit from .whl/COMMIT when no .git
 # comes along. Run gpu-wheels here, then gpu-check there with .whl beside the checkout.
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+
 gpu-wheels:
 	$(PYTHON) -m pip download --disable-pip-version-check --only-binary=:all: --no-deps \
-		--python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+		--python-version 3.12 --implementation cp $(GPU_PLATFORMS:%=--platform %) \
 		-d .whl -r bench/gpu_wheels.txt
 	echo "$$(git rev-parse HEAD)$$(git diff --quiet HEAD || echo ' with uncommitted changes')" \
 		> .whl/COMMIT

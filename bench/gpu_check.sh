@@ -104,8 +104,7 @@ install_missing_wheels() {
 
 # A dry run hides from pathgan what the GPU machine does not have (see that sitecustomize.py).
 if ((DRY_RUN)); then
-    export PATHGAN_ABSENT_MODULES="tensorflow keras wandb tiffslide imagecodecs openslide \
-torch_fidelity"
+    export PATHGAN_ABSENT_MODULES="tensorflow keras wandb tiffslide openslide torch_fidelity"
     PYTHONPATH=$REPO/bench/absent_modules:$PYTHONPATH
 fi
 export PYTHONPATH=$WORK/site:$PYTHONPATH  # the wheels, if any were needed
