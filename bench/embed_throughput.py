@@ -8,14 +8,21 @@ Encoders measured, both built here with no download:
 - ``tf-vit-s16``: a ViT-S/16-sized Keras model (patch 16, width 384, 6 heads, MLP 1536,
   ``--tf-depth`` blocks, 12 like Path Foundation by default) exported as a SavedModel in the Hub
   layout with Path Foundation's signature and loaded by the real ``path-foundation:/dir`` path;
-- ``timm-vit_small_patch16_224``: timm's ViT-S/16, random init (``timm:...:random``).
+- ``timm-vit_small_patch16_224``: timm's ViT-S/16, random init (``timm:...:random``;
+  ``--timm-model`` names another, e.g. a smaller one for a quick check).
 
 The plain loop is what the original study did: decode a sample, convert it, run the encoder on
 a batch of one. ``pathgan embed`` reads the same shards with DataLoader workers and batches.
 
+The timm encoder is also held against the device's compute bound: its forward pass alone on
+batches already on the device (``forward_only``, no data loading), over the FLOP/s that a
+square matrix product of ``--precision`` reaches on the same device divided by the encoder's
+FLOPs per image, counted by torch (2 per multiply-add: ViT-S/16 at 224 is about 8.5 GFLOP, the
+4.6 "GFLOPs" often quoted for it being multiply-adds).
+
     python bench/embed_throughput.py --quick             # a couple of minutes on 2 CPU cores
     python bench/embed_throughput.py --device cuda --precision bf16 --images 2048 \
-        --batch-sizes 64,128,256,512                     # on a GPU
+        --batch-sizes 64,128,256,512 --encoders timm    # on a GPU
 """
 
 import argparse
@@ -150,6 +157,74 @@ def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
     return result
 
 
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device, precision: str, size: int, repeats: int = 50) -> float:
+    """FLOP/s of a ``size``-cubed matrix product in ``precision`` (random data, after warm-up:
+    a GPU raises its clocks under load)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(10):
+        a @ b
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def flop_per_image(encoder, device) -> float:
+    """FLOPs of one image's forward pass as torch counts them (2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        encoder(torch.zeros(1, 3, 224, 224, device=device))
+    return float(counter.get_total_flops())
+
+
+def forward_only(encoder, batch_sizes, device, iterations: int) -> list[dict]:
+    """Images/s of the encoder's forward pass alone, on batches already on the device."""
+    import torch
+
+    rates = []
+    for batch_size in batch_sizes:
+        images = torch.rand(batch_size, 3, 224, 224, device=device) * 2 - 1
+        with torch.no_grad():
+            encoder(images)  # warm-up: kernels chosen for this shape
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(iterations):
+                encoder(images)
+            synchronize(device)
+        rate = batch_size * iterations / (time.perf_counter() - started)
+        rates.append({"batch_size": batch_size, "images_per_s": round(rate, 2)})
+    return rates
+
+
+def against_compute_bound(encoder, args, device) -> dict:
+    """The forward-only sweep and the share of the device's compute bound it reaches."""
+    flops = matmul_flops(device, args.precision, args.matmul_size)
+    per_image = flop_per_image(encoder, device)
+    rates = forward_only(encoder, args.batch_sizes, device, args.forward_iterations)
+    best = max(rates, key=lambda r: r["images_per_s"])
+    bound = flops / per_image
+    return {"forward_only": rates,
+            "compute_bound": {"matmul_size": args.matmul_size, "precision": args.precision,
+                              "matmul_flop_per_s": round(flops), "flop_per_image": per_image,
+                              "images_per_s": round(bound, 2)},
+            "forward_best_batch_size": best["batch_size"],
+            "fraction_of_compute_bound": round(best["images_per_s"] / bound, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -162,7 +237,14 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--encoders", default="tf,timm", help="tf, timm or both")
+    parser.add_argument("--timm-model", default="vit_small_patch16_224",
+                        help="the timm encoder (random init; default vit_small_patch16_224)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each mode; best is kept")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="side of the matrix product that measures the device's FLOP/s "
+                             "(default: 8192 on a GPU, 1024 on a CPU)")
+    parser.add_argument("--forward-iterations", type=int, default=10,
+                        help="timed forward passes per batch size in the forward-only sweep")
     args = parser.parse_args()
     if args.quick:
         args.images, args.batch_sizes = 24, "8,24"
@@ -177,6 +259,7 @@ def main() -> None:
     from pathgan.encoders import load_encoder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     results = []
     with tempfile.TemporaryDirectory(prefix="pathgan-bench-") as work:
         work = Path(work)
@@ -188,10 +271,11 @@ def main() -> None:
                                    work / "shards", args, device))
             del encoder
         if "timm" in args.encoders:
-            encoder = load_encoder("timm:vit_small_patch16_224:random", device=device,
+            encoder = load_encoder(f"timm:{args.timm_model}:random", device=device,
                                    precision=args.precision)
-            results.append(measure("timm-vit_small_patch16_224", encoder, work / "shards",
-                                   args, device))
+            results.append({**measure(f"timm-{args.timm_model}", encoder, work / "shards",
+                                      args, device),
+                            **against_compute_bound(encoder, args, device)})
     report = {
         "benchmark": "embed_throughput",
         "speedup": results[0]["speedup"],

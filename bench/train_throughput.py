@@ -3,19 +3,25 @@
 Both train the same DCGAN networks at the same batch on the same device. The plain loop is the
 reference's: fp32, eager, contiguous tensors, default Adam, sigmoid-free BCE-with-logits, fed
 from an in-memory batch (so data loading costs it nothing). pathgan's loop runs for real
-(``train()`` on packed shards, data pipeline included) with each variant's overrides. Rates are
-medians over timed windows after warm-up; one JSON object out::
+(``train()`` on packed shards, data pipeline included) with each variant's overrides, each
+variant in a fresh process (Accelerate's precision is fixed once per process; the peak GPU
+memory is then each variant's own). Rates are medians over timed windows after warm-up; one
+JSON object out::
 
     .venv/bin/python bench/train_throughput.py                      # CPU: small widths
-    .venv/bin/python bench/train_throughput.py --ngf 64 --batch-size 128 \
+    .venv/bin/python bench/train_throughput.py --ngf 64 --ndf 64 --batch-size 128 \
         --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile    # on a GPU
 """
 
 import argparse
 import json
+import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +36,8 @@ from pathgan.training.loop import train
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # what a user gets: auto precision, auto compile, channels_last, fused Adam
-    "fp32": ["train.mixed_precision=no", "train.channels_last=false", "train.compile=off"],
+    # 'no' quoted: unquoted, YAML reads it as false, which the config turns into 'off'
+    "fp32": ["train.mixed_precision='no'", "train.channels_last=false", "train.compile=off"],
     "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=off"],
     "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=true",
                            "train.compile=off"],
@@ -38,6 +45,14 @@ VARIANTS = {
                                    "train.compile=on"],
     "fp32-contiguous": ["train.channels_last=false"],
 }
+
+
+def peak_memory() -> dict:
+    """This process's peak GPU memory (MiB): held by tensors, and reserved by the allocator."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+            "peak_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20)}
 
 
 def plain_loop_rate(args, device: torch.device) -> float:
@@ -79,6 +94,9 @@ def plain_loop_rate(args, device: torch.device) -> float:
 
 
 def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
+    # Run as `pathgan train` runs: a spawned process would start the loader's workers by spawn
+    # too, and they would have to pickle the pipeline.
+    multiprocessing.set_start_method("fork", force=True)
     steps = args.warmup_steps + args.windows * args.window_steps
     overrides = [
         f"data.shards={shards}", f"run.dir={scratch / variant}", f"model.nz={args.nz}",
@@ -87,15 +105,25 @@ def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
         f"log.sample_every={steps * 10}", f"ckpt.every={steps * 10}", "train.ema=false",
         f"data.num_workers={args.workers}", *VARIANTS[variant],
     ]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     train(load_config(REPO / "configs" / "dcgan.yaml", overrides))
     rows = read_metrics(scratch / variant / "metrics.jsonl")
     # Windows end every window_steps; the first warmup_steps belong to warm-up.
     timed = [row["images_per_s"] for row in rows if row["step"] > args.warmup_steps]
-    result = {"images_per_s": round(statistics.median(timed), 2)}
-    if torch.cuda.is_available():
-        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return {"images_per_s": round(statistics.median(timed), 2), **peak_memory()}
+
+
+def pathgan_rate_in_own_process(args, shards: Path, variant: str, scratch: Path) -> dict:
+    """``pathgan_rate`` in a fresh process (Accelerate fixes the precision once per process).
+    A variant that fails is reported as its error, so that the others' figures still come out."""
+    started = time.perf_counter()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(pathgan_rate, args, shards, variant, scratch).result()
+    except Exception as error:  # one variant failing must not lose the figures of the others
+        traceback.print_exc()
+        result = {"error": f"{type(error).__name__}: {error}"[:500]}
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(f"train_throughput: {variant}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -111,28 +139,42 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="a packed shard set (default: pack the bundled slide, which needs "
+                             "tiffslide)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants: {unknown}")
+    for overrides in VARIANTS.values():  # a bad override of any variant must not cost a GPU run
+        load_config(REPO / "configs" / "dcgan.yaml", overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     with tempfile.TemporaryDirectory() as scratch:
-        shards = Path(scratch) / "shards"
-        pack([str(REPO / "shards" / "cmu_small_region.svs")], shards,
-             PackOptions(workers=1, overlap=0.5))
+        shards = args.shards
+        if shards is None:
+            shards = Path(scratch) / "shards"
+            pack([str(REPO / "shards" / "cmu_small_region.svs")], shards,
+                 PackOptions(workers=1, overlap=0.5))
         baseline = plain_loop_rate(args, device)
-        results = {v: pathgan_rate(args, shards, v, Path(scratch)) for v in variants}
+        plain_fp32_memory = peak_memory()
+        results = {v: pathgan_rate_in_own_process(args, shards, v, Path(scratch))
+                   for v in variants}
 
+    rates = {v: r["images_per_s"] for v, r in results.items() if "images_per_s" in r}
     print(json.dumps({
         "benchmark": "train_throughput",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device_memory_mb": (round(torch.cuda.get_device_properties(device).total_memory
+                                   / 2**20) if device.type == "cuda" else None),
         "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
         "plain_fp32_images_per_s": round(baseline, 2),
-        "variants": {v: {**r, "speedup": round(r["images_per_s"] / baseline, 2)}
-                     for v, r in results.items()},
-        "speedup": round(results[variants[0]]["images_per_s"] / baseline, 2),
+        "plain_fp32_memory": plain_fp32_memory,
+        "variants": {v: {**r, **({"speedup": round(rates[v] / baseline, 2)} if v in rates
+                                 else {})} for v, r in results.items()},
+        "speedup": round(rates[variants[0]] / baseline, 2) if variants[0] in rates else None,
+        "fastest_variant": max(rates, key=rates.get) if rates else None,
         "torch": torch.__version__,
     }))
 

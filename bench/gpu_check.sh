@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU check (issue 12): every GPU path of pathgan and every GPU figure of BENCHMARKS.md in
+# one run of at most 5 minutes on one H100, on a bare machine with no network.
+#
+#   bench/gpu_check.sh             on a GPU machine (make gpu-check)
+#   bench/gpu_check.sh --dry-run   the same steps at tiny sizes on the CPU (tests/test_gpu_check.py)
+#
+# Writes $OUT/gpu_check.json (every figure, the device, torch, the commit, each step's outcome
+# and the targets, pass or fail) and $OUT/gpu_check.log; OUT defaults to ./gpu-check-out.
+# PYTHON defaults to .venv/bin/python when there is one, else python3. Packages the machine
+# lacks come from the wheels in .whl/ (make gpu-wheels, listed in bench/gpu_wheels.txt), pathgan
+# from this checkout. Each step has a time limit; one that fails or runs out of time is recorded
+# in the JSON and the next step runs; the exit code is 1 when a step failed.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DRY_RUN=0
+case "${1:-}" in
+    --dry-run) DRY_RUN=1 ;;
+    "") ;;
+    *) echo "usage: bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+if [[ -z ${PYTHON:-} ]]; then
+    PYTHON=python3
+    [[ -x $REPO/.venv/bin/python ]] && PYTHON=$REPO/.venv/bin/python
+fi
+if ! ((DRY_RUN)) && ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null
+then
+    echo "gpu_check: $PYTHON has no torch that sees a CUDA device; on a CPU, use --dry-run" >&2
+    exit 2
+fi
+STARTED=$(date +%s)
+OUT=${OUT:-$REPO/gpu-check-out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+TEE=$!
+export PYTHONPATH=$REPO PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+export TMPDIR=$WORK  # pytest's and the benchmarks' scratch files, removed at the end
+cd "$REPO" || exit 2
+
+# The commit checked: git where .git came along, else what `make gpu-wheels` recorded.
+COMMIT=$(git rev-parse HEAD 2>/dev/null) && [[ -n $(git status --porcelain 2>/dev/null) ]] \
+    && COMMIT="$COMMIT (with uncommitted changes)"
+[[ -n $COMMIT ]] || COMMIT="$(cat .whl/COMMIT 2>/dev/null || echo unknown) (from .whl/COMMIT)"
+
+# Sizes and time limits (seconds). On the GPU the limits add up to 290 s, so that the whole
+# check takes at most 5 minutes; LIMIT_<STEP>=N in the environment moves time between steps for
+# a rerun. On the CPU they only stop a hung step (a loaded 2-core machine is slow).
+if ((DRY_RUN)); then
+    LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_PYTEST=900 LIMIT_TRAIN=600 LIMIT_EMBED=600
+    LIMIT_EMBGAN=600 LIMIT_REPORT=120
+    DATA_ARGS=(--stride 448 --device cpu --workers 1)
+    TRAIN_ARGS=(--ngf 8 --ndf 8 --batch-size 4 --workers 1 --warmup-steps 1 --window-steps 1
+                --windows 1 --variants bf16-channels-last)
+    EMBED_ARGS=(--timm-model vit_tiny_patch16_224 --images 4 --per-shard 2 --batch-sizes 2,4
+                --repeats 1 --matmul-size 256 --forward-iterations 1 --num-workers 1)
+    EMBGAN_ARGS=(--batch-size 2 --ngf 8 --repeats 1
+                 --torch-encoder timm:vit_tiny_patch16_224:random)
+    export PATHGAN_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1
+else
+    : "${LIMIT_SETUP:=10}" "${LIMIT_DATA:=20}" "${LIMIT_PYTEST:=110}" "${LIMIT_TRAIN:=85}"
+    : "${LIMIT_EMBED:=35}" "${LIMIT_EMBGAN:=20}" "${LIMIT_REPORT:=10}"
+    DATA_ARGS=(--stride 112 --workers 8)
+    TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
+                --window-steps 5 --windows 3
+                --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile)
+    EMBED_ARGS=(--images 1024 --per-shard 256 --batch-sizes 64,128,256,512 --repeats 1
+                --num-workers 8)
+    EMBGAN_ARGS=(--batch-size 128 --ngf 64 --repeats 3)
+fi
+
+# step NAME LIMIT COMMAND...: runs COMMAND under LIMIT; its stdout goes to WORK/NAME.out (and
+# the log), its exit code and time to WORK/NAME.status. Never stops the script.
+step() {
+    local name=$1 limit=$2 started rc tenths
+    shift 2
+    echo "=== $name (limit ${limit} s): $*"
+    started=$(date +%s%N)
+    timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.out"
+    rc=$?
+    tenths=$((($(date +%s%N) - started) / 100000000))
+    cat "$WORK/$name.out"
+    printf '{"rc": %d, "elapsed_s": %d.%d, "limit_s": %d}\n' "$rc" $((tenths / 10)) \
+        $((tenths % 10)) "$limit" >"$WORK/$name.status"
+    printf '=== %s: exit %d after %d.%d s\n' "$name" "$rc" $((tenths / 10)) $((tenths % 10))
+}
+
+# The wheels of what this Python lacks, installed into the work folder.
+install_missing_wheels() {
+    local requirement name missing=()
+    while read -r requirement; do
+        name=${requirement%%==*}
+        "$PYTHON" -c "import $name" 2>/dev/null && continue
+        [[ -f $(echo .whl/"$name"-*.whl) ]] \
+            || echo "gpu_check: $name is missing and .whl/ has no wheel of it (make gpu-wheels)"
+        missing+=(.whl/"$name"-*.whl)
+    done < <(grep -v '^#' bench/gpu_wheels.txt)
+    ((${#missing[@]})) || return 0
+    echo "installing ${missing[*]}"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$WORK/site" "${missing[@]}"
+}
+
+# A dry run hides from pathgan what the GPU machine does not have (see that sitecustomize.py).
+if ((DRY_RUN)); then
+    export PATHGAN_ABSENT_MODULES="tensorflow keras wandb tiffslide openslide torch_fidelity"
+    PYTHONPATH=$REPO/bench/absent_modules:$PYTHONPATH
+fi
+export PYTHONPATH=$WORK/site:$PYTHONPATH  # the wheels, if any were needed
+
+echo "gpu_check: $( ((DRY_RUN)) && echo 'CPU dry run' || echo 'GPU run'), $PYTHON, commit $COMMIT"
+install_missing_wheels
+step setup "$LIMIT_SETUP" "$PYTHON" -c "import pathgan.cli, pathgan.data.pipeline, \
+pathgan.training.loop, pathgan.evaluation, pathgan.sample, pathgan.embed, timm, pytest
+print('every module of the check imports')"
+step data "$LIMIT_DATA" "$PYTHON" bench/gpu_data.py --out "$WORK/data" "${DATA_ARGS[@]}"
+export PATHGAN_GPU_DATA=$WORK/data  # the tests use the shard set made by the data step
+step pytest "$LIMIT_PYTEST" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q --durations 5 \
+    -p no:cacheprovider --basetemp "$WORK/pytest" --junitxml "$WORK/pytest.xml"
+step train_throughput "$LIMIT_TRAIN" "$PYTHON" bench/train_throughput.py \
+    --shards "$WORK/data/shards" "${TRAIN_ARGS[@]}"
+step embed_throughput "$LIMIT_EMBED" "$PYTHON" bench/embed_throughput.py --encoders timm \
+    --precision bf16 "${EMBED_ARGS[@]}"
+step embgan_throughput "$LIMIT_EMBGAN" "$PYTHON" bench/embgan_throughput.py --encoders torch \
+    --precision bf16 "${EMBGAN_ARGS[@]}"
+timeout "$LIMIT_REPORT" "$PYTHON" bench/gpu_report.py --work "$WORK" \
+    --out "$OUT/gpu_check.json" --commit "$COMMIT" --started "$STARTED" \
+    $( ((DRY_RUN)) && echo --dry-run)
+rc=$?  # 1 when a step failed
+rm -rf "$WORK"
+exec >&- 2>&-  # let tee write the end of the log before the script ends
+wait "$TEE"
+exit $rc
