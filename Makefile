@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch torchvision
-	$(PIP_INSTALL) -e '.[tensorflow-cpu,inception,dev]'
+	$(PIP_INSTALL) -e '.[tensorflow-cpu,inception,parquet,dev]'
 	@touch $@
 
 demo: $(STAMP)

@@ -170,6 +170,9 @@ class Config:
 # --- loading --------------------------------------------------------------------------------
 
 
+BOOLEAN_WORDS = {"on": True, "off": False, "yes": True, "no": False, "y": True, "n": False}
+
+
 def _type_name(kind) -> str:
     return getattr(kind, "__name__", str(kind))
 
@@ -190,8 +193,8 @@ def _coerce(value, kind, key: str):
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if kind is bool and isinstance(value, str) and value.lower() in ("on", "off"):
-        return value.lower() == "on"
+    if kind is bool and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.lower()]
     if kind is str and isinstance(value, bool):
         return "on" if value else "off"  # YAML reads `on`/`off` as booleans
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -223,6 +226,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip().lower()  # YAML 1.1 reads no/yes/on/off as booleans: keep the word
     return key.strip().split("."), value
 
 

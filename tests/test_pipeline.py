@@ -148,3 +148,28 @@ def test_some_unreadable_shards_are_skipped_not_fatal(tmp_path, slide_shards):
     stream.close()
     assert [len(epoch) for epoch in epochs] == [stream.batches_per_epoch] * 3
     assert stream.skipped.count >= 1  # counted across the worker processes
+
+
+SPAWN_SCRIPT = """
+import multiprocessing
+import sys
+from pathgan.data.pipeline import make_image_stream
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn", force=True)  # macOS's and Python 3.14's default
+    stream = make_image_stream(sys.argv[1], batch_size=4, num_workers=2, as_uint8=True)
+    print(sum(len(batch) for batch in stream))
+    stream.close()
+"""
+
+
+def test_the_stream_runs_where_spawn_is_the_default(tmp_path, slide_shards):
+    import subprocess
+    import sys
+
+    script = tmp_path / "spawn_stream.py"
+    script.write_text(SPAWN_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(slide_shards)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 0

@@ -335,6 +335,13 @@ def test_bad_config_is_a_one_line_error(capsys, override, message):
     assert len(error) == 1 and error[0].startswith(f"pathgan: error: {message}")
 
 
+def test_yaml_words_on_the_command_line_keep_their_meaning():
+    config = load_config(SMOKE, ["train.mixed_precision=no", "train.compile=off",
+                                 "train.ema=no", "train.channels_last=on"])
+    assert config.train.mixed_precision == "no" and config.train.compile == "off"
+    assert config.train.ema is False and config.train.channels_last is True
+
+
 def test_missing_config_and_shards_are_one_line_errors(tmp_path):
     assert run_cli("train", "--config", tmp_path / "nope.yaml") == 2
     result = subprocess.run(cli_command("train", "--config", SMOKE,

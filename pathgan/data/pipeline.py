@@ -251,6 +251,9 @@ def make_image_stream(
         batch_size=None,
         num_workers=num_workers,
         prefetch_factor=4 if num_workers > 0 else None,
+        # The failure counter lives in fork-shared memory: fork, whatever the platform's
+        # default start method (spawn on macOS, forkserver from Python 3.14 on Linux).
+        multiprocessing_context=multiprocessing.get_context("fork") if num_workers else None,
     )
     stages = [unbatch]
     if num_workers > 1:  # a lone worker's samples are mixed by its own shuffle buffer
