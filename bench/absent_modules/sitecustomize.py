@@ -16,9 +16,14 @@ REPO = str(Path(__file__).resolve().parents[2]) + os.sep
 _import = builtins.__import__
 
 
+def _ours(path: str) -> bool:
+    """A file of this repository, not of a package installed in a virtualenv inside it."""
+    return path.startswith(REPO) and "site-packages" not in path
+
+
 def _import_unless_absent(name, globals=None, locals=None, fromlist=(), level=0):
     importer = str((globals or {}).get("__file__") or "")
-    if level == 0 and name.partition(".")[0] in ABSENT and importer.startswith(REPO):
+    if level == 0 and name.partition(".")[0] in ABSENT and _ours(importer):
         raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machine: "
                                   "bench/gpu_check.sh --dry-run)", name=name)
     return _import(name, globals, locals, fromlist, level)
