@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
-from pathgan.training.build import build_gan
+from pathgan.training.build import build_gan, to_device
 from pathgan.training.loop import make_optimizer
 from pathgan.training.objective import GANObjective
 
@@ -39,10 +39,8 @@ class PlainGAN:
         gan = build_gan(config, device)
         if encoder_precision is not None:
             gan.encoder.set_precision(encoder_precision)
-        memory_format = (torch.channels_last if config.train.channels_last
-                         else torch.contiguous_format)
-        generator = gan.generator.to(device, memory_format=memory_format)
-        discriminators = {k: d.to(device, memory_format=memory_format)
+        generator = to_device(gan.generator, device, config.train.channels_last)
+        discriminators = {k: to_device(d, device, config.train.channels_last)
                           for k, d in gan.discriminators.items()}
         g_optimizer = make_optimizer([generator], config)
         d_optimizer = make_optimizer(discriminators.values(), config)

@@ -159,6 +159,8 @@ def main() -> None:
                  PackOptions(workers=1, overlap=0.5))
         baseline = plain_loop_rate(args, device)
         plain_fp32_memory = peak_memory()
+        print(f"train_throughput: plain fp32 eager loop: {baseline:.2f} images/s, "
+              f"{json.dumps(plain_fp32_memory)}", file=sys.stderr, flush=True)
         results = {v: pathgan_rate_in_own_process(args, shards, v, Path(scratch))
                    for v in variants}
 

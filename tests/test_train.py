@@ -350,3 +350,12 @@ def test_missing_config_and_shards_are_one_line_errors(tmp_path):
                             capture_output=True, text=True, env=QUIET, timeout=120)
     assert result.returncode == 2 and "manifest.json is missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_channels_last_keeps_the_projection_of_z_contiguous():
+    from pathgan.training.build import to_device
+
+    generator = to_device(Generator(nz=16, ngf=4), torch.device("cpu"), channels_last=True)
+    weights = {name: p for name, p in generator.named_parameters() if p.ndim == 4}
+    assert weights.pop("main.0.weight").is_contiguous()  # its input is 1x1 (see to_device)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights.values())

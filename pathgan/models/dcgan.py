@@ -34,8 +34,12 @@ class Generator(nn.Module):
         super().__init__()
         self.nz = nz
         in_width = ngf * 2 ** (UPSAMPLING_STAGES - 1)  # 16 * ngf at 7x7, halving per stage
+        projection = nn.ConvTranspose2d(nz, in_width, BASE_SIZE, 1, 0, bias=False)
+        # Its input is 1x1: a channels_last layout buys nothing, and cuDNN returns its weight
+        # gradient contiguous, which torch.compile refuses for a channels_last weight.
+        projection.keep_contiguous = True
         layers = [  # 1x1 -> 7x7
-            nn.ConvTranspose2d(nz, in_width, BASE_SIZE, 1, 0, bias=False),
+            projection,
             nn.BatchNorm2d(in_width),
             nn.ReLU(inplace=True),
         ]

@@ -36,6 +36,20 @@ def model_export_config(config: Config) -> dict:
             "encoder": config.model.encoder}
 
 
+def to_device(network: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """``network`` on ``device``, its convolution weights channels_last when asked, except in
+    modules marked ``keep_contiguous`` (a convolution on a 1x1 input: with a channels_last
+    weight, torch.compile on CUDA stops at cuDNN's contiguous weight gradient with
+    "expected stride ... Error in op: aten.convolution_backward", seen with torch 2.11)."""
+    network = network.to(device)
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+        for module in network.modules():
+            if getattr(module, "keep_contiguous", False):
+                module.to(memory_format=torch.contiguous_format)
+    return network
+
+
 def set_encoder_precision(encoder: nn.Module, precision: str) -> None:
     """Run ``encoder`` in ``precision``; TensorFlow encoders only run in fp32."""
     if hasattr(encoder, "set_precision"):

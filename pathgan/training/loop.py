@@ -26,7 +26,12 @@ from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
 from pathgan.models import noise_batch
 from pathgan.training import checkpoint as ckpt
-from pathgan.training.build import build_gan, model_export_config, set_encoder_precision
+from pathgan.training.build import (
+    build_gan,
+    model_export_config,
+    set_encoder_precision,
+    to_device,
+)
 from pathgan.training.data import build_real_data, resolve_encoder_precision
 from pathgan.training.ema import GeneratorEMA
 from pathgan.training.logbook import Logbook
@@ -236,8 +241,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
                           for k, d in discriminators.items()}
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    generator = generator.to(accelerator.device, memory_format=memory_format)
-    discriminators = {k: d.to(accelerator.device, memory_format=memory_format)
+    generator = to_device(generator, accelerator.device, config.train.channels_last)
+    discriminators = {k: to_device(d, accelerator.device, config.train.channels_last)
                       for k, d in discriminators.items()}
     ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
            if config.train.ema else None)
