@@ -117,8 +117,13 @@ pathgan.training.loop, pathgan.evaluation, pathgan.sample, pathgan.embed, timm, 
 print('every module of the check imports')"
 step data "$LIMIT_DATA" "$PYTHON" bench/gpu_data.py --out "$WORK/data" "${DATA_ARGS[@]}"
 export PATHGAN_GPU_DATA=$WORK/data  # the tests use the shard set made by the data step
+# pytest prints failures at the end: a per-test limit (pytest-timeout, on the GPU machines)
+# keeps one slow test from taking the whole step, and the report, with it.
+PER_TEST_LIMIT=()
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PER_TEST_LIMIT=(--timeout 100)
 step pytest "$LIMIT_PYTEST" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q --durations 5 \
-    -p no:cacheprovider --basetemp "$WORK/pytest" --junitxml "$WORK/pytest.xml"
+    -p no:cacheprovider --basetemp "$WORK/pytest" --junitxml "$WORK/pytest.xml" \
+    "${PER_TEST_LIMIT[@]}"
 step train_throughput "$LIMIT_TRAIN" "$PYTHON" bench/train_throughput.py \
     --shards "$WORK/data/shards" "${TRAIN_ARGS[@]}"
 step embed_throughput "$LIMIT_EMBED" "$PYTHON" bench/embed_throughput.py --encoders timm \

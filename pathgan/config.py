@@ -50,6 +50,7 @@ class ModelConfig:
     disc_hidden: list[int] = field(default_factory=lambda: [512, 256])
     disc_dropout: float = 0.0
     spectral_norm: bool = False
+    minibatch_std: int = 4  # group size of the embedding discriminator's batch-spread feature
     hybrid: bool = False  # add the DCGAN pixel discriminator to the embedding one
     pixel_weight: float = 1.0  # weight of the pixel discriminator's loss in the hybrid
     embedding_weight: float = 1.0
@@ -151,6 +152,9 @@ class Config:
                 raise PathganError(f"{key} must be in [0, 1), not {value}")
         if self.model.image_size != 224:
             raise PathganError("model.image_size: only 224 is supported (the shards are 224)")
+        if self.model.minibatch_std < 0:
+            raise PathganError(f"model.minibatch_std must be 0 (off) or a group size, not "
+                               f"{self.model.minibatch_std}")
         if self.model.kind == "embgan" and not self.model.encoder:
             raise PathganError("model.encoder is required when model.kind is embgan")
         if self.model.hybrid and self.model.kind != "embgan":

@@ -217,3 +217,16 @@ def test_the_embedding_discriminator_starts_with_informative_logits():
     logits = discriminator(embeddings)
     # fan-in scaled weights: logits of order 0.1-1 from the first step, not ~0.005 x norm
     assert logits.std() > 0.05
+
+
+def test_the_minibatch_std_feature_tells_a_collapsed_batch_from_a_varied_one():
+    from pathgan.models.embgan import MinibatchStd
+
+    varied = torch.randn(8, 16)
+    collapsed = varied[:1].repeat(8, 1)
+    layer = MinibatchStd(group_size=4)
+    assert layer(varied).shape == (8, 17)
+    assert torch.all(layer(collapsed)[:, -1] == 0) and torch.all(layer(varied)[:, -1] > 0.5)
+    # groups interleave: samples 0 and 2 of 4 with group size 2 share a group
+    spread = MinibatchStd(group_size=2)(torch.tensor([[0.0], [5.0], [2.0], [5.0]]))[:, -1]
+    assert spread.tolist() == [1.0, 0.0, 1.0, 0.0]

@@ -160,6 +160,7 @@ def test_compile_on_and_off_give_the_same_losses_for_a_fixed_batch(shards, devic
         gan = PlainGAN.build(config, device, compile_backend=backend)
         losses[backend] = torch.stack([torch.stack(gan.step(real, noise)) for _ in range(STEPS)])
     eager, compiled = losses.values()
+    print(f"losses per step (D, G), eager: {eager.tolist()}, compiled: {compiled.tolist()}")
     assert torch.isfinite(eager).all()
     # The first step's losses differ by rounding only; later steps by what Adam makes of it.
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=1e-4)

@@ -24,7 +24,9 @@ dispatch every batch from rank 0).
 import gc
 import itertools
 import multiprocessing
+import queue
 import random
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -176,6 +178,60 @@ class Batches:
                 batch = []
 
 
+class BackgroundBatches:
+    """Takes batches from an iterator in a thread, ``depth`` ahead of the consumer.
+
+    The main process's share of the pipeline (receiving the workers' batches, mixing them,
+    stacking each batch into pinned memory) took about 290 ms per batch of 128 on an H200
+    node (cProfile of a bf16 run: 11.5 s of 28 s in torch.stack): done in the training thread,
+    it stood between GPU steps. In this thread it overlaps them (the copies release the GIL).
+    An error in the thread is raised in the consumer.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator, depth: int = 2) -> None:
+        self._batches = batches
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="pathgan-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for batch in self._batches:
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # handed to the consumer, who raises it
+            self._put(error)
+
+    def __iter__(self) -> "BackgroundBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)  # at most one batch in flight; never hang an exit
+        self._batches = None
+
+
 @dataclass
 class ImageStream:
     """An endless stream of batches cut into epochs of ``batches_per_epoch`` batches.
@@ -187,11 +243,11 @@ class ImageStream:
     loader: wds.WebLoader
     batches_per_epoch: int
     skipped: FailureCounter
-    _batches: Iterator | None = field(default=None, repr=False)
+    _batches: BackgroundBatches | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._batches is None:
-            self._batches = iter(self.loader)
+            self._batches = BackgroundBatches(iter(self.loader))
         try:
             yield from itertools.islice(self._batches, self.batches_per_epoch)
         except Exception:
@@ -201,7 +257,10 @@ class ImageStream:
             raise
 
     def close(self) -> None:
-        """Stop the worker processes (they would otherwise prefetch until exit)."""
+        """Stop the batch thread and the worker processes (they would otherwise prefetch until
+        exit)."""
+        if self._batches is not None:
+            self._batches.close()
         self._batches = None
         gc.collect()  # the loader's iterator shuts its workers down when it is collected
 

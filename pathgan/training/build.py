@@ -74,7 +74,8 @@ def build_gan(config: Config, device: torch.device) -> GAN:
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
         discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
-            encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm
+            encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
+            model.minibatch_std,
         )
         weights[EMBEDDINGS] = model.embedding_weight
     return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment or ""))
