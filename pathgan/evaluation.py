@@ -196,7 +196,7 @@ class RealSet:
     shards_dir: Path
     split: str
     keys: list[str]
-    dataset: object  # pathgan.embed.ShardSamples over exactly these keys, in this order
+    dataset: object  # pathgan.data.reading.ShardSamples over exactly these keys, in this order
     available: int  # samples in the split
     note: str = ""
     source: dict = field(default_factory=dict)  # extractor name -> "embeddings" | "images"
@@ -243,7 +243,7 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
 
 def _precomputed(real: RealSet, encoder_id: str) -> torch.Tensor | None:
     """Rows of precomputed embeddings for ``real``'s keys, or None when they do not all exist."""
-    from pathgan.embed import read_embeddings
+    from pathgan.data.embeddings import read_embeddings
 
     try:
         keys, array = read_embeddings(real.shards_dir, encoder_id, real.split)

@@ -15,17 +15,15 @@ from PIL import Image
 
 from pathgan import embed as embed_module
 from pathgan.cli import main as cli_main
-from pathgan.data.format import decode_sample, load_manifest
-from pathgan.data.reading import shard_keys
-from pathgan.embed import (
-    assigned_shards,
-    embed_shards,
+from pathgan.data.embeddings import (
     embedding_path,
     read_embedding_file,
     read_embeddings,
     verify_embeddings,
-    worker_assignment,
 )
+from pathgan.data.format import decode_sample, load_manifest
+from pathgan.data.reading import shard_keys
+from pathgan.embed import assigned_shards, embed_shards, worker_assignment
 from pathgan.encoders import load_encoder
 from pathgan.fileio import sha256_file
 from pathgan.images import hwc_to_chw, uint8_to_signed

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
 
 from pathgan.config import load_config
+from pathgan.data.embeddings import embedding_path, read_embedding_file, read_embeddings
 from pathgan.data.format import decode_sample, shard_paths
 from pathgan.data.reading import iter_tar_samples
-from pathgan.embed import embedding_path, read_embedding_file, read_embeddings
 from pathgan.images import hwc_to_chw, uint8_to_signed
 from pathgan.plots import read_metrics
 from pathgan.training.build import build_gan

@@ -6,12 +6,17 @@ the hybrid objective. ``B`` is the per-rank batch. The loop moves batches to the
 """
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from pathgan.config import Config
+from pathgan.data.embeddings import (
+    embedded_encoders,
+    embeddings_dir,
+    read_embeddings,
+    stored_precision,
+)
 from pathgan.data.pipeline import ImageStream, make_image_stream
 from pathgan.errors import PathganError
 from pathgan.training.objective import EMBEDDINGS, IMAGES
@@ -67,14 +72,12 @@ class RealData:
 
 def load_real_embeddings(shards_dir: str, encoder_id: str, split: str) -> np.ndarray:
     """Precomputed embeddings of ``encoder_id``; refuses embeddings of another encoder."""
-    from pathgan.embed import read_embeddings
-
-    folder = Path(shards_dir) / "embeddings"
-    if not (folder / encoder_id).is_dir():
-        found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    folder = embeddings_dir(shards_dir, encoder_id)
+    if not folder.is_dir():
+        found = embedded_encoders(shards_dir)
         if found:
             raise PathganError(
-                f"the embeddings in {folder} come from {', '.join(found)}, not from the "
+                f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
                 f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
                 "SPEC` with model.encoder's spec"
             )
@@ -92,8 +95,6 @@ def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str)
     requested = config.model.encoder_precision
     if EMBEDDINGS not in inputs:
         return "fp32" if requested == "auto" else requested
-    from pathgan.embed import stored_precision
-
     stored = stored_precision(config.data.shards, encoder_id, config.data.split)
     if requested not in ("auto", stored):
         raise PathganError(
