@@ -521,7 +521,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         raise PathganError(f"-n must be at least {k + 1}")
     if batch_size < 1:
         raise PathganError("--batch-size must be at least 1")
-    from pathgan.training.checkpoint import GENERATOR_WEIGHTS, load_generator
+    from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
 
     for run_dir in run_dirs:
         if not run_dir.is_dir():

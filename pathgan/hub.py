@@ -55,7 +55,7 @@ def resolve_generator(spec: str | Path) -> GeneratorSource:
         raise PathganError(f"{text!r} is not a Hub generator: use hf-hub:ORG/NAME or "
                            "hf-hub:ORG/NAME@REVISION")
     from pathgan.encoders.path_foundation import hub_snapshot
-    from pathgan.training.checkpoint import GENERATOR_CONFIG, GENERATOR_WEIGHTS
+    from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
 
     repo, revision = match["repo"], match["revision"]
     folder = hub_snapshot(repo, revision=revision)
@@ -113,7 +113,7 @@ def _write_config(config: dict, path: Path) -> None:
 def write_repo_folder(facts, folder: Path, repo_id: str, revision: str | None = None) -> list[str]:
     """Write every file the repo gets into ``folder``; returns their names."""
     from pathgan.model_card import public_encoder_spec, render_card
-    from pathgan.training.checkpoint import GENERATOR_CONFIG, GENERATOR_WEIGHTS
+    from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(facts.generator_dir / GENERATOR_WEIGHTS, folder / GENERATOR_WEIGHTS)

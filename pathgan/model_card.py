@@ -16,14 +16,9 @@ import yaml
 
 from pathgan.errors import PathganError
 from pathgan.fileio import read_json
+from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
 from pathgan.plots import read_metrics
-from pathgan.training.checkpoint import (
-    BEST_DIR,
-    GENERATOR_CONFIG,
-    GENERATOR_WEIGHTS,
-    list_checkpoints,
-)
-from pathgan.training.loop import PREEMPTED_MARKER
+from pathgan.training.checkpoint import BEST_DIR, PREEMPTED_MARKER, list_checkpoints
 
 #: Numbers of an evaluation that count samples or steps rather than score the generator.
 BOOKKEEPING = ("step", "n", "n_real")
@@ -387,7 +382,7 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         "```python",
         "import torch",
         "from huggingface_hub import snapshot_download",
-        "from pathgan.training.checkpoint import load_generator",
+        "from pathgan.models.export import load_generator",
         "",
         f"generator, config = load_generator(snapshot_download(\"{repo_id}\""
         + (f", revision=\"{revision}\"" if revision else "") + "))",

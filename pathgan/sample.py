@@ -31,7 +31,7 @@ from pathgan.fileio import atomic_path, write_json
 from pathgan.hub import resolve_generator
 from pathgan.images import signed_to_uint8
 from pathgan.models import noise_batch
-from pathgan.training.checkpoint import load_generator
+from pathgan.models.export import load_generator
 
 SAMPLE_RECORD = "sample.json"  # beside PNG files: what made them (shards: the manifest)
 

@@ -92,7 +92,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
         swd_extractor,
     )
     from pathgan.metrics import sliced_wasserstein_distance
-    from pathgan.training.checkpoint import load_generator
+    from pathgan.models.export import load_generator
 
     exported, config = load_generator(smoke_run, "cpu")
     raw = Generator(nz=config["nz"], ngf=config["ngf"])

@@ -1,4 +1,6 @@
-"""Network definitions. They know nothing of Accelerate, data files or training."""
+"""Network definitions, and the exported generator's files (:mod:`pathgan.models.export`).
+
+They know nothing of Accelerate, shard files or training."""
 
 from pathgan.models.dcgan import Discriminator, Generator, init_dcgan_weights, noise_batch
 from pathgan.models.embgan import EmbeddingDiscriminator

@@ -29,13 +29,6 @@ class GAN:
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
 
-def model_export_config(config: Config) -> dict:
-    """What `pathgan sample` needs to rebuild the generator."""
-    return {"nz": config.model.nz, "ngf": config.model.ngf, "channels": config.model.channels,
-            "image_size": config.model.image_size, "kind": config.model.kind,
-            "encoder": config.model.encoder}
-
-
 def set_encoder_precision(encoder: nn.Module, precision: str) -> None:
     """Run ``encoder`` in ``precision``; TensorFlow encoders only run in fp32."""
     if hasattr(encoder, "set_precision"):

@@ -25,16 +25,15 @@ from pathgan.errors import PathganError
 from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
 from pathgan.models import noise_batch
+from pathgan.models.export import export_generator, generator_config
 from pathgan.training import checkpoint as ckpt
-from pathgan.training.build import build_gan, model_export_config, set_encoder_precision
+from pathgan.training.build import build_gan, set_encoder_precision
 from pathgan.training.data import build_real_data, resolve_encoder_precision
 from pathgan.training.ema import GeneratorEMA
 from pathgan.training.logbook import Logbook
 from pathgan.training.objective import EMBEDDINGS, IMAGES
 from pathgan.training.precision import resolve_mixed_precision
 from pathgan.training.signals import PreemptionFlag
-
-PREEMPTED_MARKER = "PREEMPTED"
 
 
 @dataclass
@@ -190,7 +189,7 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
         state.best_fd = fd
         if logbook.active:
             best = run_dir / ckpt.BEST_DIR
-            ckpt.export_generator(sample_model, model_export_config(config), best)
+            export_generator(sample_model, generator_config(config.model), best)
             write_json(best / "best.json", {"step": state.step, **scores})
 
 
@@ -392,7 +391,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     preempted = stop and state.step < total_steps
     if saved_at != state.step:
         save_checkpoint()
-    marker = run_dir / PREEMPTED_MARKER
+    marker = run_dir / ckpt.PREEMPTED_MARKER
     if accelerator.is_main_process:
         if preempted:
             marker.write_text(f"{state.step}\n")
@@ -401,7 +400,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         else:
             marker.unlink(missing_ok=True)
             logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
-            ckpt.export_generator(sample_model, model_export_config(config), run_dir)
+            export_generator(sample_model, generator_config(config.model), run_dir)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
