@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run_sample(args) -> int:
-    from pathgan.sample import sample
+    from pathgan.sampling import sample
 
     out = sample(args.generator, args.n, args.out, image_format=args.format,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,

@@ -1,9 +1,9 @@
-"""``pathgan sample``: patches from a trained generator, as PNG files or WebDataset shards.
+"""Synthetic patches from a trained generator, as PNG files or WebDataset shards.
 
-The generator is a run folder or a Hub repo (``hf-hub:ORG/NAME[@REVISION]``, see
-:func:`pathgan.hub.resolve_generator`); what made the patches is recorded with them, a Hub
-generator pinned to its commit: in ``sample.json`` beside PNG files, in ``manifest.json`` and
-every sample's metadata for shards.
+What ``pathgan sample`` runs. The generator is a run folder or a Hub repo
+(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.hub.resolve_generator`); what made the
+patches is recorded with them, a Hub generator pinned to its commit: in ``sample.json`` beside
+PNG files, in ``manifest.json`` and every sample's metadata for shards.
 
 Shards use the packing format (``<key>.png`` + ``<key>.json``, ``manifest.json``), with
 ``"synthetic": true`` in every sample's metadata, so synthetic sets can be verified, shown,
