@@ -148,7 +148,7 @@ def make_evaluator(config: Config, gan, device: torch.device):
     the one asked for (Path Foundation is loaded once)."""
     if not config.eval.every:
         return None
-    from pathgan.evaluation import InLoopEvaluator, eval_encoder_spec
+    from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 
     spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
     encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
