@@ -24,20 +24,21 @@ PREEMPTED_MARKER = "PREEMPTED"  # a run stopped by a signal before its end: resu
 
 
 class TrainState:
-    """Progress that must survive a restart; registered with ``register_for_checkpointing``."""
+    """Progress that must survive a restart; registered with ``register_for_checkpointing``.
+
+    The epoch is not kept: it follows from the step (older checkpoints that hold one load too).
+    """
 
     def __init__(self) -> None:
         self.step = 0
-        self.epoch = 0
         self.wandb_run_id: str | None = None
         self.best_fd: float | None = None  # of the in-loop evaluation, for best/
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "wandb_run_id": self.wandb_run_id,
-                "best_fd": self.best_fd}
+        return {"step": self.step, "wandb_run_id": self.wandb_run_id, "best_fd": self.best_fd}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.step = int(state["step"])
         self.wandb_run_id = state.get("wandb_run_id")
         self.best_fd = state.get("best_fd")
 
