@@ -107,21 +107,21 @@ class RealData:
             stream.close()
 
 
-def load_real_embeddings(shards_dir: str, encoder_id: str, split: str) -> np.ndarray:
-    """Precomputed embeddings of ``encoder_id``; refuses embeddings of another encoder."""
+def require_embeddings(shards_dir: str, encoder_id: str) -> None:
+    """Refuse, in one line, a shard set without embeddings of ``encoder_id`` (those of another
+    encoder, or none): the first thing the Embedding GAN checks of its data."""
     folder = embeddings_dir(shards_dir, encoder_id)
-    if not folder.is_dir():
-        found = embedded_encoders(shards_dir)
-        if found:
-            raise PathganError(
-                f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
-                f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
-                "SPEC` with model.encoder's spec"
-            )
-        raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
-                           f"{shards_dir} --encoder SPEC` first")
-    _, embeddings = read_embeddings(shards_dir, encoder_id, split)
-    return embeddings
+    if folder.is_dir():
+        return
+    found = embedded_encoders(shards_dir)
+    if found:
+        raise PathganError(
+            f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
+            f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
+            "SPEC` with model.encoder's spec"
+        )
+    raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
+                       f"{shards_dir} --encoder SPEC` first")
 
 
 def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str) -> str:
@@ -132,6 +132,7 @@ def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str)
     requested = config.model.encoder_precision
     if EMBEDDINGS not in inputs:
         return "fp32" if requested == "auto" else requested
+    require_embeddings(config.data.shards, encoder_id)
     stored = stored_precision(config.data.shards, encoder_id, config.data.split)
     if requested not in ("auto", stored):
         raise PathganError(
@@ -147,7 +148,7 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
                     encoder_id: str | None, seed: int) -> RealData:
     """The streams of the real ``inputs`` an objective needs (``GANObjective.real_inputs``)."""
     per_rank = config.train.batch_size // world_size
-    streams: dict[str, object] = {}
+    streams: dict[str, RealStream] = {}
     if IMAGES in inputs:
         streams[IMAGES] = make_image_stream(
             config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
@@ -156,6 +157,7 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
             max_consecutive_failures=config.data.max_consecutive_failures,
         )
     if EMBEDDINGS in inputs:
-        embeddings = load_real_embeddings(config.data.shards, encoder_id, config.data.split)
+        require_embeddings(config.data.shards, encoder_id)
+        _, embeddings = read_embeddings(config.data.shards, encoder_id, config.data.split)
         streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
     return RealData(streams)
