@@ -10,6 +10,7 @@ skipped; files are written under a temporary name and renamed.
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def assigned_shards(shards: list[dict], worker: int, num_workers: int) -> list[d
 # -- the job ----------------------------------------------------------------------------------
 @dataclass
 class _Pending:
+    """A shard to embed: its keys, and the rows filled in as batches come back."""
+
     shard: dict
     path: Path
     output: Path
@@ -75,6 +78,39 @@ class _Pending:
     ok: np.ndarray | None = None
     errors: dict[str, str] = field(default_factory=dict)
     done: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.keys)
+
+
+@dataclass
+class EmbedJob:
+    """What one worker embeds and how: everything :func:`embed_shards` decided before the
+    encoder runs."""
+
+    shards: list[_Pending]  # the shards to embed, in dataset order
+    encoder: torch.nn.Module | None  # None: load it from ``spec`` once the loader has started
+    spec: str
+    encoder_id: str
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    precision: str
+    progress: bool
+    worker: int
+    workers: int
+    log: Callable[[str], None]
+
+
+@dataclass
+class Embedded:
+    """What the embedding loop did."""
+
+    images: int = 0
+    missing: list[dict] = field(default_factory=list)  # {"shard", "key", "reason"}
+    shards_written: int = 0
+    seconds: float = 0.0  # the loop itself: model loading and shard checks excluded
 
 
 def _default_device() -> torch.device:
@@ -88,7 +124,7 @@ def encoder_precision(encoder, requested: str) -> str:
     return requested if hasattr(encoder, "set_precision") else "fp32"
 
 
-def _write_output(item: _Pending, encoder, precision: str) -> int:
+def _write_output(item: _Pending, encoder, precision: str) -> None:
     keys_ok = [key for key, ok in zip(item.keys, item.ok, strict=True) if ok]
     missing = [key for key, ok in zip(item.keys, item.ok, strict=True) if not ok]
     meta = {
@@ -107,7 +143,6 @@ def _write_output(item: _Pending, encoder, precision: str) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_embedding_file(item.output, keys_ok, item.embeddings[item.ok], missing, meta)
-    return len(missing)
 
 
 def _remove_stale_temporaries(output: Path) -> None:
@@ -128,8 +163,6 @@ def embed_shards(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_B
     than ``max_missing`` of the samples were corrupt, ``summary["error"]`` says so (the CLI then
     exits non-zero); every good shard has been written by then.
     """
-    from tqdm.auto import tqdm
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.perf_counter()
     shards_dir = Path(shards_dir)
@@ -148,12 +181,41 @@ def embed_shards(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_B
         loaded = _load(spec, device, precision, log)
     encoder_id = loaded.encoder_id if loaded is not None else as_encoder_id(spec)
 
+    pending, skipped, failed = _pending_shards(shards_dir, mine, encoder_id, log)
+    if num_workers is None:
+        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    embedded = Embedded()
+    if pending:
+        embedded = _run(EmbedJob(pending, loaded, spec, encoder_id, device, batch_size,
+                                 num_workers, precision, progress, worker, workers, log))
+
+    seconds = round(time.perf_counter() - started, 3)
     summary = {"worker": worker, "num_workers": workers, "encoder_id": encoder_id,
                "output_dir": str(embeddings_dir(shards_dir, encoder_id)),
-               "shards_assigned": len(mine), "shards_skipped": 0, "shards_written": 0,
-               "shards_failed": [], "images": 0, "missing": [], "seconds": 0.0,
-               "images_per_second": 0.0}
+               "shards_assigned": len(mine), "shards_skipped": skipped,
+               "shards_written": embedded.shards_written, "shards_failed": failed,
+               "images": embedded.images, "missing": embedded.missing, "seconds": seconds,
+               # the rate of the embedding loop itself (model loading and shard checks excluded)
+               "images_per_second": round(embedded.images / max(embedded.seconds or seconds,
+                                                                 1e-9), 2)}
+    if pending:
+        summary["embed_seconds"] = embedded.seconds
+    total = embedded.images + len(embedded.missing)
+    if failed:
+        names = ", ".join(f["shard"] for f in failed)
+        summary["error"] = f"{len(failed)} shard(s) could not be embedded: {names}"
+    elif total and len(embedded.missing) / total > max_missing:
+        summary["error"] = (f"{len(embedded.missing)} of {total} samples could not be decoded "
+                            f"(above --max-missing {max_missing:.0%})")
+    return summary
+
+
+def _pending_shards(shards_dir: Path, mine: list[dict], encoder_id: str, log
+                    ) -> tuple[list[_Pending], int, list[dict]]:
+    """This worker's shards that still need embedding; how many are done already (a complete,
+    aligned output of the same shard); and those that cannot be read, with why."""
     pending: list[_Pending] = []
+    skipped, failed = 0, []
     for shard in mine:
         output = embedding_path(shards_dir, encoder_id, shard["name"])
         _remove_stale_temporaries(output)
@@ -167,34 +229,16 @@ def embed_shards(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_B
             expected = shard.get("sha256") or actual
             shard = {**shard, "sha256": expected}
             if output.is_file() and check_embedding_file(output, shard, encoder_id, keys) is None:
-                summary["shards_skipped"] += 1
+                skipped += 1
                 continue
             if (actual or sha256_file(path)) != expected:
                 raise PathganError("sha256 differs from the manifest (truncated or changed?)")
             start = sum(len(p.keys) for p in pending)
             pending.append(_Pending(shard, path, output, keys, start, entries))
         except PathganError as error:
-            summary["shards_failed"].append({"shard": shard["name"], "reason": str(error)})
+            failed.append({"shard": shard["name"], "reason": str(error)})
             log(f"pathgan embed: skipping {shard['name']}: {error}")
-
-    if pending:
-        dataset = ShardSamples([(p.path, p.entries) for p in pending])
-        _run(dataset, pending, loaded, spec, device, batch_size, num_workers, precision,
-             progress, worker, workers, summary, log, tqdm)
-
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    # the rate of the embedding loop itself (model loading and shard checks excluded)
-    rate_seconds = summary.get("embed_seconds") or summary["seconds"]
-    summary["images_per_second"] = round(summary["images"] / max(rate_seconds, 1e-9), 2)
-    total = summary["images"] + len(summary["missing"])
-    if summary["shards_failed"]:
-        names = ", ".join(f["shard"] for f in summary["shards_failed"])
-        count = len(summary["shards_failed"])
-        summary["error"] = f"{count} shard(s) could not be embedded: {names}"
-    elif total and len(summary["missing"]) / total > max_missing:
-        summary["error"] = (f"{len(summary['missing'])} of {total} samples could not be decoded "
-                            f"(above --max-missing {max_missing:.0%})")
-    return summary
+    return pending, skipped, failed
 
 
 def _load(spec: str, device, precision: str, log):
@@ -207,71 +251,82 @@ def _load(spec: str, device, precision: str, log):
     return encoder
 
 
-def _run(dataset, pending, encoder, spec, device, batch_size, num_workers, precision, progress,
-         worker, workers, summary, log, tqdm) -> None:
-    if num_workers is None:
-        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+def _ready_encoder(job: EmbedJob):
+    """The job's encoder, loaded if it was not, on its device in its precision."""
+    encoder = job.encoder or _load(job.spec, job.device, job.precision, job.log)
+    if encoder.encoder_id != job.encoder_id:
+        raise PathganError(f"encoder id changed while loading: {job.encoder_id} -> "
+                           f"{encoder.encoder_id}")
+    encoder = encoder.to(job.device).eval()
+    if hasattr(encoder, "set_precision"):
+        encoder.set_precision(job.precision)
+    return encoder
+
+
+def _run(job: EmbedJob) -> Embedded:
+    """Embed every sample of the job's shards; each shard's file is written as soon as its last
+    sample is back (corrupt samples listed as missing)."""
+    from tqdm.auto import tqdm
+
+    dataset = ShardSamples([(item.path, item.entries) for item in job.shards])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=collate_samples, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
+        dataset, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,
+        collate_fn=collate_samples, pin_memory=job.device.type == "cuda",
+        prefetch_factor=4 if job.num_workers else None,
     )
     batches = iter(loader)  # workers start decoding now, while the encoder loads
-    if encoder is None:
-        encoder = _load(spec, device, precision, log)
-    expected = summary["encoder_id"]
-    if encoder.encoder_id != expected:
-        raise PathganError(f"encoder id changed while loading: {expected} -> {encoder.encoder_id}")
-    encoder = encoder.to(device).eval()
-    if hasattr(encoder, "set_precision"):
-        encoder.set_precision(precision)
-    for item in pending:
+    encoder = _ready_encoder(job)
+    for item in job.shards:
         item.embeddings = np.zeros((len(item.keys), encoder.embed_dim), dtype=np.float32)
         item.ok = np.zeros(len(item.keys), dtype=bool)
-    starts = [item.start for item in pending]
-    total = len(dataset)
-    position = worker if workers > 1 and worker < 8 else None
-    bar = tqdm(total=total, unit="img", desc=f"embed {worker + 1}/{workers}", disable=not progress,
-               position=position, dynamic_ncols=True, mininterval=1.0)
+    starts = [item.start for item in job.shards]
+
+    def shard_of(index: int) -> _Pending:
+        return job.shards[np.searchsorted(starts, index, side="right") - 1]
+
+    embedded = Embedded()
+    position = job.worker if job.workers > 1 and job.worker < 8 else None
+    bar = tqdm(total=len(dataset), unit="img", desc=f"embed {job.worker + 1}/{job.workers}",
+               disable=not job.progress, position=position, dynamic_ncols=True, mininterval=1.0)
     next_to_write = 0
     compute_started = time.perf_counter()
     try:
         for indices, images, failures in batches:
             if images is not None:
                 with torch.no_grad():
-                    inputs = uint8_to_signed(images.to(device, non_blocking=True))
+                    inputs = uint8_to_signed(images.to(job.device, non_blocking=True))
                     outputs = encoder(inputs).float().cpu().numpy()
                 for row, index in enumerate(indices):
-                    item = pending[np.searchsorted(starts, index, side="right") - 1]
+                    item = shard_of(index)
                     item.embeddings[index - item.start] = outputs[row]
                     item.ok[index - item.start] = True
                     item.done += 1
             for index, error in failures:
-                item = pending[np.searchsorted(starts, index, side="right") - 1]
+                item = shard_of(index)
                 key = item.keys[index - item.start]
                 item.errors[key] = error
                 item.done += 1
-                summary["missing"].append({"shard": item.shard["name"], "key": key,
-                                           "reason": error})
-                log(f"pathgan embed: corrupt sample {key} in {item.shard['name']}: {error}")
-            summary["images"] += len(indices)
+                embedded.missing.append({"shard": item.shard["name"], "key": key,
+                                         "reason": error})
+                job.log(f"pathgan embed: corrupt sample {key} in {item.shard['name']}: {error}")
+            embedded.images += len(indices)
             bar.update(len(indices) + len(failures))
-            while next_to_write < len(pending) and \
-                    pending[next_to_write].done == len(pending[next_to_write].keys):
-                item = pending[next_to_write]
-                _write_output(item, encoder, precision)
-                summary["shards_written"] += 1
+            while next_to_write < len(job.shards) and job.shards[next_to_write].complete:
+                item = job.shards[next_to_write]
+                _write_output(item, encoder, job.precision)
+                embedded.shards_written += 1
                 item.embeddings = None  # free it
                 next_to_write += 1
     finally:
         bar.close()
         dataset.close()
-        summary["embed_seconds"] = round(time.perf_counter() - compute_started, 3)
-    for item in pending[next_to_write:]:  # only an empty shard can be left
+        embedded.seconds = round(time.perf_counter() - compute_started, 3)
+    for item in job.shards[next_to_write:]:  # only an empty shard can be left
         item.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
         item.ok = np.zeros(0, bool)
-        _write_output(item, encoder, precision)
-        summary["shards_written"] += 1
+        _write_output(item, encoder, job.precision)
+        embedded.shards_written += 1
+    return embedded
 
 
 def format_summary(summary: dict) -> str:
