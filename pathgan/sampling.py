@@ -30,20 +30,18 @@ from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
 from pathgan.hub import resolve_generator
 from pathgan.images import signed_to_uint8
-from pathgan.models import noise_batch
+from pathgan.models import generated_batches, noise_batch
 from pathgan.models.export import load_generator
 
 SAMPLE_RECORD = "sample.json"  # beside PNG files: what made them (shards: the manifest)
 
 
-def generated_batches(generator, nz: int, count: int, batch_size: int, seed: int,
-                      device: torch.device):
-    """uint8 NHWC batches; sample ``i`` always comes from the same noise (seed, i)."""
-    noise = noise_batch(count, nz, seed)
-    with torch.inference_mode():
-        for start in range(0, count, batch_size):
-            images = generator(noise[start:start + batch_size].to(device))
-            yield start, signed_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+def uint8_batches(generator, noise: torch.Tensor, batch_size: int):
+    """``(index of the first sample, uint8 NHWC batch)``; sample ``i`` always comes from the
+    same noise row ``i``."""
+    batches = generated_batches(generator, noise, batch_size)
+    for start, images in zip(range(0, len(noise), batch_size), batches, strict=True):
+        yield start, signed_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def indexed_images(batches):
@@ -101,7 +99,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
               "seed": seed, "generator": config}
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out_dir.mkdir(parents=True, exist_ok=True)
-    batches = generated_batches(generator, config["nz"], count, batch_size, seed, device)
+    batches = uint8_batches(generator, noise_batch(count, config["nz"], seed), batch_size)
     with tqdm(total=count, desc="sampling", unit="patch") as progress:
         if image_format == "png":
             write_pngs(batches, out_dir, progress)

@@ -21,7 +21,7 @@ from pathgan.data.reading import collate_samples
 from pathgan.errors import PathganError
 from pathgan.evaluation.ranks import gather_rows, progress_bar, rank_slice
 from pathgan.images import IMAGE_SIZE, signed_to_uint8, uint8_to_signed
-from pathgan.models import noise_batch
+from pathgan.models import generated_batches, noise_batch
 
 MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
 DEFAULT_BATCH_SIZE = 64
@@ -220,13 +220,6 @@ def real_features(real: RealSet, extractors: list[Extractor], state, *,
 
 
 # -- the fake side -----------------------------------------------------------------------------
-def _module_device(module: torch.nn.Module, default) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    return torch.device(default)
-
-
-@torch.no_grad()
 def fake_features(generator: torch.nn.Module, n: int, extractors: list[Extractor], state, *,
                   nz: int | None = None, seed: int = 0,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
@@ -237,22 +230,15 @@ def fake_features(generator: torch.nn.Module, n: int, extractors: list[Extractor
         getattr(generator, "module", None), "nz", None)
     if nz is None:
         raise ValueError("cannot tell the generator's nz: pass nz=")
-    noise = noise_batch(n, nz, seed)
     mine = rank_slice(n, state.process_index, state.num_processes)
-    device = _module_device(generator, state.device)
-    was_training = generator.training
-    generator.eval()
+    batches = generated_batches(generator, noise_batch(n, nz, seed)[mine.start:mine.stop],
+                                batch_size)
     rows = {e.name: [] for e in extractors}
-    try:
-        with progress_bar(state, len(mine), "generated features") as bar:
-            for start in range(mine.start, mine.stop, batch_size):
-                stop = min(start + batch_size, mine.stop)
-                images = generator(noise[start:stop].to(device)).float()
-                for extractor in extractors:
-                    rows[extractor.name].append(extractor(images, range(start, stop)))
-                bar.update(stop - start)
-    finally:
-        generator.train(was_training)
+    with progress_bar(state, len(mine), "generated features") as bar:
+        for start, images in zip(range(mine.start, mine.stop, batch_size), batches, strict=True):
+            for extractor in extractors:
+                rows[extractor.name].append(extractor(images, range(start, start + len(images))))
+            bar.update(len(images))
     indices = torch.arange(mine.start, mine.stop, dtype=torch.long)
     return _gathered(indices, rows, extractors, n, state)
 

@@ -35,7 +35,7 @@ from pathgan.evaluation.features import (
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.images import save_image_grid, signed_to_uint8
-from pathgan.models import noise_batch
+from pathgan.models import generate, noise_batch
 from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
 
 FORMAT = "pathgan-eval/1"
@@ -199,9 +199,7 @@ def _write_run_figures(generator, nz: int, count: int, seed: int, run_dir: Path,
                        out_dir: Path) -> dict:
     """A grid of the run's first ``count`` samples and a copy of its loss plot, into ``out_dir``;
     the eval.json keys that name them."""
-    noise = noise_batch(count, nz, seed)
-    with torch.no_grad():
-        images = generator(noise.to(next(generator.parameters()).device))
+    images = generate(generator, noise_batch(count, nz, seed), batch_size=count)  # one batch
     save_image_grid(signed_to_uint8(images).cpu(), out_dir / f"{name}-fake.png")
     figures = {"fake_grid": f"{name}-fake.png"}
     loss = run_dir / "loss.png"

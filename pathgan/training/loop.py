@@ -26,7 +26,7 @@ from pathgan.config import Config, config_to_dict, save_config
 from pathgan.errors import PathganError
 from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
-from pathgan.models import noise_batch
+from pathgan.models import generate, noise_batch
 from pathgan.models.export import export_generator, generator_config
 from pathgan.training import checkpoint as ckpt
 from pathgan.training.build import GAN, build_gan, set_encoder_precision
@@ -271,16 +271,6 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
             best = run_dir / ckpt.BEST_DIR
             export_generator(sample_model, generator_config(config.model), best)
             write_json(best / "best.json", {"step": state.step, **scores})
-
-
-@torch.no_grad()
-def generate(generator: torch.nn.Module, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Images from a fixed noise batch, in eval mode (BatchNorm running statistics)."""
-    was_training = generator.training
-    generator.eval()
-    images = torch.cat([generator(chunk).float() for chunk in noise.split(batch_size)])
-    generator.train(was_training)
-    return images
 
 
 def train(config: Config, resume: str | None = None) -> TrainResult:
