@@ -27,6 +27,7 @@ from pathgan.data.embeddings import (
 )
 from pathgan.data.format import load_manifest
 from pathgan.data.reading import ShardSamples, collate_samples, index_shard
+from pathgan.devices import default_device
 from pathgan.errors import PathganError
 from pathgan.fileio import sha256_file
 from pathgan.images import uint8_to_signed
@@ -113,12 +114,6 @@ class Embedded:
     seconds: float = 0.0  # the loop itself: model loading and shard checks excluded
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def encoder_precision(encoder, requested: str) -> str:
     """The precision an encoder really runs in: TensorFlow encoders are always float32."""
     return requested if hasattr(encoder, "set_precision") else "fp32"
@@ -169,7 +164,7 @@ def embed_shards(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_B
     manifest = load_manifest(shards_dir)
     worker, workers = worker_assignment(task_index, num_tasks)
     mine = assigned_shards(manifest["shards"], worker, workers)
-    device = torch.device(device) if device is not None else _default_device()
+    device = default_device(device)
     if batch_size < 1:
         raise PathganError("--batch-size must be at least 1")
 

@@ -26,6 +26,7 @@ from pathgan.data.format import (
     shard_name,
     shard_writer,
 )
+from pathgan.devices import default_device
 from pathgan.errors import PathganError
 from pathgan.fileio import atomic_path, write_json
 from pathgan.hub import resolve_generator
@@ -91,7 +92,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
         if value <= 0:
             raise PathganError(f"{flag} must be positive, not {value}")
     out_dir = Path(out_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     source = resolve_generator(generator_spec)
     generator, config = load_generator(source.folder, device)
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
