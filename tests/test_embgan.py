@@ -17,8 +17,8 @@ from pathgan.data.embeddings import embedding_path, read_embedding_file, read_em
 from pathgan.data.format import decode_sample, shard_paths
 from pathgan.data.reading import iter_tar_samples
 from pathgan.images import hwc_to_chw, uint8_to_signed
-from pathgan.plots import read_metrics
 from pathgan.training.build import build_gan
+from pathgan.training.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "embgan-smoke.yaml"
 TIMM = "timm:vit_tiny_patch16_224:random"

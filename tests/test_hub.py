@@ -19,7 +19,7 @@ from test_encoders import offline_hub  # noqa: F401  (a fixture: an empty cache,
 
 from pathgan.config import config_to_dict, load_config
 from pathgan.errors import PathganError
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache

@@ -12,7 +12,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_train import SMOKE, initial_generator_weight
 
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 STEPS = 4
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",

@@ -71,9 +71,9 @@ def default_encoder_spec(run_dirs: list[Path]) -> str:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    from pathgan.plots import read_metrics
+    from pathgan.training.logbook import METRICS, read_metrics
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS)
     return rows[-1]["step"] if rows else None
 
 
