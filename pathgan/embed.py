@@ -29,7 +29,7 @@ from pathgan.data.format import load_manifest
 from pathgan.data.reading import ShardSamples, collate_samples, index_shard
 from pathgan.devices import default_device
 from pathgan.errors import PathganError
-from pathgan.fileio import sha256_file
+from pathgan.fileio import sha256_file, timestamp
 from pathgan.images import uint8_to_signed
 
 DEFAULT_BATCH_SIZE = 64
@@ -135,7 +135,7 @@ def _write_output(item: _Pending, encoder, precision: str) -> None:
         "count": len(keys_ok),
         "missing": len(missing),
         "missing_reasons": {key: item.errors.get(key, "") for key in missing},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
     }
     write_embedding_file(item.output, keys_ok, item.embeddings[item.ok], missing, meta)
 

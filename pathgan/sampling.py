@@ -12,7 +12,6 @@ embedded and mixed with real ones by the same tools.
 
 import itertools
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from pathgan.data.format import (
 )
 from pathgan.devices import default_device
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, write_json
+from pathgan.fileio import atomic_path, timestamp, write_json
 from pathgan.hub import resolve_generator
 from pathgan.images import signed_to_uint8
 from pathgan.models import generated_batches, noise_batch
@@ -98,7 +97,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
               "seed": seed, "generator": config}
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = timestamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = uint8_batches(generator, noise_batch(count, config["nz"], seed), batch_size)
     with tqdm(total=count, desc="sampling", unit="patch") as progress:

@@ -34,6 +34,7 @@ from pathgan.evaluation.features import (
 )
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
+from pathgan.fileio import timestamp
 from pathgan.images import save_image_grid, signed_to_uint8
 from pathgan.models import generate, noise_batch
 from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
@@ -157,7 +158,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
 
     result = {
         "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": timestamp(),
         "encoder": encoder.encoder_id,
         "encoder_spec": spec,
         "real": {"shards": str(real.shards_dir), "split": real.split,
