@@ -26,8 +26,10 @@
 #                              train.mixed_precision=... override instead)
 #   PATHGAN_NUM_MACHINES       nodes (default: SLURM_STEP_NUM_NODES inside an srun step, else 1)
 #   PATHGAN_MACHINE_RANK       this node's rank (default: SLURM_NODEID, else 0)
+#   PATHGAN_VENV               the virtualenv to activate when none is (default: .venv here)
 #   MASTER_ADDR, MASTER_PORT   rendezvous of rank 0 (default: first host of SLURM_JOB_NODELIST,
-#                              and a port derived from SLURM_JOB_ID, else 127.0.0.1:29500)
+#                              and a port derived from SLURM_JOB_ID and SLURM_RESTART_COUNT
+#                              by launch/env.sh, else 127.0.0.1:29500)
 #   PATHGAN_TRAIN_MODULE       a python module to launch instead of `pathgan train` (tests swap it)
 #
 # Signals: inside a SLURM job (or with PATHGAN_SHIELD_LAUNCHER=1) the accelerate/torchrun
@@ -54,10 +56,9 @@ CONFIG=$1
 shift
 [ -f "$CONFIG" ] || die "config $CONFIG: no such file"
 
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then
-    # shellcheck disable=SC1091
-    . "$ROOT/.venv/bin/activate"
-fi
+# shellcheck source=launch/env.sh
+. "$ROOT/launch/env.sh"
+pathgan_activate_venv "$ROOT"
 PYTHON=${PYTHON:-python}
 
 # --- this node's GPUs and precision -------------------------------------------------------------
@@ -87,9 +88,8 @@ if [ -z "${MASTER_ADDR:-}" ]; then
     fi
 fi
 if [ -z "${MASTER_PORT:-}" ]; then
-    # Derived from the job id, so two jobs sharing a node never fight over 29500.
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+        MASTER_PORT=$(pathgan_master_port)
     else
         MASTER_PORT=29500
     fi
