@@ -225,6 +225,7 @@ def test_changed_shard_is_not_embedded(corrupt_set, encoder):
     assert not report["complete"] and report["problems"][0]["shard"] == "train-000000.tar"
 
 
+@pytest.mark.slow
 def test_two_ranks_with_accelerate_launch(shard_set, tiny_dir, capsys):
     """`accelerate launch` with 2 processes: ranks split the shards, nothing twice or missing."""
     accelerate = Path(sys.executable).with_name("accelerate")
