@@ -96,9 +96,8 @@ def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
 class Networks:
     """What a training step updates, as this process runs it."""
 
-    generator: torch.nn.Module  # prepared by Accelerate (DDP-wrapped under several processes)
-    run_generator: torch.nn.Module  # what computes G(z): the prepared generator, maybe compiled
-    plain_generator: torch.nn.Module  # unwrapped: what the EMA follows and exports copy
+    run_generator: torch.nn.Module  # computes G(z): prepared (DDP-wrapped), maybe compiled
+    plain_generator: torch.nn.Module  # unwrapped: what the EMA follows, exported without EMA
     discriminators: dict[str, torch.nn.Module]  # prepared; the objective runs them, maybe compiled
     objective: GANObjective
     g_optimizer: torch.optim.Optimizer
@@ -136,7 +135,6 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
     compiled = _switch(config.train.compile)
     return Networks(
-        generator=generator,
         run_generator=torch.compile(generator) if compiled else generator,
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
         discriminators=discriminators,
@@ -202,9 +200,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
 
 def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
                   ema: GeneratorEMA | None) -> ckpt.TrainState:
-    """The run's progress, registered for checkpointing with the EMA, and everything prepared
-    restored from the checkpoint ``resume`` names. Without ``resume`` a run folder that already
-    holds checkpoints is refused."""
+    """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
+    With ``resume`` it is restored, with the prepared networks and optimizers, from that
+    checkpoint; without, a run folder that already holds checkpoints is refused."""
     state = ckpt.TrainState()
     accelerator.register_for_checkpointing(state)
     if ema is not None:
