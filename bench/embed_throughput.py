@@ -122,7 +122,8 @@ def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
 
     import torch
 
-    from pathgan.embed import embed_shards, embeddings_dir
+    from pathgan.data.embeddings import embeddings_dir
+    from pathgan.embed import embed_shards
 
     with torch.no_grad():  # warm up both shapes (TensorFlow traces, cuDNN picks kernels)
         encoder(torch.zeros(1, 3, 224, 224, device=device))

@@ -39,7 +39,7 @@ from pathgan.evaluation import fake_features, make_state, real_features, select_
 from pathgan.images import save_image_grid, signed_to_uint8
 from pathgan.metrics import sliced_wasserstein_distance
 from pathgan.models import Discriminator, Generator, noise_batch
-from pathgan.training.checkpoint import load_generator
+from pathgan.models.export import load_generator
 from pathgan.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

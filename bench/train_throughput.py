@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pathgan.config import load_config
 from pathgan.data.pack import PackOptions, pack
 from pathgan.models import Discriminator, Generator
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 from pathgan.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

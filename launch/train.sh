@@ -9,8 +9,8 @@
 #   launch/node.yaml       all GPUs of this node, one process each (DDP, NCCL)
 #   launch/multinode.yaml  several nodes: one train.sh per node (srun --ntasks-per-node=1),
 #                          the per-job values filled from SLURM_* / MASTER_* (below)
-# then runs `accelerate launch --config_file ... -m pathgan.train --config CONFIG ...`.
-# GPU runs use bf16, or fp16 (with loss scaling) on GPUs without bf16. (pathgan.train passes its
+# then runs `accelerate launch --config_file ... -m pathgan train --config CONFIG ...`.
+# GPU runs use bf16, or fp16 (with loss scaling) on GPUs without bf16. (pathgan train passes its
 # own train.mixed_precision to Accelerator, default auto = the same rule, and that wins.)
 #
 # Examples (from the repository root):
@@ -22,13 +22,15 @@
 #   PATHGAN_ACCELERATE_CONFIG  use this accelerate config file instead of picking one
 #   PATHGAN_GPUS_PER_NODE      GPUs of this node to use (default: all that torch sees)
 #   PATHGAN_PROCS_PER_NODE     processes per node (default: the GPU count, 1 on CPU)
-#   PATHGAN_MIXED_PRECISION    no|fp16|bf16 for accelerate launch (pathgan.train: use the
+#   PATHGAN_MIXED_PRECISION    no|fp16|bf16 for accelerate launch (pathgan train: use the
 #                              train.mixed_precision=... override instead)
 #   PATHGAN_NUM_MACHINES       nodes (default: SLURM_STEP_NUM_NODES inside an srun step, else 1)
 #   PATHGAN_MACHINE_RANK       this node's rank (default: SLURM_NODEID, else 0)
+#   PATHGAN_VENV               the virtualenv to activate when none is (default: .venv here)
 #   MASTER_ADDR, MASTER_PORT   rendezvous of rank 0 (default: first host of SLURM_JOB_NODELIST,
-#                              and a port derived from SLURM_JOB_ID, else 127.0.0.1:29500)
-#   PATHGAN_TRAIN_MODULE       python module to launch (default: pathgan.train; tests swap it)
+#                              and a port derived from SLURM_JOB_ID and SLURM_RESTART_COUNT
+#                              by launch/env.sh, else 127.0.0.1:29500)
+#   PATHGAN_TRAIN_MODULE       a python module to launch instead of `pathgan train` (tests swap it)
 #
 # Signals: inside a SLURM job (or with PATHGAN_SHIELD_LAUNCHER=1) the accelerate/torchrun
 # launcher is made to ignore SIGUSR1 and SIGTERM, so that a signal sent to the whole job step
@@ -54,15 +56,14 @@ CONFIG=$1
 shift
 [ -f "$CONFIG" ] || die "config $CONFIG: no such file"
 
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$ROOT/.venv/bin/activate" ]; then
-    # shellcheck disable=SC1091
-    . "$ROOT/.venv/bin/activate"
-fi
+# shellcheck source=launch/env.sh
+. "$ROOT/launch/env.sh"
+pathgan_activate_venv "$ROOT"
 PYTHON=${PYTHON:-python}
 
 # --- this node's GPUs and precision -------------------------------------------------------------
 # pathgan decides (pathgan/training/precision.py: bf16 on compute capability >= 8.0, fp16 below,
-# no on CPU), so that this script and pathgan.train never disagree. A failed probe stops here:
+# no on CPU), so that this script and pathgan train never disagree. A failed probe stops here:
 # guessing "no GPU" would quietly train on the CPU of a GPU node.
 probe=$("$PYTHON" -m pathgan.training.precision 2>&1) \
     || die "cannot ask $PYTHON for this node's GPUs (is pathgan installed?): ${probe##*$'\n'}"
@@ -87,9 +88,8 @@ if [ -z "${MASTER_ADDR:-}" ]; then
     fi
 fi
 if [ -z "${MASTER_PORT:-}" ]; then
-    # Derived from the job id, so two jobs sharing a node never fight over 29500.
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+        MASTER_PORT=$(pathgan_master_port)
     else
         MASTER_PORT=29500
     fi
@@ -132,4 +132,5 @@ echo "launch/train.sh: $(hostname -s) machine $machine_rank/$machines, $procs pr
      "node ($gpus GPU(s)), $(basename "$config_file"), mixed precision $precision," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
 
-exec accelerate launch "${flags[@]}" -m "${PATHGAN_TRAIN_MODULE:-pathgan.train}" --config "$CONFIG" "$@"
+if [ -n "${PATHGAN_TRAIN_MODULE:-}" ]; then trainer=("$PATHGAN_TRAIN_MODULE"); else trainer=(pathgan train); fi
+exec accelerate launch "${flags[@]}" -m "${trainer[@]}" --config "$CONFIG" "$@"

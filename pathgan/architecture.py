@@ -7,8 +7,10 @@ from torch import nn
 
 from pathgan.config import Config
 from pathgan.fileio import atomic_path
+from pathgan.images import IMAGE_SIZE
 from pathgan.plots import plt
 from pathgan.training.build import build_gan
+from pathgan.training.objective import IMAGES
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
                nn.Linear, nn.Dropout)
@@ -75,7 +77,7 @@ def write_architecture(config: Config, out_dir: str | Path) -> list[Path]:
     gan = build_gan(config, torch.device("cpu"))
     networks = {"generator": (gan.generator, torch.zeros(2, model.nz))}
     for feature, discriminator in gan.discriminators.items():
-        example = (torch.zeros(2, model.channels, 224, 224) if feature == "images"
+        example = (torch.zeros(2, model.channels, IMAGE_SIZE, IMAGE_SIZE) if feature == IMAGES
                    else torch.zeros(2, gan.encoder.embed_dim))
         networks[f"discriminator-{feature}"] = (discriminator, example)
     written, markdown = [], ["# Architecture", ""]

@@ -1,4 +1,4 @@
-"""Atomic writes and checksums shared by every stage.
+"""Atomic writes, checksums and timestamps shared by every stage.
 
 A file only ever appears under its final name complete: it is written to a temporary name in
 the same folder, flushed to disk, then renamed (a rename is atomic on POSIX file systems).
@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -58,3 +59,8 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def timestamp() -> str:
+    """Now, as every file's ``created`` records it: ISO 8601 in UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

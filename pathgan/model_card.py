@@ -16,14 +16,9 @@ import yaml
 
 from pathgan.errors import PathganError
 from pathgan.fileio import read_json
-from pathgan.plots import read_metrics
-from pathgan.training.checkpoint import (
-    BEST_DIR,
-    GENERATOR_CONFIG,
-    GENERATOR_WEIGHTS,
-    list_checkpoints,
-)
-from pathgan.training.loop import PREEMPTED_MARKER
+from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
+from pathgan.training.checkpoint import BEST_DIR, PREEMPTED_MARKER, list_checkpoints
+from pathgan.training.logbook import METRICS, read_metrics
 
 #: Numbers of an evaluation that count samples or steps rather than score the generator.
 BOOKKEEPING = ("step", "n", "n_real")
@@ -122,7 +117,7 @@ def _final_step(run_dir: Path) -> int | None:
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         return int(read_json(checkpoints[-1] / "COMPLETE")["step"])
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS)
     return rows[-1]["step"] if rows else None
 
 
@@ -227,7 +222,7 @@ def _from_eval_json(result: dict, entry: dict) -> Evaluation:
 def _in_loop_evaluation(run_dir: Path, best_json: dict) -> Evaluation | None:
     """The last ``eval/*`` row of metrics.jsonl. Its encoder id and real count are not logged
     per row; best.json, written by the same evaluator, records them."""
-    rows = [row for row in read_metrics(run_dir / "metrics.jsonl")
+    rows = [row for row in read_metrics(run_dir / METRICS)
             if any(key.startswith("eval/") for key in row)]
     if not rows:
         return None
@@ -387,7 +382,7 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         "```python",
         "import torch",
         "from huggingface_hub import snapshot_download",
-        "from pathgan.training.checkpoint import load_generator",
+        "from pathgan.models.export import load_generator",
         "",
         f"generator, config = load_generator(snapshot_download(\"{repo_id}\""
         + (f", revision=\"{revision}\"" if revision else "") + "))",

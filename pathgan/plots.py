@@ -1,6 +1,5 @@
 """Figures a run writes as PNG files, readable without any service."""
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,25 +10,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pathgan.fileio import atomic_path  # noqa: E402
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl``; a line torn by a kill mid-append is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
-
-
-def plot_losses(metrics_path: str | Path, out_path: str | Path, title: str = "") -> bool:
-    """``Loss_D`` and ``Loss_G`` per logged iteration, as in the reference figure."""
-    rows = [row for row in read_metrics(metrics_path) if "Loss_D" in row]
+def plot_losses(metrics: list[dict], out_path: str | Path, title: str = "") -> bool:
+    """``Loss_D`` and ``Loss_G`` per logged iteration (rows of ``metrics.jsonl``), as in the
+    reference figure; False when no row has them."""
+    rows = [row for row in metrics if "Loss_D" in row]
     if not rows:
         return False
     figure, axes = plt.subplots(figsize=(10, 5))

@@ -1,25 +1,23 @@
-"""``pathgan.train`` that also saves each rank's final parameters, for tests that compare ranks.
+"""``pathgan train`` that also saves each rank's final parameters, for tests that compare ranks.
 
-Launched like ``pathgan.train`` (``--config CONFIG [--resume ...] [key=value ...]``), e.g. by
+Launched like ``pathgan train`` (``--config CONFIG [--resume ...] [key=value ...]``), e.g. by
 launch/train.sh with ``PATHGAN_TRAIN_MODULE=rank_params_trainer`` and tests/ on PYTHONPATH. Each
 rank writes ``run.dir/params-rank<RANK>.safetensors``: every parameter of the generator and the
 discriminators (not the BatchNorm statistics, which are per rank by design).
 """
 
-import argparse
 import os
+import sys
 
 from safetensors.torch import save_file
 
+from pathgan.cli import build_parser
 from pathgan.config import load_config
-from pathgan.train import add_train_arguments
 from pathgan.training.loop import train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="rank_params_trainer")
-    add_train_arguments(parser)
-    args = parser.parse_args()
+    args = build_parser().parse_args(["train", *sys.argv[1:]])
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     networks = {"generator": result.generator, **result.discriminators}
     tensors = {f"{name}.{key}": value.detach().cpu().contiguous()

@@ -36,6 +36,7 @@ def assert_weights(exported: dict, saved_dir: Path) -> None:
         assert torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.slow
 def test_a_compiled_run_resumes_without_compile(tmp_path, slide_shards):
     script = tmp_path / "eager_compile.py"
     script.write_text(textwrap.dedent(EAGER_COMPILE))
@@ -68,6 +69,7 @@ RESUME_SCRIPT = DDP_SCRIPT.replace("config = load_config(sys.argv[1], sys.argv[2
                                    "result = train(config, resume='latest')")
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_process_counts(tmp_path, slide_shards):
     script = tmp_path / "resume_train.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT))
@@ -109,6 +111,7 @@ def test_commit_lists_every_file_with_its_size_and_checksum(tmp_path):
     assert checkpoint_problem(path) == "model.safetensors has 7 bytes, not 700"
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, slide_shards):
     run_dir = tmp_path / "damaged"
     common = ["log.wandb=false", "ckpt.every=2", "log.every=1"]

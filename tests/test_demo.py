@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from test_train import QUIET
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(

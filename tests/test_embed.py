@@ -15,17 +15,15 @@ from PIL import Image
 
 from pathgan import embed as embed_module
 from pathgan.cli import main as cli_main
-from pathgan.data.format import decode_sample, load_manifest
-from pathgan.data.reading import shard_keys
-from pathgan.embed import (
-    assigned_shards,
-    embed_shards,
+from pathgan.data.embeddings import (
     embedding_path,
     read_embedding_file,
     read_embeddings,
     verify_embeddings,
-    worker_assignment,
 )
+from pathgan.data.format import decode_sample, load_manifest
+from pathgan.data.reading import shard_keys
+from pathgan.embed import assigned_shards, embed_shards, worker_assignment
 from pathgan.encoders import load_encoder
 from pathgan.fileio import sha256_file
 from pathgan.images import hwc_to_chw, uint8_to_signed
@@ -227,6 +225,7 @@ def test_changed_shard_is_not_embedded(corrupt_set, encoder):
     assert not report["complete"] and report["problems"][0]["shard"] == "train-000000.tar"
 
 
+@pytest.mark.slow
 def test_two_ranks_with_accelerate_launch(shard_set, tiny_dir, capsys):
     """`accelerate launch` with 2 processes: ranks split the shards, nothing twice or missing."""
     accelerate = Path(sys.executable).with_name("accelerate")

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
 
 from pathgan.config import load_config
+from pathgan.data.embeddings import embedding_path, read_embedding_file, read_embeddings
 from pathgan.data.format import decode_sample, shard_paths
 from pathgan.data.reading import iter_tar_samples
-from pathgan.embed import embedding_path, read_embedding_file, read_embeddings
 from pathgan.images import hwc_to_chw, uint8_to_signed
-from pathgan.plots import read_metrics
 from pathgan.training.build import build_gan
+from pathgan.training.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "embgan-smoke.yaml"
 TIMM = "timm:vit_tiny_patch16_224:random"
@@ -46,6 +46,7 @@ def train_embgan(shards: Path, run_dir: Path, *overrides: str, expect: int = 0):
     return result
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path, embedded_shards):
     shards, _ = embedded_shards
     run_dir = tmp_path / "embgan"
@@ -128,6 +129,7 @@ def test_mismatched_encoder_is_refused(tmp_path, embedded_shards):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_two_process_embgan_keeps_ranks_in_sync(tmp_path, embedded_shards):
     shards, _ = embedded_shards
     script = tmp_path / "ddp_train.py"
@@ -145,6 +147,7 @@ def test_two_process_embgan_keeps_ranks_in_sync(tmp_path, embedded_shards):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
 
 
+@pytest.mark.slow
 def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
     import shutil
 
@@ -168,6 +171,7 @@ def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
     assert not torch.equal(trained, initial_generator_weight())
 
 
+@pytest.mark.slow
 def test_the_encoder_runs_in_the_precision_of_the_real_embeddings(tmp_path, embedded_shards):
     import shutil
 
@@ -200,6 +204,7 @@ def test_the_encoder_ignores_the_trainers_autocast():
     assert inside.dtype == torch.float32 and torch.equal(inside, expected)
 
 
+@pytest.mark.slow
 def test_augmented_embedding_gan_encodes_real_images_in_the_loop(tmp_path, embedded_shards):
     shards, _ = embedded_shards
     result = train_embgan(shards, tmp_path / "augmented", "train.max_steps=2", "log.wandb=false",

@@ -39,6 +39,7 @@ def single(tiny_run, slide_shards, tmp_path_factory):
     return out, json.loads((out / "eval.json").read_text())
 
 
+@pytest.mark.slow
 def test_eval_writes_json_and_report(single, tiny_run):
     out, result = single
     (run,) = result["runs"]
@@ -65,6 +66,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_figures(single, tiny_run, slide_shards, tmp_path):
     _, expected = single
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -82,6 +84,7 @@ def test_two_processes_give_the_same_figures(single, tiny_run, slide_shards, tmp
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_precomputed_embeddings_are_used(single, tiny_run, slide_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(slide_shards, shards, ignore=shutil.ignore_patterns("embeddings"))
@@ -99,9 +102,10 @@ def test_precomputed_embeddings_are_used(single, tiny_run, slide_shards, tmp_pat
     assert "| tiny-run |" in report and "| tiny-run-2 |" in report
 
 
+@pytest.mark.slow
 def test_in_loop_evaluator_matches_pathgan_eval(single, tiny_run, slide_shards):
     from pathgan.evaluation import InLoopEvaluator
-    from pathgan.training.checkpoint import load_generator
+    from pathgan.models.export import load_generator
 
     generator, _ = load_generator(tiny_run)
     generator.train()
@@ -114,6 +118,7 @@ def test_in_loop_evaluator_matches_pathgan_eval(single, tiny_run, slide_shards):
     assert evaluator(generator)["fd"] == first["fd"]  # real features cached, same noise
 
 
+@pytest.mark.slow
 def test_inception_without_weights_is_one_clear_line(tiny_run, slide_shards, tmp_path,
                                                      monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
@@ -152,6 +157,7 @@ def test_rank_slices_cover_every_index_once():
             assert max(len(s) for s in slices) == math.ceil(total / world)
 
 
+@pytest.mark.slow
 def test_missing_run_generator_or_shards_is_one_line(tmp_path, tiny_run, slide_shards, capsys):
     assert run_cli("eval", tmp_path / "nope", "--real", slide_shards, "-n", 8) == 2
     assert "no such run folder" in capsys.readouterr().err
@@ -162,6 +168,7 @@ def test_missing_run_generator_or_shards_is_one_line(tmp_path, tiny_run, slide_s
     assert "manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inception_fid_with_local_weights(tiny_run, slide_shards, tmp_path):
     """The --inception path end to end, with random weights saved in the real file's format."""
     from unittest import mock

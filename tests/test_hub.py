@@ -19,7 +19,7 @@ from test_encoders import offline_hub  # noqa: F401  (a fixture: an empty cache,
 
 from pathgan.config import config_to_dict, load_config
 from pathgan.errors import PathganError
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache
@@ -71,6 +71,7 @@ def _texts(folder) -> str:
 
 
 # -- push ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_folder,
                                                                slide_shards):
     assert {p.name for p in card_folder.iterdir()} == FILES
@@ -125,6 +126,7 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
     assert "pathgan sample hf-hub:lab/tiny-dcgan -n 64 --out DIR" in card
 
 
+@pytest.mark.slow
 def test_the_published_folder_holds_no_local_path_or_name(tiny_run, card_folder, slide_shards):
     texts = _texts(card_folder)
     for local in (str(tiny_run), RUN_NAME, str(slide_shards), slide_shards.name):
@@ -142,6 +144,7 @@ def test_the_published_folder_holds_no_local_path_or_name(tiny_run, card_folder,
     assert public_eval["runs"][0]["fd"] == run_eval["runs"][0]["fd"]
 
 
+@pytest.mark.slow
 def test_the_card_shows_every_metric_of_eval_json_with_its_space(tiny_run, tmp_path):
     """Figures added to eval.json later (SWD in pixel space, Inception FID) reach the card."""
     result = json.loads((tiny_run / "eval" / "eval.json").read_text())
@@ -162,6 +165,7 @@ def test_the_card_shows_every_metric_of_eval_json_with_its_space(tiny_run, tmp_p
     assert json.loads((out / "eval.json").read_text())["runs"][0]["swd_levels"] == [0.5, 0.25]
 
 
+@pytest.mark.slow
 def test_push_best_publishes_the_best_generator(tiny_run, tmp_path):
     out = tmp_path / "repo"
     assert run_cli("push", tiny_run, "--repo", "lab/x", "--best", "--dry-run", out) == 0
@@ -174,6 +178,7 @@ def test_push_best_publishes_the_best_generator(tiny_run, tmp_path):
     assert not (out / "eval.json").exists()  # `pathgan eval` scored RUN, not RUN/best
 
 
+@pytest.mark.slow
 def test_push_errors_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
     from huggingface_hub import constants
 
@@ -227,6 +232,7 @@ class FakeHub:
         return Commit()
 
 
+@pytest.mark.slow
 def test_push_uploads_the_folder_with_the_token_and_never_shows_it(tiny_run, tmp_path, capsys,
                                                                    monkeypatch):
     import huggingface_hub
@@ -268,6 +274,7 @@ def _unreachable() -> Exception:
     return HTTPError("[Errno -2] Name or service not known")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("problem", "message"), [
     (_refused, "the token may not write to lab/tiny (403)"),
     (_unreachable, "cannot reach the Hugging Face Hub to push lab/tiny: [Errno -2]"),
@@ -321,6 +328,7 @@ def _hub_cache() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("offline_hub")
 def test_sample_and_eval_from_the_hub_cache_offline_pin_the_commit(tiny_run, card_folder,
                                                                     tmp_path, capsys,

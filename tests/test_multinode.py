@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
 from test_train import SMOKE, initial_generator_weight
 
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
+
+pytestmark = pytest.mark.slow  # two launchers, two training processes
 
 STEPS = 4
 

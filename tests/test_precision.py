@@ -1,4 +1,4 @@
-"""``mixed_precision: auto`` follows the compute capability, in pathgan.train and launch/train.sh.
+"""``mixed_precision: auto`` follows the compute capability, in pathgan train and launch/train.sh.
 
 torch.cuda.is_bf16_supported() says True on a V100 (7.0) because it counts emulation; both
 places must still choose fp16 there. The GPUs are mocked: these tests need none.

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -60,6 +60,7 @@ def smoke_run(tmp_path_factory, slide_shards) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_everything(smoke_run):
     rows = read_metrics(smoke_run / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(2, 21, 2))
@@ -81,6 +82,7 @@ def test_smoke_run_writes_everything(smoke_run):
     assert not (smoke_run / "PREEMPTED").exists()
 
 
+@pytest.mark.slow
 def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, slide_shards):
     """After a short run, the EMA generator (warm-up, copied BatchNorm statistics) draws
     textured patches at least as close to real ones, by SWD, as the raw generator does."""
@@ -92,7 +94,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
         swd_extractor,
     )
     from pathgan.metrics import sliced_wasserstein_distance
-    from pathgan.training.checkpoint import load_generator
+    from pathgan.models.export import load_generator
 
     exported, config = load_generator(smoke_run, "cpu")
     raw = Generator(nz=config["nz"], ngf=config["ngf"])
@@ -110,6 +112,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
     assert swd["exported"] <= 1.05 * swd["raw"], swd
 
 
+@pytest.mark.slow
 def test_sample_and_arch_commands(tmp_path, smoke_run):
     assert run_cli("sample", smoke_run, "-n", "5", "--out", tmp_path / "png") == 0
     assert len(list((tmp_path / "png").glob("*.png"))) == 5
@@ -130,6 +133,7 @@ def test_sample_and_arch_commands(tmp_path, smoke_run):
     assert (tmp_path / "arch" / "discriminator-images.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(smoke_run, slide_shards):
     result = subprocess.run(train_command(slide_shards, smoke_run, "log.wandb=false"),
                             capture_output=True, text=True, env=QUIET, timeout=300)
@@ -170,6 +174,7 @@ def wait_for(predicate, process, timeout=240):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
@@ -196,6 +201,7 @@ def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
     assert steps == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
     run_dir = tmp_path / "preempted"
     process = subprocess.Popen(
@@ -243,6 +249,7 @@ def initial_generator_weight(ngf: int = 8, seed: int = 0) -> torch.Tensor:
     return Generator(ngf=ngf).state_dict()["main.0.weight"]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
@@ -262,6 +269,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_in_loop_evaluation_is_logged_and_keeps_the_best_generator(tmp_path, slide_shards):
     run_dir = tmp_path / "evaluated"
     run_training(slide_shards, run_dir, "train.max_steps=4", "log.wandb=false", "eval.every=2",
@@ -275,6 +283,7 @@ def test_in_loop_evaluation_is_logged_and_keeps_the_best_generator(tmp_path, sli
     assert run_cli("sample", run_dir / "best", "-n", "2", "--out", tmp_path / "best") == 0
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
     run_dir = tmp_path / "bf16"
     run_training(slide_shards, run_dir, "train.mixed_precision=bf16", "train.max_steps=4",
@@ -297,6 +306,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("policy", "expected_step"), [("stop", 0), ("skip", 0)])
 def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step):
     script = tmp_path / "nan_train.py"

@@ -76,7 +76,7 @@ def run(args) -> int:
 
 
 def run_verify(shards_dir: str, encoder: str) -> int:
-    from pathgan.embed import verify_embeddings
+    from pathgan.data.embeddings import verify_embeddings
 
     report = verify_embeddings(shards_dir, encoder)
     for problem in report["problems"]:

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathgan.evaluation import evaluate_runs
+    from pathgan.evaluation.job import evaluate_runs
 
     evaluate_runs(args.runs, args.real, args.n, encoder_spec=args.encoder, out_dir=args.out,
                   seed=args.seed, batch_size=args.batch_size, inception=args.inception,

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     sample.add_argument("--format", choices=["png", "shards"], default="png")
     sample.add_argument("--batch-size", type=int, default=64)
     sample.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same images)")
-    sample.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    sample.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when "
+                        "there is a GPU, else cpu)")
     sample.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     sample.set_defaults(handler=run_sample)
 
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run_sample(args) -> int:
-    from pathgan.sample import sample
+    from pathgan.sampling import sample
 
     out = sample(args.generator, args.n, args.out, image_format=args.format,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,

@@ -236,8 +236,9 @@ class BackgroundBatches:
 class ImageStream:
     """An endless stream of batches cut into epochs of ``batches_per_epoch`` batches.
 
-    Iterating an ``ImageStream`` yields one epoch. The worker processes and their shuffle
-    buffers live across epochs: restarting them each epoch would refill every buffer.
+    Iterating an ``ImageStream`` yields one epoch (a :class:`pathgan.training.data.RealStream`).
+    The worker processes and their shuffle buffers live across epochs: restarting them each
+    epoch would refill every buffer.
     """
 
     loader: wds.WebLoader
@@ -255,6 +256,11 @@ class ImageStream:
             if self.skipped.stopped:
                 raise PathganError(self.skipped.stop_message) from None
             raise
+
+    @property
+    def skipped_samples(self) -> int:
+        """Unreadable samples (and shard reads) skipped so far by this rank's workers."""
+        return self.skipped.count
 
     def close(self) -> None:
         """Stop the batch thread and the worker processes (they would otherwise prefetch until

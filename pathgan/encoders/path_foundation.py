@@ -17,7 +17,6 @@ ordered. TensorFlow is imported lazily and set up for this rank
 """
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
@@ -41,61 +40,6 @@ PREPROCESSING = "unit01"
 DEFAULT_CHUNK_SIZE = 128
 #: TensorFlow aborts the process (not an exception) on a CPU buffer that is not 64-byte aligned
 _TF_ALIGN_BYTES = 64
-
-def _gated_message(repo_id: str) -> str:
-    return (
-        f"cannot access {repo_id} on the Hugging Face Hub: it is gated, so accept its terms at "
-        f"https://huggingface.co/{repo_id} while logged in, then run `hf auth login` "
-        "(or set HF_TOKEN)"
-    )
-
-
-def hub_snapshot(repo_id: str, revision: str | None = None,
-                 token: str | bool | None = None) -> Path:
-    """Download (or find in the cache) a Hub repo; every access problem becomes one line."""
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-    )
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, revision=revision, token=token, local_files_only=offline
-        )
-    except GatedRepoError as error:
-        raise PathganError(_gated_message(repo_id)) from error
-    except RevisionNotFoundError as error:
-        raise PathganError(f"{repo_id} has no revision {revision!r} on the Hub") from error
-    except RepositoryNotFoundError as error:
-        raise PathganError(
-            f"{repo_id} was not found on the Hub or you may not read it: check the name; if it is "
-            f"gated, accept its terms at https://huggingface.co/{repo_id} and run `hf auth login`"
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise PathganError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"({'HF_HUB_OFFLINE is set' if offline else 'no network'}): run once online after "
-            f"accepting its terms at https://huggingface.co/{repo_id} and `hf auth login`, "
-            "or point to a local copy"
-        ) from error
-    except HfHubHTTPError as error:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise PathganError(_gated_message(repo_id)) from error
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-        raise PathganError(f"cannot download {repo_id}: {first_line}") from error
-    return Path(folder)
 
 
 def _check_layout(folder: Path) -> None:
@@ -127,6 +71,8 @@ def resolve(location: str | None = None, revision: str | None = None,
         _check_layout(folder)
         weights = local_revision(folder)
     else:
+        from pathgan.hub import hub_snapshot
+
         folder = hub_snapshot(REPO_ID, revision=revision, token=token)
         _check_layout(folder)
         commit = folder.name

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pathgan.devices import default_device
 from pathgan.errors import PathganError
 
 #: inter-op pool size of a rank's TensorFlow on a shared CPU: a ViT forward is a chain of ops
@@ -138,8 +139,9 @@ def configure_tensorflow(tf, device: torch.device | None, local_rank: int | None
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """A concrete torch device (default: CUDA if available, else CPU; ``cuda`` -> ``cuda:N``)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """A concrete torch device (default: :func:`~pathgan.devices.default_device`; ``cuda`` ->
+    ``cuda:N``, the current one)."""
+    device = default_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

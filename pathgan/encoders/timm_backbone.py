@@ -12,6 +12,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from pathgan.devices import default_device
 from pathgan.encoders.base import Encoder, safe_id_part
 from pathgan.errors import PathganError
 from pathgan.images import signed_to_unit
@@ -134,5 +135,4 @@ def load_timm(name: str, *, pretrained: bool = True, device=None, precision: str
     encoder = TimmEncoder(model, int(embed_dim), encoder_id, spec or f"timm:{name}",
                           config["mean"], config["std"], size)
     encoder.set_precision(precision)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return encoder.to(device)
+    return encoder.to(default_device(device))

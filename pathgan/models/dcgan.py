@@ -6,16 +6,10 @@ Discriminator: the mirror image with ``Conv2d`` + ``BatchNorm2d`` + ``LeakyReLU(
 one **logit** (no sigmoid: the loss is ``BCEWithLogitsLoss``, which is safe under autocast).
 """
 
-import torch
 from torch import nn
 
 UPSAMPLING_STAGES = 5  # 7 * 2**5 = 224
 BASE_SIZE = 7
-
-
-def noise_batch(count: int, nz: int, seed: int) -> torch.Tensor:
-    """Generator inputs that depend only on (seed, row): sample ``i`` is the same everywhere."""
-    return torch.randn(count, nz, generator=torch.Generator().manual_seed(seed))
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

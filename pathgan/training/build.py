@@ -29,13 +29,6 @@ class GAN:
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
 
-def model_export_config(config: Config) -> dict:
-    """What `pathgan sample` needs to rebuild the generator."""
-    return {"nz": config.model.nz, "ngf": config.model.ngf, "channels": config.model.channels,
-            "image_size": config.model.image_size, "kind": config.model.kind,
-            "encoder": config.model.encoder}
-
-
 def to_device(network: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     """``network`` on ``device``, its convolution weights channels_last when asked, except in
     modules marked ``keep_contiguous`` (a convolution on a 1x1 input: with a channels_last

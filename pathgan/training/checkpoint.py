@@ -1,4 +1,4 @@
-"""Checkpoint folders of a run: naming, finding the latest, pruning, and the exported generator.
+"""Checkpoint folders of a run: naming, finding the latest, pruning; the run folder's markers.
 
 A checkpoint is an ``accelerator.save_state`` folder (models, optimizers, the fp16 scaler, RNG
 states, and the objects registered for checkpointing: the step counter, the W&B run id, the
@@ -14,34 +14,31 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, fsync_dir, fsync_file, read_json, sha256_file, write_json
+from pathgan.fileio import fsync_dir, fsync_file, read_json, sha256_file, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 COMPLETE = "COMPLETE"
-GENERATOR_WEIGHTS = "generator.safetensors"
-GENERATOR_CONFIG = "generator.json"
 BEST_DIR = "best"  # the generator of the best in-loop evaluation, loadable like a run folder
+PREEMPTED_MARKER = "PREEMPTED"  # a run stopped by a signal before its end: resume it
 
 
 class TrainState:
-    """Progress that must survive a restart; registered with ``register_for_checkpointing``."""
+    """Progress that must survive a restart; registered with ``register_for_checkpointing``.
+
+    The epoch is not kept: it follows from the step (older checkpoints that hold one load too).
+    """
 
     def __init__(self) -> None:
         self.step = 0
-        self.epoch = 0
         self.wandb_run_id: str | None = None
         self.best_fd: float | None = None  # of the in-loop evaluation, for best/
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "wandb_run_id": self.wandb_run_id,
-                "best_fd": self.best_fd}
+        return {"step": self.step, "wandb_run_id": self.wandb_run_id, "best_fd": self.best_fd}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.step = int(state["step"])
         self.wandb_run_id = state.get("wandb_run_id")
         self.best_fd = state.get("best_fd")
 
@@ -141,27 +138,3 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
                  *(run_dir / "checkpoints").glob("checkpoint-*.old")]
     for old in [*list_checkpoints(run_dir)[:-keep], *leftovers]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def export_generator(generator: torch.nn.Module, model_config: dict, run_dir: Path) -> Path:
-    """Save generator weights as safetensors beside a JSON of the model config."""
-    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    with atomic_path(run_dir / GENERATOR_WEIGHTS) as temporary:
-        save_file(state, str(temporary))
-    write_json(run_dir / GENERATOR_CONFIG, model_config)
-    return run_dir / GENERATOR_WEIGHTS
-
-
-def load_generator(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """The exported generator of a run (eval mode) and its model config."""
-    from pathgan.models import Generator
-
-    run_dir = Path(run_dir)
-    weights, config_path = run_dir / GENERATOR_WEIGHTS, run_dir / GENERATOR_CONFIG
-    if not weights.is_file() or not config_path.is_file():
-        raise PathganError(f"{run_dir} has no exported generator ({GENERATOR_WEIGHTS}); "
-                           "train it first or point at a finished run folder")
-    config = read_json(config_path)
-    generator = Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
-    generator.load_state_dict(load_file(str(weights)))
-    return generator.to(device).eval(), config

@@ -1,24 +1,53 @@
-"""Real samples for the discriminators, as epochs of dict batches of equal length on every rank.
+"""Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
-``{"images": uint8 (B, 3, 224, 224)}`` from the shard pipeline, ``{"embeddings": (B, D)}`` from
-the precomputed embeddings (held in memory: 1.5 kB a patch for Path Foundation), or both for
-the hybrid objective. ``B`` is the per-rank batch. The loop moves batches to the device.
+``{IMAGES: uint8 (B, 3, 224, 224)}`` from the shard pipeline
+(:class:`~pathgan.data.pipeline.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
+embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
+both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
+objective's discriminators need (``GANObjective.real_inputs``). Both streams are
+:class:`RealStream` objects; :class:`RealData` zips them and never ends: the loop stops on its step
+and derives the epoch from it, as stylegan2-ada's ``InfiniteSampler`` does. The loop moves
+batches to the device.
 """
 
+import itertools
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pathgan.config import Config
-from pathgan.data.pipeline import ImageStream, make_image_stream
+from pathgan.data.embeddings import (
+    embedded_encoders,
+    embeddings_dir,
+    read_embeddings,
+    stored_precision,
+)
+from pathgan.data.pipeline import make_image_stream
 from pathgan.errors import PathganError
 from pathgan.training.objective import EMBEDDINGS, IMAGES
 
 
+class RealStream(Protocol):
+    """Per-rank batches of one kind of real sample; iterating yields one epoch of them."""
+
+    batches_per_epoch: int  # the same on every rank
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    @property
+    def skipped_samples(self) -> int:
+        """Unreadable samples skipped so far (in every worker of this rank)."""
+
+    def close(self) -> None:
+        """Stop what the stream runs in the background."""
+
+
 class EmbeddingStream:
     """Per-rank batches of precomputed embeddings; a fresh permutation every epoch."""
+
+    skipped_samples = 0  # corrupt samples were left out when the embeddings were computed
 
     def __init__(self, embeddings: np.ndarray, batch_size: int, world_size: int, rank: int,
                  seed: int) -> None:
@@ -40,48 +69,59 @@ class EmbeddingStream:
                          % len(order)]
             yield self.embeddings[rows]
 
+    def close(self) -> None:
+        """Nothing runs in the background: the embeddings are in memory."""
+
 
 class RealData:
-    """Zips the streams a GAN needs into dict batches; iterating yields one epoch."""
+    """The streams a GAN needs, zipped into dict batches, epoch after epoch, without end.
 
-    def __init__(self, streams: dict[str, object]) -> None:
+    An epoch is the shortest stream's: ``batches_per_epoch`` batches, the same on every rank.
+    """
+
+    def __init__(self, streams: dict[str, RealStream]) -> None:
         self.streams = streams
         self.batches_per_epoch = min(s.batches_per_epoch for s in streams.values())
+        self._batches = self._epochs()
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _epochs(self) -> Iterator[dict[str, torch.Tensor]]:
         names = list(self.streams)
-        iterators = [iter(self.streams[name]) for name in names]
-        for _, batches in zip(range(self.batches_per_epoch), zip(*iterators, strict=False),
-                              strict=False):
-            yield dict(zip(names, batches, strict=True))
+        while True:
+            epoch = zip(*(self.streams[name] for name in names), strict=False)  # cut below
+            for batches in itertools.islice(epoch, self.batches_per_epoch):
+                yield dict(zip(names, batches, strict=True))
+
+    def __iter__(self) -> "RealData":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._batches)
 
     @property
     def skipped(self) -> int:
-        return sum(s.skipped.count for s in self.streams.values() if isinstance(s, ImageStream))
+        return sum(stream.skipped_samples for stream in self.streams.values())
 
     def close(self) -> None:
+        self._batches.close()  # lets go of the streams' current epochs, then stop the streams
         for stream in self.streams.values():
-            if isinstance(stream, ImageStream):
-                stream.close()
+            stream.close()
 
 
-def load_real_embeddings(shards_dir: str, encoder_id: str, split: str) -> np.ndarray:
-    """Precomputed embeddings of ``encoder_id``; refuses embeddings of another encoder."""
-    from pathgan.embed import read_embeddings
-
-    folder = Path(shards_dir) / "embeddings"
-    if not (folder / encoder_id).is_dir():
-        found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        if found:
-            raise PathganError(
-                f"the embeddings in {folder} come from {', '.join(found)}, not from the "
-                f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
-                "SPEC` with model.encoder's spec"
-            )
-        raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
-                           f"{shards_dir} --encoder SPEC` first")
-    _, embeddings = read_embeddings(shards_dir, encoder_id, split)
-    return embeddings
+def require_embeddings(shards_dir: str, encoder_id: str) -> None:
+    """Refuse, in one line, a shard set without embeddings of ``encoder_id`` (those of another
+    encoder, or none): the first thing the Embedding GAN checks of its data."""
+    folder = embeddings_dir(shards_dir, encoder_id)
+    if folder.is_dir():
+        return
+    found = embedded_encoders(shards_dir)
+    if found:
+        raise PathganError(
+            f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
+            f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
+            "SPEC` with model.encoder's spec"
+        )
+    raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
+                       f"{shards_dir} --encoder SPEC` first")
 
 
 def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str) -> str:
@@ -92,8 +132,7 @@ def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str)
     requested = config.model.encoder_precision
     if EMBEDDINGS not in inputs:
         return "fp32" if requested == "auto" else requested
-    from pathgan.embed import stored_precision
-
+    require_embeddings(config.data.shards, encoder_id)
     stored = stored_precision(config.data.shards, encoder_id, config.data.split)
     if requested not in ("auto", stored):
         raise PathganError(
@@ -109,7 +148,7 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
                     encoder_id: str | None, seed: int) -> RealData:
     """The streams of the real ``inputs`` an objective needs (``GANObjective.real_inputs``)."""
     per_rank = config.train.batch_size // world_size
-    streams: dict[str, object] = {}
+    streams: dict[str, RealStream] = {}
     if IMAGES in inputs:
         streams[IMAGES] = make_image_stream(
             config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
@@ -118,6 +157,7 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
             max_consecutive_failures=config.data.max_consecutive_failures,
         )
     if EMBEDDINGS in inputs:
-        embeddings = load_real_embeddings(config.data.shards, encoder_id, config.data.split)
+        require_embeddings(config.data.shards, encoder_id)
+        _, embeddings = read_embeddings(config.data.shards, encoder_id, config.data.split)
         streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
     return RealData(streams)

@@ -1,4 +1,8 @@
-"""Rank-0 logging: metrics.jsonl, sample grids, the loss plot, and W&B through Accelerate."""
+"""Rank-0 logging: metrics.jsonl, sample grids, the loss plot, and W&B through Accelerate.
+
+``metrics.jsonl`` has one JSON object per logged step (``{"step": N, ...}``), appended as the run
+goes; :func:`read_metrics` reads it back, for the loss plot, ``pathgan eval`` and the model card.
+"""
 
 import json
 import math
@@ -8,7 +12,25 @@ import torch
 
 from pathgan.fileio import atomic_path
 from pathgan.images import save_image_grid, signed_to_uint8
-from pathgan.plots import plot_losses, read_metrics
+from pathgan.plots import plot_losses
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a line torn by a kill mid-append is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 class Logbook:
@@ -18,7 +40,7 @@ class Logbook:
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.use_wandb = use_wandb
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS
         self.samples_dir = run_dir / "samples"
 
     @property
@@ -49,7 +71,7 @@ class Logbook:
 
     def loss_plot(self) -> None:
         if self.active:
-            plot_losses(self.metrics_path, self.run_dir / "loss.png")
+            plot_losses(read_metrics(self.metrics_path), self.run_dir / "loss.png")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop metric lines newer than the checkpoint (they will be redone)."""

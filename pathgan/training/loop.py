@@ -1,16 +1,18 @@
 """The training loop shared by the DCGAN and the Embedding GAN.
 
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
-in which every step is a discriminator update and a generator update on the same fake batch,
-with logging, samples, checkpoints and preemption at step boundaries. What differs between the
-GANs lives in :class:`~pathgan.training.objective.GANObjective`; where real samples come from
-lives in :mod:`pathgan.training.data`.
+that calls :func:`train_step` (a discriminator update and a generator update on the same fake
+batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
+and checkpoints at step boundaries; a step is counted once both updates were taken, and the
+epoch is derived from it. What differs between the GANs lives in
+:class:`~pathgan.training.objective.GANObjective`; where real samples come from lives in
+:mod:`pathgan.training.data`; what is measured along the way in
+:mod:`pathgan.training.statistics`.
 """
 
 import contextlib
 import secrets
 import string
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +26,17 @@ from pathgan.config import Config, config_to_dict, save_config
 from pathgan.errors import PathganError
 from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
-from pathgan.models import noise_batch
+from pathgan.models import generate, noise_batch
+from pathgan.models.export import export_generator, generator_config
 from pathgan.training import checkpoint as ckpt
-from pathgan.training.build import (
-    build_gan,
-    model_export_config,
-    set_encoder_precision,
-    to_device,
-)
+from pathgan.training.build import GAN, build_gan, set_encoder_precision, to_device
 from pathgan.training.data import build_real_data, resolve_encoder_precision
 from pathgan.training.ema import GeneratorEMA
 from pathgan.training.logbook import Logbook
-from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.training.precision import resolve_mixed_precision
 from pathgan.training.signals import PreemptionFlag
-
-PREEMPTED_MARKER = "PREEMPTED"
+from pathgan.training.statistics import EmbeddingGap, WindowStats
 
 
 @dataclass
@@ -53,6 +50,10 @@ class TrainResult:
 
 def _switch(value: str) -> bool:
     return value == "on" or (value == "auto" and torch.cuda.is_available())
+
+
+def _memory_format(config: Config) -> torch.memory_format:
+    return torch.channels_last if config.train.channels_last else torch.contiguous_format
 
 
 def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
@@ -91,62 +92,132 @@ def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(loss.detach()).all()
 
 
-class WindowStats:
-    """Sums of per-step statistics between two log lines, averaged across ranks when read."""
+@dataclass
+class Networks:
+    """What a training step updates, as this process runs it."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.started = time.perf_counter()
+    run_generator: torch.nn.Module  # computes G(z): prepared (DDP-wrapped), maybe compiled
+    plain_generator: torch.nn.Module  # unwrapped: what the EMA follows, exported without EMA
+    discriminators: dict[str, torch.nn.Module]  # prepared; the objective runs them, maybe compiled
+    objective: GANObjective
+    g_optimizer: torch.optim.Optimizer
+    d_optimizer: torch.optim.Optimizer
+    ema: GeneratorEMA | None
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
-        for name, value in stats.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.steps += 1
-
-    def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
-        names = sorted(self.sums)
-        means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1)
-        means = accelerator.reduce(means, reduction="mean")
-        elapsed = time.perf_counter() - self.started
-        values = dict(zip(names, means.tolist(), strict=True))
-        values["step_time"] = elapsed / max(self.steps, 1)
-        values["images_per_s"] = global_batch * self.steps / max(elapsed, 1e-9)
-        if torch.cuda.is_available():
-            values["gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return values
+    @property
+    def sample_model(self) -> torch.nn.Module:
+        """The generator that draws samples, is evaluated and exported: the EMA copy if any."""
+        return self.ema.module if self.ema is not None else self.plain_generator
 
 
-class EmbeddingGap:
-    """How far fake embeddings are from real ones over a logging window (all ranks).
-
-    ``emb_mean_dist``: distance between the mean embeddings; ``emb_cov_dist``: Frobenius
-    distance between the covariances, relative to the real covariance's norm. Both fall as the
-    generator closes the gap.
+def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Networks:
+    """Place the GAN's networks (SyncBatchNorm, memory format), make the optimizers and the EMA,
+    prepare them with Accelerate and compile what runs each step when ``train.compile`` says so.
     """
+    generator, discriminators = gan.generator, gan.discriminators
+    if config.train.sync_bn and accelerator.num_processes > 1:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
+                          for k, d in discriminators.items()}
+    generator = to_device(generator, accelerator.device, config.train.channels_last)
+    discriminators = {k: to_device(d, accelerator.device, config.train.channels_last)
+                      for k, d in discriminators.items()}
+    ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
+           if config.train.ema else None)
+    g_optimizer = make_optimizer([generator], config)
+    d_optimizer = make_optimizer(discriminators.values(), config)
+    names = list(discriminators)
+    # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
+    # then hold plain keys and resume with or without compile, on any device and world size.
+    prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
+    generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
+    discriminators = dict(zip(names, prepared[1:-2], strict=True))
+    compiled = _switch(config.train.compile)
+    return Networks(
+        run_generator=torch.compile(generator) if compiled else generator,
+        plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
+        discriminators=discriminators,
+        objective=gan.objective({k: torch.compile(d) if compiled else d
+                                 for k, d in discriminators.items()}),
+        g_optimizer=g_optimizer,
+        d_optimizer=d_optimizer,
+        ema=ema,
+    )
 
-    MAX_ROWS = 4096  # per rank and side; bounds memory on long windows
 
-    def __init__(self) -> None:
-        self.real: list[torch.Tensor] = []
-        self.fake: list[torch.Tensor] = []
-        self.rows = 0
+@dataclass
+class StepResult:
+    d_loss: torch.Tensor
+    g_loss: torch.Tensor
+    stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
+    real: dict[str, torch.Tensor]  # what the discriminators saw, feature by feature
+    fake: dict[str, torch.Tensor]
+    finite: bool  # False: a loss was not finite on some rank, and every rank skipped the step
+    stop_requested: bool  # some rank was signalled: every rank stops after this step
 
-    def add(self, real: torch.Tensor, fake: torch.Tensor) -> None:
-        if self.rows < self.MAX_ROWS:
-            self.real.append(real.detach().float())
-            self.fake.append(fake.detach().float())
-            self.rows += len(real)
 
-    def read(self, accelerator: Accelerator) -> dict[str, float]:
-        real = accelerator.gather(torch.cat(self.real))
-        fake = accelerator.gather(torch.cat(self.fake))
-        real_cov, fake_cov = torch.cov(real.T), torch.cov(fake.T)
-        return {
-            "emb_mean_dist": float((real.mean(0) - fake.mean(0)).norm()),
-            "emb_cov_dist": float((real_cov - fake_cov).norm() / real_cov.norm().clamp_min(1e-12)),
-        }
+def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Accelerator,
+               config: Config, preemption: PreemptionFlag, step: int) -> StepResult:
+    """One discriminator update and one generator update on the same fake batch.
+
+    Two all-reduces in all: whether any rank's D loss is not finite, together with whether any
+    rank was signalled, then whether any rank's G loss is not finite. Every rank then takes (or
+    skips) the same updates.
+    """
+    real = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+    if IMAGES in real:  # uint8 over the bus, normalised on the device
+        real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
+            memory_format=_memory_format(config))
+    noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
+                        device=accelerator.device)
+
+    with accelerator.autocast():  # the encoder runs in its own precision
+        real = nets.objective.real_features(real)
+        fake = nets.objective.fake_features(nets.run_generator(noise))
+    d_loss, d_stats = nets.objective.d_loss(real, fake)
+    d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
+    if not d_bad:
+        nets.d_optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(d_loss)
+        nets.d_optimizer.step()
+
+    with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
+        for discriminator in nets.discriminators.values():
+            no_d_sync.enter_context(accelerator.no_sync(discriminator))
+        g_loss, g_stats = nets.objective.g_loss(fake)
+        (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
+        if not g_bad:
+            nets.g_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(g_loss)
+            nets.g_optimizer.step()
+    if nets.ema is not None and not g_bad:
+        nets.ema.update(nets.plain_generator, step * config.train.batch_size,
+                        config.train.batch_size)
+    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake,
+                      finite=not (d_bad or g_bad), stop_requested=stop_requested)
+
+
+def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
+                  ema: GeneratorEMA | None) -> ckpt.TrainState:
+    """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
+    With ``resume`` it is restored, with the prepared networks and optimizers, from that
+    checkpoint; without, a run folder that already holds checkpoints is refused."""
+    state = ckpt.TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoint, damaged = ckpt.resolve_resume(run_dir, resume)
+    for warning in damaged:
+        accelerator.print(f"warning: {warning}")
+    if resume is None and ckpt.list_checkpoints(run_dir):
+        raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
+                           "continue that run, or choose another run.dir")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif resume == "latest":
+        accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
+    return state
 
 
 def make_evaluator(config: Config, gan, device: torch.device):
@@ -154,7 +225,7 @@ def make_evaluator(config: Config, gan, device: torch.device):
     the one asked for (Path Foundation is loaded once)."""
     if not config.eval.every:
         return None
-    from pathgan.evaluation import InLoopEvaluator, eval_encoder_spec
+    from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 
     spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
     encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
@@ -195,18 +266,8 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
         state.best_fd = fd
         if logbook.active:
             best = run_dir / ckpt.BEST_DIR
-            ckpt.export_generator(sample_model, model_export_config(config), best)
+            export_generator(sample_model, generator_config(config.model), best)
             write_json(best / "best.json", {"step": state.step, **scores})
-
-
-@torch.no_grad()
-def generate(generator: torch.nn.Module, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Images from a fixed noise batch, in eval mode (BatchNorm running statistics)."""
-    was_training = generator.training
-    generator.eval()
-    images = torch.cat([generator(chunk).float() for chunk in noise.split(batch_size)])
-    generator.train(was_training)
-    return images
 
 
 def train(config: Config, resume: str | None = None) -> TrainResult:
@@ -235,55 +296,19 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- networks, optimizers, data ---------------------------------------------------------
     gan = build_gan(config, accelerator.device)
-    generator, discriminators = gan.generator, gan.discriminators
-    if config.train.sync_bn and world > 1:
-        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
-                          for k, d in discriminators.items()}
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    generator = to_device(generator, accelerator.device, config.train.channels_last)
-    discriminators = {k: to_device(d, accelerator.device, config.train.channels_last)
-                      for k, d in discriminators.items()}
-    ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
-           if config.train.ema else None)
-    g_optimizer = make_optimizer([generator], config)
-    d_optimizer = make_optimizer(discriminators.values(), config)
-    names = list(discriminators)
-    # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
-    # then hold plain keys and resume with or without compile, on any device and world size.
-    prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
-    generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
-    discriminators = dict(zip(names, prepared[1:-2], strict=True))
-    compiled = _switch(config.train.compile)
-    run_generator = torch.compile(generator) if compiled else generator
-    objective = gan.objective({k: torch.compile(d) if compiled else d
-                               for k, d in discriminators.items()})
+    nets = prepare_networks(config, gan, accelerator)
     if gan.encoder is not None:
-        precision = resolve_encoder_precision(config, objective.real_inputs, gan.encoder_id)
+        precision = resolve_encoder_precision(config, nets.objective.real_inputs, gan.encoder_id)
         set_encoder_precision(gan.encoder, precision)
         accelerator.print(f"encoder {gan.encoder_id} runs in {precision}; real samples: "
-                          + " + ".join(sorted(objective.real_inputs)))
+                          + " + ".join(sorted(nets.objective.real_inputs)))
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
-    state = ckpt.TrainState()
-    accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    checkpoint, damaged = ckpt.resolve_resume(run_dir, resume)
-    for warning in damaged:
-        accelerator.print(f"warning: {warning}")
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
-                           "continue that run, or choose another run.dir")
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    elif resume == "latest":
-        accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
+    state = restore_state(accelerator, run_dir, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
     # Seeded with the step: a resumed run does not replay the data order of its first epochs.
-    data = build_real_data(config, objective.real_inputs, world, accelerator.process_index,
+    data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
                            gan.encoder_id, seed=config.run.seed + state.step)
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
@@ -292,8 +317,6 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
                    if config.train.max_steps is None else config.train.max_steps)
-    plain_generator = accelerator.unwrap_model(generator, keep_torch_compile=False)
-    sample_model = ema.module if ema is not None else plain_generator
 
     def save_checkpoint() -> Path:
         path = ckpt.checkpoint_dir(run_dir, state.step)
@@ -309,95 +332,61 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- the loop ---------------------------------------------------------------------------
     window = WindowStats()
-    gap = EmbeddingGap() if EMBEDDINGS in discriminators else None
+    gap = EmbeddingGap() if EMBEDDINGS in nets.discriminators else None
     nonfinite_run = 0
     saved_at = state.step
-    stop = False  # a rank was signalled: every rank stops at the same step
+    stop_requested = False  # a rank was signalled: every rank stops after the same step
+    done = state.step >= total_steps
     progress = tqdm(total=total_steps, initial=state.step, unit="step",
                     disable=not accelerator.is_main_process, desc=run_dir.name)
     try:
-        while state.step < total_steps and not stop:
-            for real in data:
-                real = {k: v.to(accelerator.device, non_blocking=True) for k, v in real.items()}
-                if IMAGES in real:  # uint8 over the bus, normalised on the device
-                    real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
-                        memory_format=memory_format)
-                noise = torch.randn(per_rank_batch, config.model.nz, device=accelerator.device)
-
-                with accelerator.autocast():  # the encoder runs in its own precision
-                    real = objective.real_features(real)
-                    fake = objective.fake_features(run_generator(noise))
-                d_loss, d_stats = objective.d_loss(real, fake)
-                d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss),
-                                                      preemption.requested)
-                if not d_bad:
-                    d_optimizer.zero_grad(set_to_none=True)
-                    accelerator.backward(d_loss)
-                    d_optimizer.step()
-
-                with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
-                    for discriminator in discriminators.values():
-                        no_d_sync.enter_context(accelerator.no_sync(discriminator))
-                    g_loss, g_stats = objective.g_loss(fake)
-                    (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
-                    if not g_bad:
-                        g_optimizer.zero_grad(set_to_none=True)
-                        accelerator.backward(g_loss)
-                        g_optimizer.step()
-                if ema is not None and not g_bad:
-                    ema.update(plain_generator, state.step * config.train.batch_size,
-                               config.train.batch_size)
-
-                if d_bad or g_bad:
-                    nonfinite_run += 1
-                    accelerator.print(f"step {state.step}: non-finite loss "
-                                      f"(D {d_loss.item():.4g}, G {g_loss.item():.4g}); skipped")
-                    if config.train.nonfinite == "stop" or \
-                            nonfinite_run >= config.train.max_nonfinite:
-                        path = save_checkpoint()
-                        raise PathganError(
-                            f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
-                            f"state saved in {path}. Lower train.lr, or try "
-                            "train.mixed_precision=bf16 or no")
-                    continue
+        while not done:
+            result = train_step(nets, next(data), accelerator, config, preemption, state.step)
+            if not result.finite:  # no rank updated anything: the step does not count
+                nonfinite_run += 1
+                accelerator.print(f"step {state.step}: non-finite loss (D "
+                                  f"{result.d_loss.item():.4g}, G {result.g_loss.item():.4g}); "
+                                  "skipped")
+                if config.train.nonfinite == "stop" or \
+                        nonfinite_run >= config.train.max_nonfinite:
+                    path = save_checkpoint()
+                    raise PathganError(
+                        f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
+                        f"state saved in {path}. Lower train.lr, or try "
+                        "train.mixed_precision=bf16 or no")
+            else:
                 nonfinite_run = 0
                 state.step += 1
                 progress.update()
-                window.add({"Loss_D": d_loss, "Loss_G": g_loss, **d_stats, **g_stats})
+                window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats})
                 if gap is not None:
-                    gap.add(real[EMBEDDINGS], fake[EMBEDDINGS])
-
+                    gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
                 if state.step % config.log.every == 0 or state.step == total_steps:
-                    values = window.read(accelerator, config.train.batch_size)
-                    values.update(epoch=state.epoch, skipped_samples=data.skipped)
-                    if gap is not None:
-                        values.update(gap.read(accelerator))
-                        gap = EmbeddingGap()
+                    values = {**window.read(accelerator, config.train.batch_size),
+                              "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
+                              "skipped_samples": data.skipped,
+                              **(gap.read(accelerator) if gap is not None else {})}
                     logbook.metrics(state.step, values)
-                    progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
-                    window = WindowStats()
+                    progress.set_postfix(D=f"{values['Loss_D']:.3f}",
+                                         G=f"{values['Loss_G']:.3f}")
                 if state.step % config.log.sample_every == 0 and logbook.active:
-                    logbook.samples(state.step, generate(sample_model, fixed_noise,
+                    logbook.samples(state.step, generate(nets.sample_model, fixed_noise,
                                                          per_rank_batch))
                 if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, sample_model, state, logbook, config, run_dir)
+                    evaluate(evaluator, nets.sample_model, state, logbook, config, run_dir)
                 if state.step % config.ckpt.every == 0:
                     save_checkpoint()
                     saved_at = state.step
-                if stop_requested or state.step >= total_steps:
-                    stop = stop_requested
-                    break
-            else:
-                state.epoch += 1
-            stop = stop or _reduce_flags(accelerator, preemption.requested)[0]
+                stop_requested = result.stop_requested
+                done = stop_requested or state.step >= total_steps
     finally:
         progress.close()
         data.close()
 
-    preempted = stop and state.step < total_steps
+    preempted = stop_requested and state.step < total_steps
     if saved_at != state.step:
         save_checkpoint()
-    marker = run_dir / PREEMPTED_MARKER
+    marker = run_dir / ckpt.PREEMPTED_MARKER
     if accelerator.is_main_process:
         if preempted:
             marker.write_text(f"{state.step}\n")
@@ -405,10 +394,10 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                   "rerun with --resume latest", flush=True)
         else:
             marker.unlink(missing_ok=True)
-            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
-            ckpt.export_generator(sample_model, model_export_config(config), run_dir)
+            logbook.samples(state.step, generate(nets.sample_model, fixed_noise, per_rank_batch))
+            export_generator(nets.sample_model, generator_config(config.model), run_dir)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(state.step, preempted, run_dir, plain_generator,
-                       {k: accelerator.unwrap_model(d) for k, d in discriminators.items()})
+    return TrainResult(state.step, preempted, run_dir, nets.plain_generator,
+                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})

@@ -1,4 +1,4 @@
-"""The mixed precision of a run, decided in one place for ``pathgan.train`` and launch/train.sh.
+"""The mixed precision of a run, decided in one place for ``pathgan train`` and launch/train.sh.
 
 ``auto`` means bf16 on GPUs that compute in bf16 natively (compute capability 8.0 and newer:
 A100, H100, L40, RTX 30xx ...), fp16 with loss scaling on older GPUs (V100 is 7.0, T4 7.5) and

@@ -1,4 +1,4 @@
-"""A stand-in for ``pathgan.train`` that follows its preemption contract, for testing the SLURM
+"""A stand-in for ``pathgan train`` that follows its preemption contract, for testing the SLURM
 plumbing on its own (PATHGAN_TRAIN_MODULE=fake_trainer, with tests/slurm on PYTHONPATH).
 
 --config C [--resume latest] run.dir=D train.max_steps=N ckpt.every=K [train.step_seconds=S]

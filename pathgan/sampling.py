@@ -1,9 +1,9 @@
-"""``pathgan sample``: patches from a trained generator, as PNG files or WebDataset shards.
+"""Synthetic patches from a trained generator, as PNG files or WebDataset shards.
 
-The generator is a run folder or a Hub repo (``hf-hub:ORG/NAME[@REVISION]``, see
-:func:`pathgan.hub.resolve_generator`); what made the patches is recorded with them, a Hub
-generator pinned to its commit: in ``sample.json`` beside PNG files, in ``manifest.json`` and
-every sample's metadata for shards.
+What ``pathgan sample`` runs. The generator is a run folder or a Hub repo
+(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.hub.resolve_generator`); what made the
+patches is recorded with them, a Hub generator pinned to its commit: in ``sample.json`` beside
+PNG files, in ``manifest.json`` and every sample's metadata for shards.
 
 Shards use the packing format (``<key>.png`` + ``<key>.json``, ``manifest.json``), with
 ``"synthetic": true`` in every sample's metadata, so synthetic sets can be verified, shown,
@@ -12,7 +12,6 @@ embedded and mixed with real ones by the same tools.
 
 import itertools
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,24 +25,23 @@ from pathgan.data.format import (
     shard_name,
     shard_writer,
 )
+from pathgan.devices import default_device
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, write_json
+from pathgan.fileio import atomic_path, timestamp, write_json
 from pathgan.hub import resolve_generator
 from pathgan.images import signed_to_uint8
-from pathgan.models import noise_batch
-from pathgan.training.checkpoint import load_generator
+from pathgan.models import generated_batches, noise_batch
+from pathgan.models.export import load_generator
 
 SAMPLE_RECORD = "sample.json"  # beside PNG files: what made them (shards: the manifest)
 
 
-def generated_batches(generator, nz: int, count: int, batch_size: int, seed: int,
-                      device: torch.device):
-    """uint8 NHWC batches; sample ``i`` always comes from the same noise (seed, i)."""
-    noise = noise_batch(count, nz, seed)
-    with torch.inference_mode():
-        for start in range(0, count, batch_size):
-            images = generator(noise[start:start + batch_size].to(device))
-            yield start, signed_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+def uint8_batches(generator, noise: torch.Tensor, batch_size: int):
+    """``(index of the first sample, uint8 NHWC batch)``; sample ``i`` always comes from the
+    same noise row ``i``."""
+    batches = generated_batches(generator, noise, batch_size)
+    for start, images in zip(range(0, len(noise), batch_size), batches, strict=True):
+        yield start, signed_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def indexed_images(batches):
@@ -93,15 +91,15 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
         if value <= 0:
             raise PathganError(f"{flag} must be positive, not {value}")
     out_dir = Path(out_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     source = resolve_generator(generator_spec)
     generator, config = load_generator(source.folder, device)
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
               "seed": seed, "generator": config}
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = timestamp()
     out_dir.mkdir(parents=True, exist_ok=True)
-    batches = generated_batches(generator, config["nz"], count, batch_size, seed, device)
+    batches = uint8_batches(generator, noise_batch(count, config["nz"], seed), batch_size)
     with tqdm(total=count, desc="sampling", unit="patch") as progress:
         if image_format == "png":
             write_pngs(batches, out_dir, progress)

@@ -1,0 +1,210 @@
+"""``pathgan eval``: score runs against held-out real patches and write what was found.
+
+For each run, ``n`` patches are generated from its exported generator and ``n`` real patches are
+drawn from the shard set's ``val`` split (``train`` when there is no ``val``; the JSON says which);
+both go through the same frozen encoder and are compared (Fréchet distance, KID, k-NN
+precision/recall), and on their pixels by the SWD; optionally by the classic Inception FID too.
+Any number of ranks sees the same two sets and gets the same figures; rank 0 writes
+``eval.json``, ``report.md`` (:mod:`pathgan.evaluation.report`) and the grids.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pathgan.errors import PathganError
+from pathgan.evaluation.evaluator import (
+    DEFAULT_ENCODER,
+    eval_encoder_spec,
+    load_eval_encoder,
+    score_features,
+)
+from pathgan.evaluation.features import (
+    DEFAULT_BATCH_SIZE,
+    ENCODER,
+    RealSet,
+    encoder_extractor,
+    fake_features,
+    inception_extractor,
+    real_features,
+    select_real,
+    swd_extractor,
+)
+from pathgan.evaluation.ranks import log_main, make_state
+from pathgan.evaluation.report import summary_line, write_report
+from pathgan.fileio import timestamp
+from pathgan.images import save_image_grid, signed_to_uint8
+from pathgan.models import generate, noise_batch
+from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
+
+FORMAT = "pathgan-eval/1"
+GRID_COUNT = 64
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise PathganError(f"{path} is not valid YAML ({error})") from error
+
+
+def default_encoder_spec(run_dirs: list[Path]) -> str:
+    """The encoder the runs name (``eval.encoder``, else ``model.encoder`` of their
+    ``config.yaml``) when they agree, else :data:`DEFAULT_ENCODER` when none names one."""
+    named = []
+    for run_dir in run_dirs:
+        config = _run_config(run_dir)
+        spec = eval_encoder_spec((config.get("eval") or {}).get("encoder"),
+                                 (config.get("model") or {}).get("encoder"), default=None)
+        if spec and spec not in named:
+            named.append(spec)
+    if len(named) > 1:
+        raise PathganError(f"the runs name different encoders ({', '.join(named)}): pass "
+                           "--encoder SPEC so that they are compared in one space")
+    return named[0] if named else DEFAULT_ENCODER
+
+
+def _last_step(run_dir: Path) -> int | None:
+    from pathgan.training.logbook import METRICS, read_metrics
+
+    rows = read_metrics(run_dir / METRICS)
+    return rows[-1]["step"] if rows else None
+
+
+def _names(sources) -> list[str]:
+    """Short unique names: the run folder's, or the Hub repo's (not its cache folder's)."""
+    names: list[str] = []
+    for source in sources:
+        base = (source.hub["repo"].split("/")[1] if source.hub
+                else source.folder.resolve().name) or "run"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def default_out_dir(sources) -> Path:
+    """``RUN_DIR/eval`` for one run folder; ``./eval-YYYYmmdd-HHMMSS`` when comparing several
+    or for a Hub generator (never inside the Hugging Face cache)."""
+    if len(sources) == 1 and sources[0].hub is None:
+        return sources[0].folder / "eval"
+    return Path(f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None,
+                  out_dir=None, seed: int = 0, *, batch_size: int = DEFAULT_BATCH_SIZE,
+                  inception: bool = False, inception_weights=None, k: int = 3,
+                  subsets: int = 100, subset_size: int = 1000, num_workers: int = 0) -> dict:
+    """Evaluate runs against ``n`` real samples of ``real_shards``; write ``eval.json``,
+    ``report.md`` and grids into ``out_dir`` (rank 0). Returns the eval.json dict (every rank).
+    """
+    from pathgan.hub import resolve_generator
+
+    state = make_state()
+    sources = [resolve_generator(run) for run in run_dirs]
+    if not sources:
+        raise PathganError("give at least one RUN_DIR")
+    if n < k + 1:
+        raise PathganError(f"-n must be at least {k + 1}")
+    if batch_size < 1:
+        raise PathganError("--batch-size must be at least 1")
+    _check_generators([source.folder for source in sources])
+    real = select_real(real_shards, n, seed)  # checks the shard set before loading any model
+    spec = encoder_spec or default_encoder_spec([source.folder for source in sources])
+    # Inception first: without its weights file it stops before the encoder is downloaded.
+    inception_fid = [inception_extractor(inception_weights, state.device)] if inception else []
+    encoder = load_eval_encoder(spec, state.device, state)
+    extractors = [encoder_extractor(encoder), swd_extractor(n, seed), *inception_fid]
+    source = "given" if encoder_spec else "default"
+    log_main(state, f"pathgan eval: encoder {spec} ({source}), id {encoder.encoder_id}; "
+                    f"{len(real)} real samples from {real.split}; {n} generated per run; "
+                    f"{state.num_processes} process(es)")
+    if real.note:
+        log_main(state, f"pathgan eval: note: {real.note}")
+
+    real_rows = real_features(real, extractors, state, batch_size=batch_size,
+                              num_workers=num_workers)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources)
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_image_grid(real_grid(real), out_dir / "real.png")
+
+    runs = []
+    for source, name in zip(sources, _names(sources), strict=True):
+        generator, model_config = load_generator(source.folder, state.device)
+        fake_rows = fake_features(generator, n, extractors, state, nz=model_config["nz"],
+                                  seed=seed, batch_size=batch_size)
+        scores = score_features(real_rows, fake_rows, state, k=k, subsets=subsets,
+                                subset_size=subset_size, seed=seed)
+        entry = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
+                 "name": name, "step": _last_step(source.folder), **scores,
+                 "encoder": encoder.encoder_id, "real_split": real.split}
+        if inception:
+            entry["inception_encoder"] = extractors[-1].id
+        if state.is_main_process:
+            entry.update(_write_run_figures(generator, model_config["nz"], min(GRID_COUNT, n),
+                                            seed, source.folder, name, out_dir))
+            log_main(state, f"pathgan eval: {name}: " + summary_line(entry))
+        runs.append(entry)
+        del generator
+
+    result = {
+        "format": FORMAT,
+        "created": timestamp(),
+        "encoder": encoder.encoder_id,
+        "encoder_spec": spec,
+        "real": {"shards": str(real.shards_dir), "split": real.split,
+                 "n": len(real_rows[ENCODER]), "available": real.available,
+                 "source": real.source.get(ENCODER), "note": real.note, "grid": "real.png"},
+        "n": n,
+        "seed": seed,
+        "processes": state.num_processes,
+        "statistics": {"kid_subsets": subsets, "k": k,
+                       "kid_subset_size": min(subset_size, n, len(real_rows[ENCODER]))},
+        "runs": runs,
+    }
+    if state.is_main_process:
+        write_report(result, out_dir)
+        log_main(state, f"pathgan eval: wrote {out_dir / 'eval.json'} and "
+                        f"{out_dir / 'report.md'}")
+    state.wait_for_everyone()
+    result["out_dir"] = str(out_dir)
+    return result
+
+
+def _check_generators(folders: list[Path]) -> None:
+    """Every folder holds an exported generator: said before any model is loaded."""
+    for folder in folders:
+        if not folder.is_dir():
+            raise PathganError(f"{folder}: no such run folder")
+        if not (folder / GENERATOR_WEIGHTS).is_file():
+            raise PathganError(f"{folder} has no exported generator ({GENERATOR_WEIGHTS}); "
+                               "train it first or point at a finished run folder")
+
+
+def real_grid(real: RealSet, count: int = GRID_COUNT) -> torch.Tensor:
+    """The first ``count`` real samples as uint8 (N, 3, 224, 224), for the report."""
+    images = [real.dataset[i][1] for i in range(min(count, len(real)))]
+    return torch.stack([image for image in images if image is not None])
+
+
+def _write_run_figures(generator, nz: int, count: int, seed: int, run_dir: Path, name: str,
+                       out_dir: Path) -> dict:
+    """A grid of the run's first ``count`` samples and a copy of its loss plot, into ``out_dir``;
+    the eval.json keys that name them."""
+    images = generate(generator, noise_batch(count, nz, seed), batch_size=count)  # one batch
+    save_image_grid(signed_to_uint8(images).cpu(), out_dir / f"{name}-fake.png")
+    figures = {"fake_grid": f"{name}-fake.png"}
+    loss = run_dir / "loss.png"
+    if loss.is_file():
+        shutil.copyfile(loss, out_dir / f"{name}-loss.png")
+        figures["loss_plot"] = f"{name}-loss.png"
+    return figures

@@ -1,0 +1,81 @@
+"""What ``pathgan eval`` writes from its figures: ``eval.json``, ``report.md``, one-line
+summaries. Nothing here computes a figure (:mod:`pathgan.evaluation.evaluator` does)."""
+
+from pathlib import Path
+
+from pathgan.evaluation.evaluator import INCEPTION_KEY
+from pathgan.fileio import atomic_path, write_json
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    """``eval.json`` (the result as it is) and ``report.md`` into ``out_dir``."""
+    write_json(out_dir / "eval.json", result)
+    with atomic_path(out_dir / "report.md") as temporary:
+        temporary.write_text(format_report(result))
+
+
+def _number(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _levels(entry: dict) -> str:
+    return ", ".join(f"{size} px {_number(value, 3)}"
+                     for size, value in entry["swd_levels"].items())
+
+
+def summary_line(entry: dict) -> str:
+    text = (f"FD {_number(entry['fd'])}, KID {_number(entry['kid_mean'])} ± "
+            f"{_number(entry['kid_std'], 2)}, precision {_number(entry['precision'], 3)}, "
+            f"recall {_number(entry['recall'], 3)} (n={entry['n']}, real {entry['n_real']}, "
+            f"{entry['encoder']}); SWD {_number(entry['swd'], 4)} on pixels ({_levels(entry)})")
+    if INCEPTION_KEY in entry:
+        text += f", Inception FID {_number(entry[INCEPTION_KEY])}"
+    return text
+
+
+def format_report(result: dict) -> str:
+    """``report.md``: a table comparing the runs, then per run the real grid, a generated grid
+    and the loss plot side by side (image paths relative to the report)."""
+    real = result["real"]
+    inception = any(INCEPTION_KEY in run for run in result["runs"])
+    lines = [
+        "# pathgan eval",
+        "",
+        f"- encoder: `{result['encoder']}` (spec `{result['encoder_spec']}`)",
+        f"- real: `{real['shards']}`, split `{real['split']}`, {real['n']} samples "
+        f"(of {real['available']}), features from {real['source']}",
+        f"- generated: {result['n']} per run, seed {result['seed']}, "
+        f"{result['processes']} process(es), {result['created']}",
+    ]
+    if real["note"]:
+        lines.append(f"- note: {real['note']}")
+    header = ("| run | step | n | real n | FD ↓ | KID ↓ (mean ± std) | precision ↑ | recall ↑ "
+              "| SWD ↓ |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if inception:
+        header, rule = header + " Inception FID ↓ |", rule + "---:|"
+    lines += ["", header, rule]
+    for run in result["runs"]:
+        row = (f"| {run['name']} | {run['step'] if run['step'] is not None else ''} | "
+               f"{run['n']} | {run['n_real']} | {_number(run['fd'])} | "
+               f"{_number(run['kid_mean'])} ± {_number(run['kid_std'], 2)} | "
+               f"{_number(run['precision'], 3)} | {_number(run['recall'], 3)} | "
+               f"{_number(run['swd'], 4)} |")
+        if inception:
+            row += f" {_number(run.get(INCEPTION_KEY))} |"
+        lines.append(row)
+    lines += ["", f"FD, KID, precision and recall in the space of `{result['encoder']}`; FD and "
+              "KID: lower is better, 0 is the same distribution; precision (fidelity) and recall "
+              "(coverage) in [0, 1]: higher is better. SWD needs no model: the sliced "
+              "Wasserstein distance (x 1000) between 7x7 neighbourhoods of the Laplacian pyramids "
+              "of the pixels (levels from 224 px down; per level in each run's summary), "
+              "normalised by the real set's statistics; lower is better, 0 is the same "
+              "distribution."]
+    for run in result["runs"]:
+        loss = f"![loss]({run['loss_plot']})" if run.get("loss_plot") else "(no loss.png)"
+        lines += ["", f"## {run['name']}", "", f"`{run['run']}`: {summary_line(run)}", "",
+                  "| real | generated | losses |", "|---|---|---|",
+                  f"| ![real]({real['grid']}) | ![generated]({run.get('fake_grid', '')}) | "
+                  f"{loss} |"]
+    return "\n".join(lines) + "\n"
+
