@@ -10,6 +10,10 @@ in batches; a generator in training mode is put back in it afterwards.
 from collections.abc import Iterator
 
 import torch
+from torch import nn
+
+CALIBRATION_BATCHES = 4
+CALIBRATION_BATCH_SIZE = 32
 
 
 def noise_batch(count: int, nz: int, seed: int) -> torch.Tensor:
@@ -35,3 +39,31 @@ def generated_batches(generator: torch.nn.Module, noise: torch.Tensor,
 def generate(generator: torch.nn.Module, noise: torch.Tensor, batch_size: int) -> torch.Tensor:
     """:func:`generated_batches` in one tensor."""
     return torch.cat(list(generated_batches(generator, noise, batch_size)))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(generator: nn.Module, nz: int, seed: int = 0) -> nn.Module:
+    """Recompute the generator's BatchNorm running statistics for its current weights: the exact
+    average over a few seeded batches drawn in training mode.
+
+    Running statistics trail the weights (momentum 0.1), and those of an averaged (EMA)
+    generator were never computed with its own weights: early in training, eval-mode samples
+    were then flat grey while training-mode ones were not. Call it on every rank (it runs
+    forward passes, which SyncBatchNorm makes collective) before drawing or exporting samples.
+    """
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    was_training = generator.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the calibration batches
+    generator.train()
+    try:
+        noise = noise_batch(CALIBRATION_BATCHES * CALIBRATION_BATCH_SIZE, nz, seed)
+        for chunk in noise.split(CALIBRATION_BATCH_SIZE):
+            generator(chunk.to(next(generator.parameters()).device))
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        generator.train(was_training)
+    return generator

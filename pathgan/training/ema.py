@@ -6,7 +6,8 @@ half-life counted in images, and during warm-up it grows with the images seen
 steps of a long one, export a generator close to the trained weights instead of one that is
 mostly its random initialisation. BatchNorm running statistics are copied from the raw
 generator, not averaged: averaged statistics do not match averaged weights (they made the
-exported generator draw flat grey).
+exported generator draw flat grey). Before the average draws, is evaluated or is exported, the
+loop recomputes its statistics for its own weights (``models.generation.calibrate_batchnorm``).
 """
 
 import copy

@@ -28,6 +28,7 @@ from pathgan.fileio import write_json
 from pathgan.images import uint8_to_signed
 from pathgan.models import generate, noise_batch
 from pathgan.models.export import export_generator, generator_config
+from pathgan.models.generation import calibrate_batchnorm
 from pathgan.training import checkpoint as ckpt
 from pathgan.training.build import GAN, build_gan, set_encoder_precision, to_device
 from pathgan.training.data import build_real_data, resolve_encoder_precision
@@ -104,10 +105,11 @@ class Networks:
     d_optimizer: torch.optim.Optimizer
     ema: GeneratorEMA | None
 
-    @property
-    def sample_model(self) -> torch.nn.Module:
-        """The generator that draws samples, is evaluated and exported: the EMA copy if any."""
-        return self.ema.module if self.ema is not None else self.plain_generator
+    def sample_model(self, config: Config) -> torch.nn.Module:
+        """The generator that draws samples, is evaluated and exported (the EMA copy if any),
+        its BatchNorm statistics recomputed for its weights. Every rank calls it."""
+        model = self.ema.module if self.ema is not None else self.plain_generator
+        return calibrate_batchnorm(model, config.model.nz, config.run.seed)
 
 
 def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Networks:
@@ -369,11 +371,14 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                     logbook.metrics(state.step, values)
                     progress.set_postfix(D=f"{values['Loss_D']:.3f}",
                                          G=f"{values['Loss_G']:.3f}")
-                if state.step % config.log.sample_every == 0 and logbook.active:
-                    logbook.samples(state.step, generate(nets.sample_model, fixed_noise,
-                                                         per_rank_batch))
+                if state.step % config.log.sample_every == 0:
+                    sample_model = nets.sample_model(config)
+                    if logbook.active:
+                        logbook.samples(state.step, generate(sample_model, fixed_noise,
+                                                             per_rank_batch))
                 if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, nets.sample_model, state, logbook, config, run_dir)
+                    evaluate(evaluator, nets.sample_model(config), state, logbook, config,
+                             run_dir)
                 if state.step % config.ckpt.every == 0:
                     save_checkpoint()
                     saved_at = state.step
@@ -387,6 +392,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     if saved_at != state.step:
         save_checkpoint()
     marker = run_dir / ckpt.PREEMPTED_MARKER
+    sample_model = None if preempted else nets.sample_model(config)
     if accelerator.is_main_process:
         if preempted:
             marker.write_text(f"{state.step}\n")
@@ -394,8 +400,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                   "rerun with --resume latest", flush=True)
         else:
             marker.unlink(missing_ok=True)
-            logbook.samples(state.step, generate(nets.sample_model, fixed_noise, per_rank_batch))
-            export_generator(nets.sample_model, generator_config(config.model), run_dir)
+            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
+            export_generator(sample_model, generator_config(config.model), run_dir)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
