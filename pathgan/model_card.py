@@ -87,15 +87,17 @@ def read_run_facts(run_dir: str | Path, best: bool = False,
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     best_json = _best_json(run_dir)
     fingerprint, patches = _shard_set_facts(config["data"])
+    generator = read_json(generator_dir / GENERATOR_CONFIG)
     facts = RunFacts(
         config=config,
         generator_dir=generator_dir,
-        generator=read_json(generator_dir / GENERATOR_CONFIG),
+        generator=generator,
         generator_parameters=_parameter_count(generator_dir / GENERATOR_WEIGHTS),
         step=best_json.get("step") if best else _final_step(run_dir),
         fingerprint=fingerprint,
         training_patches=patches,
-        encoder_id=_training_encoder_id(config),
+        # recorded at export since the Hub work; older runs: resolved from the spec
+        encoder_id=generator.get("encoder_id") or _training_encoder_id(config),
         sample_grid=_newest_grid(run_dir),
         loss_plot=run_dir / "loss.png" if (run_dir / "loss.png").is_file() else None,
     )

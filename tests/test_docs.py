@@ -33,7 +33,7 @@ def _subparser(parser, *names):
 
 def test_every_option_of_the_main_commands_is_documented():
     parser = build_parser()
-    for path in (("shards", "pack"), ("sample",), ("embed",), ("eval",)):
+    for path in (("shards", "pack"), ("sample",), ("embed",), ("eval",), ("push",)):
         for action in _subparser(parser, *path)._actions:
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":

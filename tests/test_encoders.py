@@ -29,20 +29,6 @@ def tiny_encoder(tiny_dir):
     return load_encoder(f"path-foundation:{tiny_dir}", device="cpu", chunk_size=3)
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache with HF_HUB_OFFLINE=1: no network is ever touched."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def _images(n: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 224, 224, generator=generator) * 2 - 1

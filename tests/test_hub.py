@@ -15,7 +15,6 @@ import yaml
 from conftest import REPO, cli_command, run_cli
 from PIL import Image
 from safetensors.torch import load_file
-from test_encoders import offline_hub  # noqa: F401  (a fixture: an empty cache, HF_HUB_OFFLINE=1)
 
 from pathgan.config import config_to_dict, load_config
 from pathgan.errors import PathganError

@@ -18,11 +18,13 @@ GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_CONFIG = "generator.json"
 
 
-def generator_config(model) -> dict:
+def generator_config(model, encoder_id: str | None = None) -> dict:
     """``generator.json`` of a run's ``model`` config section: what :func:`load_generator`
-    rebuilds the generator from, and what made it."""
+    rebuilds the generator from, and what made it (the encoder's spec and id, for an
+    Embedding GAN)."""
     return {"nz": model.nz, "ngf": model.ngf, "channels": model.channels,
-            "image_size": model.image_size, "kind": model.kind, "encoder": model.encoder}
+            "image_size": model.image_size, "kind": model.kind, "encoder": model.encoder,
+            "encoder_id": encoder_id}
 
 
 def export_generator(generator: torch.nn.Module, model_config: dict, folder: Path) -> Path:

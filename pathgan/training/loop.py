@@ -257,7 +257,7 @@ def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainSt
 
 
 def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
-             config: Config, run_dir: Path) -> None:
+             exported: dict, run_dir: Path) -> None:
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
@@ -268,7 +268,7 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
         state.best_fd = fd
         if logbook.active:
             best = run_dir / ckpt.BEST_DIR
-            export_generator(sample_model, generator_config(config.model), best)
+            export_generator(sample_model, exported, best)
             write_json(best / "best.json", {"step": state.step, **scores})
 
 
@@ -315,6 +315,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run_dir)
+    exported = generator_config(config.model, gan.encoder_id)  # generator.json
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
@@ -377,7 +378,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                         logbook.samples(state.step, generate(sample_model, fixed_noise,
                                                              per_rank_batch))
                 if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, nets.sample_model(config), state, logbook, config,
+                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
                              run_dir)
                 if state.step % config.ckpt.every == 0:
                     save_checkpoint()
@@ -401,7 +402,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         else:
             marker.unlink(missing_ok=True)
             logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
-            export_generator(sample_model, generator_config(config.model), run_dir)
+            export_generator(sample_model, exported, run_dir)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
