@@ -32,7 +32,7 @@ from pathgan.data.reading import iter_tar_samples
 from pathgan.encoders import load_encoder
 from pathgan.images import hwc_to_chw, uint8_to_signed
 from pathgan.models import noise_batch
-from pathgan.plots import read_metrics
+from pathgan.training.logbook import read_metrics
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_data  # noqa: E402
