@@ -410,7 +410,7 @@ def patch_table(tmp_path):
 
 
 def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
-    from pathgan.data.pack import load_patch
+    from pathgan.data.pack_worker import read_patch_image
     from pathgan.data.tables import PatchTable, TableColumns
 
     root, images, sizes, embeddings = patch_table
@@ -426,7 +426,7 @@ def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
                                                         strict=True):
         file = tmp_path / f"{row.row_id}.png"
         file.write_bytes(data)
-        expected, _ = load_patch({"source_type": "image", "source": str(file)})
+        expected, _ = read_patch_image(file, 224)
         assert row.image.dtype == np.uint8 and row.image.shape == (224, 224, 3)
         np.testing.assert_array_equal(row.image, expected)  # pack's own resize
         assert row.original_size == (width, height) and row.skipped is None
