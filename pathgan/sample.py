@@ -12,7 +12,6 @@ embedded and mixed with real ones by the same tools.
 
 import itertools
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -20,8 +19,9 @@ from tqdm.auto import tqdm
 
 from pathgan.data.format import (
     MANIFEST,
-    SHARDS_FORMAT,
+    created_now,
     encode_image,
+    make_manifest,
     shard_entry,
     shard_name,
     shard_writer,
@@ -99,7 +99,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
               "seed": seed, "generator": config}
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = created_now()
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = generated_batches(generator, config["nz"], count, batch_size, seed, device)
     with tqdm(total=count, desc="sampling", unit="patch") as progress:
@@ -108,15 +108,5 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             write_json(out_dir / SAMPLE_RECORD, {"created": created, "count": count, **origin})
             return out_dir
         shards = write_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
-    write_json(out_dir / MANIFEST, {
-        "format": SHARDS_FORMAT,
-        "created": created,
-        "synthetic": True,
-        "total_samples": count,
-        "splits": {"train": {"samples": count, "shards": len(shards)},
-                   "val": {"samples": 0, "shards": 0}},
-        "shards": shards,
-        "skipped": [],
-        "config": origin,
-    })
+    write_json(out_dir / MANIFEST, make_manifest(shards, origin, created=created, synthetic=True))
     return out_dir

@@ -21,6 +21,7 @@ from pathgan.data.reading import iter_tar_samples
 from pathgan.embed import (
     embedding_path,
     read_embedding_file,
+    read_embeddings,
     verify_embeddings,
 )
 from pathgan.encoders import load_encoder
@@ -343,3 +344,29 @@ def test_units_of_any_size_and_any_worker_count_give_the_same_bytes(packed, tabl
         assert ours["keys"] == theirs["keys"] and ours["missing_keys"] == theirs["missing_keys"]
         np.testing.assert_array_equal(ours["embeddings"], theirs["embeddings"])
 
+
+def test_a_table_packed_in_two_parts_merges_with_its_embeddings(packed, table, tmp_path):
+    out = tmp_path / "merged"
+    files = sorted((table / "data").glob("*.parquet"))
+    for task, file in enumerate(files):
+        assert run_cli("shards", "pack", file, "--out", out / "parts" / f"task-{task}", *COLUMNS,
+                       "--embedding-column", "emb", "--encoder", ENCODER, "--val-fraction",
+                       "0.3", "--max-count", "8", "--workers", "1") == 0
+        (out / "parts" / f"task-{task}.done").write_text(json.dumps(
+            {"task": task, "num_tasks": 2, "inputs": [str(file)]}))
+    assert run_cli("shards", "merge", out) == 0
+    assert run_cli("shards", "verify", out) == 0
+    assert run_cli("embed", "verify", out, "--encoder", ENCODER) == 0
+    merged = load_manifest(out)
+    encoder_id = merged["embeddings"]["encoder_id"]
+    assert merged["embeddings"]["column"] == "emb" and len(merged["merged_from"]["parts"]) == 2
+    for shard in merged["shards"]:
+        data = read_embedding_file(embedding_path(out, encoder_id, shard["name"]))
+        assert data["meta"]["shard"] == shard["name"]
+    one_pack = {row: sample[:2] for row, sample in samples_by_row(packed).items()}
+    assert {row: sample[:2] for row, sample in samples_by_row(out).items()} == one_pack
+    def embeddings_by_key(shards: Path) -> dict[str, list[float]]:
+        keys, array = read_embeddings(shards, encoder_id, split=None)
+        return dict(zip(keys, array.tolist(), strict=True))
+
+    assert embeddings_by_key(out) == embeddings_by_key(packed)

@@ -1,4 +1,4 @@
-"""``pathgan shards pack | verify | show``."""
+"""``pathgan shards pack | verify | show | merge``."""
 
 import os
 
@@ -87,6 +87,16 @@ def register(subparsers) -> None:
     verify.add_argument("shards_dir", metavar="DIR")
     verify.set_defaults(handler=run_verify)
 
+    merge = actions.add_parser(
+        "merge", help="make the parts of an array-packed set (slurm/pack.sbatch) one shard set",
+        description="Link the shards of OUT_DIR/parts/task-<i>/ into OUT_DIR, numbered in task "
+        "order, and write one manifest.json. Idempotent; the parts stay (hard links).")
+    merge.add_argument("out_dir", metavar="OUT_DIR")
+    merge.add_argument("--if-complete", action="store_true",
+                       help="exit 0 without merging while some task has not finished (the last "
+                       "task to finish merges)")
+    merge.set_defaults(handler=run_merge)
+
     show = actions.add_parser("show", help="print totals and write a grid of random samples")
     show.add_argument("shards_dir", metavar="DIR")
     show.add_argument("--out", required=True, help="PNG file for the grid")
@@ -156,3 +166,9 @@ def run_show(args) -> int:
     print(f"wrote a grid of {count} samples to {args.out}")
     return 0
 
+
+def run_merge(args) -> int:
+    from pathgan.data.merge import merge
+
+    merge(args.out_dir, if_complete=args.if_complete)
+    return 0
