@@ -25,12 +25,13 @@ from pathgan.embed import (
     verify_embeddings,
 )
 from pathgan.encoders import load_encoder
+from pathgan.errors import PathganError
 from pathgan.images import uint8_to_signed
 
 try:
-    from tinymodels import install_in_hf_cache
+    from tinymodels import TINY_COMMIT, install_in_hf_cache, make_tiny_path_foundation
 except ImportError:  # tests/ as a package
-    from tests.tinymodels import install_in_hf_cache
+    from tests.tinymodels import TINY_COMMIT, install_in_hf_cache, make_tiny_path_foundation
 
 ENCODER = "timm:vit_tiny_patch16_224:random"  # the Embedding GAN smoke config's encoder
 SIZES = (96, 150, 224, 300, 512)  # patch sides in the table: every one is resized to 224
@@ -370,3 +371,42 @@ def test_a_table_packed_in_two_parts_merges_with_its_embeddings(packed, table, t
         return dict(zip(keys, array.tolist(), strict=True))
 
     assert embeddings_by_key(out) == embeddings_by_key(packed)
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_path_foundation_that_cannot_load_here_is_named_by_its_cached_commit(table, tmp_path,
+                                                                            monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from pathgan.encoders import path_foundation
+
+    install_in_hf_cache(make_tiny_path_foundation(tmp_path / "pf"), constants.HF_HUB_CACHE)
+
+    def no_tensorflow(*args, **kwargs):
+        raise PathganError("Path Foundation needs TensorFlow: pip install 'pathgan[tensorflow]'")
+
+    monkeypatch.setattr(path_foundation, "load_path_foundation", no_tensorflow)
+    out = tmp_path / "out"
+    assert run_cli("shards", "pack", table, "--out", out, "--embedding-column", "emb",
+                   "--encoder", "path-foundation", "--workers", "1") == 0
+    encoder_id = f"path-foundation--{TINY_COMMIT[:12]}--unit01"
+    assert (f"pathgan: warning: cannot load path-foundation here (Path Foundation needs "
+            f"TensorFlow: pip install 'pathgan[tensorflow]'): the embeddings of column 'emb' are "
+            f"written as {encoder_id}'s unchecked") in capsys.readouterr().err
+    assert verify_embeddings(out, encoder_id)["complete"]
+
+
+def test_rows_without_a_group_take_their_files_group(table_parts, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, _ = table_parts
+    path = tmp_path / "table" / "part.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": data} for data in images[:4]],
+                             "patient": ["p1", None, "p1", None]}), path)
+    out = tmp_path / "out"
+    assert run_cli("shards", "pack", path.parent, "--out", out, "--group-column", "patient",
+                   "--workers", "1") == 0
+    groups = {s["group"]: s["samples"] for s in load_manifest(out)["sources"]}
+    assert groups == {"p1": 2, "part.parquet": 2}
