@@ -410,3 +410,13 @@ def test_rows_without_a_group_take_their_files_group(table_parts, tmp_path):
                    "--workers", "1") == 0
     groups = {s["group"]: s["samples"] for s in load_manifest(out)["sources"]}
     assert groups == {"p1": 2, "part.parquet": 2}
+
+
+def test_read_units_join_small_row_groups_and_cut_big_ones_in_a_few():
+    from pathgan.data.pack_worker import table_units
+
+    assert table_units([0, 100, 200, 300, 400]).tolist() == [0, 300]  # Hub files: 100-row groups
+    one_group = table_units([0, 1_000_000])  # pyarrow's default: one group for the whole file
+    assert one_group.tolist() == list(range(0, 1_000_000, 62_500))  # 16 units, not 3907
+    assert table_units([0, 100, 700]).tolist() == [0, 100, 356, 612]
+    assert table_units([0]).tolist() == [0]  # an empty file

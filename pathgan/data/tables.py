@@ -14,6 +14,7 @@ encoding PIL cannot read is a one-line error before any work; a corrupt image fu
 handed on with the reason (``skipped``), for pack to count and report.
 """
 
+import bisect
 import io
 import json
 import re
@@ -210,8 +211,12 @@ class TableFile:
     name: str = ""
 
     def num_rows(self) -> int:
+        return self.row_group_bounds()[-1]
+
+    def row_group_bounds(self) -> list[int]:
+        """The first row of every row group, then the number of rows."""
         with _pyarrow().parquet.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
-            return parquet_file.metadata.num_rows
+            return _row_group_bounds(parquet_file.metadata)
 
     def rows(self, start: int = 0, stop: int | None = None,
              batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[TableRow]:
@@ -220,10 +225,11 @@ class TableFile:
         pq = _pyarrow().parquet
         with pq.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
             names = _class_names(parquet_file.schema_arrow, self.columns.label)
-            metadata = parquet_file.metadata
-            stop = metadata.num_rows if stop is None else min(stop, metadata.num_rows)
-            first_group, index = _row_group_holding(metadata, start)
-            groups = range(first_group, metadata.num_row_groups)
+            bounds = _row_group_bounds(parquet_file.metadata)
+            stop = bounds[-1] if stop is None else min(stop, bounds[-1])
+            first_group = bisect.bisect_right(bounds, start) - 1  # the one holding ``start``
+            index = bounds[first_group]
+            groups = range(first_group, len(bounds) - 1)
             for batch in parquet_file.iter_batches(batch_size=batch_rows, row_groups=groups,
                                                    columns=self.columns.named()):
                 begin, end = max(start - index, 0), min(stop - index, batch.num_rows)
@@ -246,8 +252,9 @@ class TableFile:
         encoded = values.dictionary_encode()
         texts = [_text(value, names) for value in encoded.dictionary.to_pylist()]
         unique = sorted({text for text in texts if text is not None})
-        recode = np.array([unique.index(text) if text is not None else -1 for text in texts]
-                          + [-1], dtype=np.int32)  # the last entry serves rows with no value
+        code_of = {text: code for code, text in enumerate(unique)}
+        recode = np.array([code_of.get(text, -1) for text in texts] + [-1],
+                          dtype=np.int32)  # the last entry serves rows with no value
         indices = encoded.indices.fill_null(len(texts)).to_numpy(zero_copy_only=False)
         return recode[indices], unique
 
@@ -276,15 +283,9 @@ def _text(value, class_names: list[str] | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _row_group_holding(metadata, row: int) -> tuple[int, int]:
-    """(the row group holding ``row``, the index of that group's first row)."""
-    first = 0
-    for group in range(metadata.num_row_groups):
-        size = metadata.row_group(group).num_rows
-        if row < first + size:
-            return group, first
-        first += size
-    return metadata.num_row_groups, first
+def _row_group_bounds(metadata) -> list[int]:
+    sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+    return np.cumsum([0, *sizes]).tolist()
 
 
 class PatchTable:
