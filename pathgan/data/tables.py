@@ -12,6 +12,9 @@ image decoded and resized to 224x224 RGB exactly as pack resizes patch images. E
 columns and the first image are checked when the table is opened, so a wrong column or an
 encoding PIL cannot read is a one-line error before any work; a corrupt image further down is
 handed on with the reason (``skipped``), for pack to count and report.
+
+A :class:`TableFile` reads any range of one file's rows (pack's workers read their units so) and
+whole label or group columns as compact codes (pack's plan reads them so).
 """
 
 import bisect
@@ -224,7 +227,8 @@ class TableFile:
         ``start`` on: a worker reads its own range without reading the file before it."""
         pq = _pyarrow().parquet
         with pq.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
-            names = _class_names(parquet_file.schema_arrow, self.columns.label)
+            names = {column: _class_names(parquet_file.schema_arrow, column)
+                     for column in (self.columns.label, self.columns.group)}
             bounds = _row_group_bounds(parquet_file.metadata)
             stop = bounds[-1] if stop is None else min(stop, bounds[-1])
             first_group = bisect.bisect_right(bounds, start) - 1  # the one holding ``start``
@@ -258,12 +262,12 @@ class TableFile:
         indices = encoded.indices.fill_null(len(texts)).to_numpy(zero_copy_only=False)
         return recode[indices], unique
 
-    def _row(self, row_id: str, values: dict, offset: int, names: list[str] | None) -> TableRow:
+    def _row(self, row_id: str, values: dict, offset: int, names: dict) -> TableRow:
         columns = self.columns
-        label = _text(values[columns.label][offset], names) if columns.label else None
-        group = values[columns.group][offset] if columns.group else None
+        label, group = (_text(values[column][offset], names[column]) if column else None
+                        for column in (columns.label, columns.group))
         embedding = values[columns.embedding][offset] if columns.embedding else None
-        row = TableRow(row_id, None, label, None if group is None else str(group),
+        row = TableRow(row_id, None, label, group,
                        None if embedding is None else np.asarray(embedding, dtype=np.float32))
         data = _image_bytes(values[columns.image][offset])
         if data is None:
