@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from pathgan.data.embeddings import (
-    FORMAT,
     as_encoder_id,
     check_embedding_file,
     embedding_path,
@@ -29,7 +28,7 @@ from pathgan.data.format import load_manifest
 from pathgan.data.reading import ShardSamples, collate_samples, index_shard
 from pathgan.devices import default_device
 from pathgan.errors import PathganError
-from pathgan.fileio import sha256_file, timestamp
+from pathgan.fileio import sha256_file
 from pathgan.images import uint8_to_signed
 
 DEFAULT_BATCH_SIZE = 64
@@ -121,22 +120,12 @@ def encoder_precision(encoder, requested: str) -> str:
 
 def _write_output(item: _Pending, encoder, precision: str) -> None:
     keys_ok = [key for key, ok in zip(item.keys, item.ok, strict=True) if ok]
-    missing = [key for key, ok in zip(item.keys, item.ok, strict=True) if not ok]
-    meta = {
-        "format": FORMAT,
-        "encoder_id": encoder.encoder_id,
-        "encoder_spec": getattr(encoder, "spec", ""),
-        "dim": int(encoder.embed_dim),
-        "dtype": "float32",
-        "precision": encoder_precision(encoder, precision),
-        "shard": item.shard["name"],
-        "split": item.shard.get("split"),
-        "source_sha256": item.shard["sha256"],
-        "count": len(keys_ok),
-        "missing": len(missing),
-        "missing_reasons": {key: item.errors.get(key, "") for key in missing},
-        "created": timestamp(),
-    }
+    missing = {key: item.errors.get(key, "")
+               for key, ok in zip(item.keys, item.ok, strict=True) if not ok}
+    meta = {"encoder_id": encoder.encoder_id, "encoder_spec": getattr(encoder, "spec", ""),
+            "dim": int(encoder.embed_dim), "precision": encoder_precision(encoder, precision),
+            "shard": item.shard["name"], "split": item.shard.get("split"),
+            "source_sha256": item.shard["sha256"]}
     write_embedding_file(item.output, keys_ok, item.embeddings[item.ok], missing, meta)
 
 

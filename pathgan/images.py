@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pathgan.data.format import IMAGE_SIDE
 from pathgan.fileio import atomic_path
 
-IMAGE_SIZE = 224
+IMAGE_SIZE = IMAGE_SIDE  # one definition, in the torch-free shard format
 
 
 def uint8_to_signed(images: torch.Tensor) -> torch.Tensor:

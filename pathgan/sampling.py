@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from pathgan.data.format import (
     MANIFEST,
-    SHARDS_FORMAT,
     encode_image,
+    make_manifest,
     shard_entry,
     shard_name,
     shard_writer,
@@ -106,15 +106,5 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             write_json(out_dir / SAMPLE_RECORD, {"created": created, "count": count, **origin})
             return out_dir
         shards = write_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
-    write_json(out_dir / MANIFEST, {
-        "format": SHARDS_FORMAT,
-        "created": created,
-        "synthetic": True,
-        "total_samples": count,
-        "splits": {"train": {"samples": count, "shards": len(shards)},
-                   "val": {"samples": 0, "shards": 0}},
-        "shards": shards,
-        "skipped": [],
-        "config": origin,
-    })
+    write_json(out_dir / MANIFEST, make_manifest(shards, origin, created=created, synthetic=True))
     return out_dir

@@ -95,7 +95,8 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
     assert f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})" in card
     assert f"ngf {config['model']['ngf']} " in card and f"{parameters:,} parameters" in card
     assert f"on, half-life {train['ema_kimg']} kimg, warm-up {train['ema_rampup']}" in card
-    assert "| augmentation | none |" in card
+    augmentation = f"DiffAugment: {train['augment']}" if train["augment"] else "none"
+    assert f"| augmentation | {augmentation} |" in card
 
     manifest = json.loads((slide_shards / "manifest.json").read_text())
     assert f"manifest fingerprint `{manifest['fingerprint']}`" in card
@@ -417,7 +418,7 @@ def patch_table(tmp_path):
 
 
 def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
-    from pathgan.data.pack import load_patch
+    from pathgan.data.pack_worker import read_patch_image
     from pathgan.data.tables import PatchTable, TableColumns
 
     root, images, sizes, embeddings = patch_table
@@ -433,7 +434,7 @@ def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
                                                         strict=True):
         file = tmp_path / f"{row.row_id}.png"
         file.write_bytes(data)
-        expected, _ = load_patch({"source_type": "image", "source": str(file)})
+        expected, _ = read_patch_image(file, 224)
         assert row.image.dtype == np.uint8 and row.image.shape == (224, 224, 3)
         np.testing.assert_array_equal(row.image, expected)  # pack's own resize
         assert row.original_size == (width, height) and row.skipped is None

@@ -91,3 +91,46 @@ def test_a_groups_side_does_not_depend_on_the_other_inputs(tmp_path, slide_path)
     assert {key: sides[key] for key in membership(last_three)} == membership(last_three)
     sources = json.dumps(load_manifest(all_six)["sources"])
     assert '"split": "val"' in sources and '"split": "train"' in sources
+
+
+def pack_part(out: Path, task: int, num_tasks: int, inputs: list, *options) -> None:
+    """What slurm/pack.sbatch's task does before merging: a part and its done marker."""
+    if inputs:
+        assert run_cli("shards", "pack", *inputs, "--out", out / "parts" / f"task-{task}",
+                       "--workers", "1", *options) == 0
+    marker = {"task": task, "num_tasks": num_tasks, "inputs": [str(i) for i in inputs]}
+    (out / "parts" / f"task-{task}.done").write_text(json.dumps(marker))
+
+
+def test_shards_merge_makes_two_parts_one_shard_set(tmp_path, slide_path, capsys):
+    folders = patch_folders(tmp_path / "patches", slide_path, 6)
+    options = ["--val-fraction", "0.5", "--max-count", "3"]
+    out = tmp_path / "merged"
+    pack_part(out, 0, 3, folders[:4], *options)
+    assert run_cli("shards", "merge", out, "--if-complete") == 0  # tasks 1 and 2 still run
+    assert "merge: waiting for task(s) [1, 2] of 3" in capsys.readouterr().out
+    assert not (out / "manifest.json").exists()
+    assert run_cli("shards", "merge", out) == 2
+    assert "task(s) [1, 2] of 3 have not finished" in capsys.readouterr().err
+
+    pack_part(out, 1, 3, folders[4:], *options)
+    pack_part(out, 2, 3, [])  # more tasks than inputs
+    (out / "train-000009.tar").write_bytes(b"left by an older merge")
+    assert run_cli("shards", "merge", out, "--if-complete") == 0
+    assert run_cli("shards", "verify", out) == 0
+    assert not (out / "train-000009.tar").exists()
+    merged, parts = load_manifest(out), [load_manifest(out / "parts" / f"task-{i}") for i in (0, 1)]
+    assert [s["part"] for s in merged["shards"]] == [
+        f"task-{i}/{s['name']}" for i, part in enumerate(parts) for s in part["shards"]]
+    assert [s["name"] for s in merged["shards"] if s["split"] == "train"] == [
+        f"train-{n:06d}.tar" for n in range(merged["splits"]["train"]["shards"])]
+    assert merged["total_samples"] == 12 and merged["sources"] == [*parts[0]["sources"],
+                                                                   *parts[1]["sources"]]
+    assert merged["config"]["inputs"] == [str(f) for f in folders]
+    assert [p["samples"] for p in merged["merged_from"]["parts"]] == [8, 4, 0]
+    single = tmp_path / "single"
+    assert run_cli("shards", "pack", *folders, "--out", single, "--workers", "1", *options) == 0
+    assert membership(out) == membership(single)
+    for split, counts in load_manifest(single)["splits"].items():
+        assert (merged["splits"][split]["samples"], merged["splits"][split]["groups"]) == (
+            counts["samples"], counts["groups"])

@@ -1,4 +1,4 @@
-"""``pathgan shards pack | verify | show``."""
+"""``pathgan shards pack | verify | show | merge``."""
 
 import os
 
@@ -18,12 +18,15 @@ def register(subparsers) -> None:
 
     pack = actions.add_parser(
         "pack",
-        help="slides and patch folders -> WebDataset shards",
-        description="Cut tissue patches from slides (and read folders of patch images), resize "
-        "them to 224x224 and write WebDataset shards with a manifest. Rerunning resumes.",
+        help="slides, patch folders and parquet tables -> WebDataset shards",
+        description="Cut tissue patches from slides (and read folders of patch images and "
+        "parquet tables), resize them to 224x224 and write WebDataset shards with a manifest. "
+        "Rerunning resumes.",
     )
     pack.add_argument("inputs", nargs="+", metavar="INPUT",
-                      help="a slide file, a folder of slides, or a folder of patch images")
+                      help="a slide file, a folder of slides or patch images, a .parquet file or "
+                      "folder of them, or hf-dataset:ORG/NAME[@REVISION] (from the local Hugging "
+                      "Face cache)")
     pack.add_argument("--out", required=True, help="output folder of the shard set")
     pack.add_argument("--patch-sizes", default="224",
                       help="patch sizes in pixels (level 0, or at --target-mpp), resized to "
@@ -57,6 +60,25 @@ def register(subparsers) -> None:
     pack.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most")
     pack.add_argument("--max-skipped", type=float, default=0.1,
                       help="fail when more than this share of inputs is unreadable")
+    tables = pack.add_argument_group("parquet tables and Hub data sets")
+    tables.add_argument("--image-column", default="image",
+                        help="column of encoded image bytes (default: image)")
+    tables.add_argument("--label-column", help="column of labels, carried into the metadata")
+    tables.add_argument("--group-column",
+                        help="column naming each row's split group (e.g. the patient or slide); "
+                        "default: one group per file of the table")
+    tables.add_argument("--embedding-column",
+                        help="column of precomputed embeddings, written in `pathgan embed`'s "
+                        "format (needs --encoder)")
+    tables.add_argument("--encoder", metavar="SPEC",
+                        help="the encoder spec (or encoder id) that made --embedding-column; "
+                        "checked on 32 rows when it loads here")
+    tables.add_argument("--embedding-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the precision the column's embeddings were computed in "
+                        "(default: fp32)")
+    tables.add_argument("--embedding-tolerance", type=float, default=1e-2,
+                        help="refuse the column when its embeddings differ from the encoder's "
+                        "by more than this median relative L2 (default: 1e-2)")
     pack.add_argument("--overwrite", action="store_true",
                       help="replace a shard set packed from other inputs or options")
     pack.set_defaults(handler=run_pack)
@@ -64,6 +86,16 @@ def register(subparsers) -> None:
     verify = actions.add_parser("verify", help="re-read every shard against the manifest")
     verify.add_argument("shards_dir", metavar="DIR")
     verify.set_defaults(handler=run_verify)
+
+    merge = actions.add_parser(
+        "merge", help="make the parts of an array-packed set (slurm/pack.sbatch) one shard set",
+        description="Link the shards of OUT_DIR/parts/task-<i>/ into OUT_DIR, numbered in task "
+        "order, and write one manifest.json. Idempotent; the parts stay (hard links).")
+    merge.add_argument("out_dir", metavar="OUT_DIR")
+    merge.add_argument("--if-complete", action="store_true",
+                       help="exit 0 without merging while some task has not finished (the last "
+                       "task to finish merges)")
+    merge.set_defaults(handler=run_merge)
 
     show = actions.add_parser("show", help="print totals and write a grid of random samples")
     show.add_argument("shards_dir", metavar="DIR")
@@ -94,6 +126,13 @@ def run_pack(args) -> int:
         max_count=args.max_count,
         max_bytes=int(args.max_bytes),
         max_skipped_fraction=args.max_skipped,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        embedding_column=args.embedding_column,
+        encoder=args.encoder,
+        embedding_precision=args.embedding_precision,
+        embedding_tolerance=args.embedding_tolerance,
     )
     manifest = pack(args.inputs, args.out, options, overwrite=args.overwrite)
     for line in summary_lines(manifest):
@@ -125,4 +164,11 @@ def run_show(args) -> int:
         print(line)
     count = save_samples_grid(args.shards_dir, args.out, args.n, args.seed)
     print(f"wrote a grid of {count} samples to {args.out}")
+    return 0
+
+
+def run_merge(args) -> int:
+    from pathgan.data.merge import merge
+
+    merge(args.out_dir, if_complete=args.if_complete)
     return 0

@@ -23,7 +23,7 @@ import numpy as np
 from pathgan.data.format import load_manifest
 from pathgan.data.reading import shard_keys
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path
+from pathgan.fileio import atomic_path, timestamp
 
 FORMAT = "pathgan-embeddings/1"
 EMBEDDINGS_DIR = "embeddings"
@@ -55,14 +55,19 @@ def as_encoder_id(encoder) -> str:
 
 # -- one file ----------------------------------------------------------------------------------
 def write_embedding_file(path: Path, keys: list[str], embeddings: np.ndarray,
-                         missing_keys: list[str], meta: dict) -> None:
-    """Write one shard's file atomically (it appears under its name only when complete)."""
+                         missing: dict[str, str], meta: dict) -> None:
+    """Write one shard's file atomically (it appears under its name only when complete): the
+    keys embedded and their float32 rows, the keys missing (key -> why) in shard order, and
+    ``meta`` (encoder id and spec, dim, precision, shard, split, source sha256, ...) completed
+    with the format, dtype, counts and time."""
+    meta = {**meta, "format": FORMAT, "dtype": "float32", "count": len(keys),
+            "missing": len(missing), "missing_reasons": missing, "created": timestamp()}
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         np.savez(
             handle,
             keys=np.array(keys, dtype=str),
             embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
-            missing_keys=np.array(missing_keys, dtype=str),
+            missing_keys=np.array(list(missing), dtype=str),
             meta=np.array(json.dumps(meta)),
         )
 

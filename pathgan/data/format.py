@@ -3,6 +3,7 @@
 A shard set is a folder::
 
     DIR/manifest.json            totals, every shard with its count and sha256, skipped inputs
+                                 (:func:`make_manifest`)
     DIR/train-000000.tar ...     WebDataset tars; each sample is three tar members:
     DIR/val-000000.tar ...           <key>.png | <key>.jpg | <key>.npy   224x224 RGB uint8
                                      <key>.json                          metadata
@@ -22,12 +23,16 @@ import numpy as np
 from PIL import Image
 
 from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, read_json, sha256_file
+from pathgan.fileio import atomic_path, read_json, sha256_file, timestamp
 
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "pathgan-shards/1"  # the manifest's "format"
 IMAGE_EXTENSIONS = ("png", "jpg", "npy")
+IMAGE_SIDE = 224  # every image of a shard set is IMAGE_SIDE x IMAGE_SIDE RGB
 SPLITS = ("train", "val")
+
+
+SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")  # what shard_name makes
 
 
 def shard_name(split: str, index: int) -> str:
@@ -51,6 +56,38 @@ def shard_entry(path: Path, split: str, samples: int) -> dict:
     """A written shard as the manifest lists it."""
     return {"name": path.name, "split": split, "samples": samples,
             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def make_manifest(shards: list[dict], config: dict, *, created: str | None = None,
+                  fingerprint: str | None = None, groups: dict[str, int] | None = None,
+                  sources: list[dict] | None = None, labels: dict[str, int] | None = None,
+                  skipped: list[dict] | None = None, **extra) -> dict:
+    """The ``manifest.json`` of a shard set; every writer of one (pack, merge, sample) calls this.
+
+    ``shards``: the entries of :func:`shard_entry` (more keys allowed), in manifest order; the
+    totals and per-split counts are computed from them. ``groups``: split groups with samples,
+    per split. ``config``: what made the set. ``extra`` keys come last (``synthetic``,
+    ``merged_from``, ``embeddings``). Optional parts are left out when not given.
+    """
+    splits = {}
+    for split in SPLITS:
+        members = [shard for shard in shards if shard["split"] == split]
+        splits[split] = {"samples": sum(shard["samples"] for shard in members),
+                         "shards": len(members),
+                         **({"groups": groups[split]} if groups is not None else {})}
+    optional = {"sources": sources, "labels": labels}
+    return {
+        "format": SHARDS_FORMAT,
+        "created": created or timestamp(),
+        **({"fingerprint": fingerprint} if fingerprint is not None else {}),
+        "total_samples": sum(shard["samples"] for shard in shards),
+        "splits": splits,
+        "shards": shards,
+        **{key: value for key, value in optional.items() if value is not None},
+        "skipped": skipped or [],
+        "config": config,
+        **extra,
+    }
 
 
 def safe_key_part(text: str) -> str:

@@ -2,8 +2,10 @@
 
 The job runs in four steps, each deterministic given the inputs and the options:
 
-1. *discover*: expand the inputs into sources (slides, patch images with their labels), each
-   with the *group* that is the unit of the train/validation split;
+1. *discover*: expand the inputs into sources (slides, patch images with their labels, the
+   files of parquet tables: one source per split group of each), each with the *group* that is
+   the unit of the train/validation split; a table's embedding column is checked against its
+   encoder here, on a sample of rows, before any work;
 2. *plan*: find every tissue patch of every slide (in worker processes); put each group on
    the validation side when a hash of its id alone falls below ``--val-fraction``, so the same
    inputs give the same split however they are divided among pack jobs (``slurm/pack.sbatch``);
@@ -27,6 +29,10 @@ region by region, shards are mixed, and the second pass is a byte copy (0.9 ms p
 about a tenth of the pack; BENCHMARKS.md, "Packing"). It costs transient disk space about the
 size of the shards; the spools are deleted when the manifest is written.
 
+A table's embedding column travels with its rows through the spools and is written beside each
+shard in ``pathgan embed``'s format (``embeddings/<encoder-id>/<shard>.npz``), so the Embedding
+GAN trains on a packed table without embedding it again.
+
 A rerun recomputes the same plan, keeps every finished shard whose record and checksum match
 and every complete spool, and does only what is missing, so a killed pack resumes. The
 manifest is written last, from the records.
@@ -44,18 +50,20 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pathgan.data import slides
+from pathgan.data.embeddings import embedding_path, embeddings_dir, write_embedding_file
 from pathgan.data.format import (
     MANIFEST,
-    SHARDS_FORMAT,
+    SHARD_NAME,
     SPLITS,
+    make_manifest,
     shard_entry,
     shard_name,
     shard_writer,
@@ -68,16 +76,24 @@ from pathgan.data.pack_worker import (
     UnitJob,
     plan_images,
     plan_slide,
+    plan_table,
+    row_groups,
     spool_is_complete,
     spool_unit,
 )
+from pathgan.data.tables import PatchTable, TableRow, spread_rows
 from pathgan.errors import PathganError
 from pathgan.fileio import read_json, sha256_file, write_json
-from pathgan.images import IMAGE_SIZE
+from pathgan.images import IMAGE_SIZE, uint8_to_signed
 
 __all__ = ["PackOptions", "pack"]
 
 PATCH_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TABLE_EXTENSION = ".parquet"
+# Options that change no byte of the output: left out of the fingerprint.
+NOT_SHAPING = ("workers", "embedding_tolerance")
+# Rows of a table whose embeddings are recomputed to check the column against its encoder.
+EMBEDDING_CHECK_ROWS = 32
 RECORDS_DIR = ".pack"
 SPOOL_DIR = f"{RECORDS_DIR}/spool"
 # Upper bound of one sample in a shard: raw pixels plus tar headers and metadata. PNG and JPEG
@@ -128,10 +144,29 @@ def _source(path: Path, kind: str, label: str | None, options: PackOptions) -> S
     return Source(str(path), kind, label, source_group(path, kind, options))
 
 
+def table_sources(table: str, options: PackOptions) -> list[Source]:
+    """The sources of a parquet table (a file, a folder, ``hf-dataset:``), checked when opened:
+    one per split group of each file (``--group-column``), else one per file."""
+    sources = []
+    for table_file in PatchTable(table, options.table_columns()).files:
+        _, groups = row_groups(table_file, options.group_column)
+        sources += [Source(str(table_file.path), "table", None, group, table_file)
+                    for group in groups]
+    return sources
+
+
+def _is_table(raw: str) -> bool:
+    return raw.startswith("hf-dataset:") or raw.lower().endswith(TABLE_EXTENSION)
+
+
 def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
-    """Expand slide files and folders into sources; a missing input is a one-line error."""
+    """Expand slide files, patch images, parquet tables and folders of them into sources; a
+    missing input is a one-line error."""
     sources: list[Source] = []
     for raw in inputs:
+        if _is_table(raw):
+            sources += table_sources(raw, options)
+            continue
         root = Path(raw)
         if not root.exists():
             raise PathganError(f"input {raw}: no such file or folder")
@@ -143,7 +178,10 @@ def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
             else:
                 raise PathganError(f"input {raw}: not a slide or a patch image")
             continue
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        if any(path.suffix.lower() == TABLE_EXTENSION for path in files):
+            sources += table_sources(raw, options)
+        for path in files:
             if _is_slide_file(path):
                 sources.append(_source(path, "slide", None, options))
             elif path.suffix.lower() in PATCH_IMAGE_EXTENSIONS:
@@ -180,15 +218,17 @@ class ShardJob:
     out_dir: str
     fingerprint: str
     image_format: str
+    embeddings: "ColumnEmbeddings | None" = None  # a table's, written beside the shard
 
-    def records(self) -> Iterator[dict]:
+    def records(self) -> Iterator[tuple[int, dict]]:
+        """(plan index, record) of each sample, in shard order."""
         for plan, row in self.members.tolist():
-            yield {**self.plans[plan].record(row), "split": self.split}
+            yield plan, {**self.plans[plan].record(row), "split": self.split}
 
 
 def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
     """Changes whenever the inputs or any option that shapes the shards change."""
-    shaping = {k: v for k, v in asdict(options).items() if k not in ("workers",)}
+    shaping = {k: v for k, v in asdict(options).items() if k not in NOT_SHAPING}
     files = []
     for source in sources:
         stat = os.stat(source.path)
@@ -215,7 +255,7 @@ def mixed_order(plans: list, splits: list[str], split: str, seed: int) -> np.nda
 
 
 def plan_shards(plans: list, splits: list[str], options: PackOptions, out_dir: Path,
-                fingerprint: str) -> list[ShardJob]:
+                fingerprint: str, embeddings: "ColumnEmbeddings | None") -> list[ShardJob]:
     jobs = []
     per_shard = samples_per_shard(options)
     for split in SPLITS:
@@ -223,7 +263,7 @@ def plan_shards(plans: list, splits: list[str], options: PackOptions, out_dir: P
         for index, start in enumerate(range(0, len(members), per_shard)):
             jobs.append(ShardJob(shard_name(split, index), split,
                                  members[start : start + per_shard], plans, str(out_dir),
-                                 fingerprint, options.image_format))
+                                 fingerprint, options.image_format, embeddings))
     return jobs
 
 
@@ -236,8 +276,8 @@ def groups_per_split(plans: list, splits: list[str], sources: list[Source]) -> d
     return {split: len(names) for split, names in groups.items()}
 
 
-def warn_small_validation(groups: dict[str, int], options: PackOptions) -> None:
-    if options.val_fraction > 0 and groups["val"] < MIN_VAL_GROUPS:
+def warn_small_validation(groups: dict[str, int], val_fraction: float) -> None:
+    if val_fraction > 0 and groups["val"] < MIN_VAL_GROUPS:
         print(f"pathgan: warning: the val split has {groups['val']} group(s) of "
               f"{sum(groups.values())} (fewer than {MIN_VAL_GROUPS}): its figures will be noisy; "
               "add inputs or check the grouping (--group-pattern)", file=sys.stderr)
@@ -276,16 +316,169 @@ def run_all(executor: concurrent.futures.Executor | None, function: Callable,
 
 
 def _plan_all(sources: list[Source], options: PackOptions, pool) -> list:
-    slide_sources = [s for s in sources if s.kind == "slide"]
-    image_sources = [s for s in sources if s.kind == "image"]
-    plans = dict(zip((s.path for s in image_sources), plan_images(image_sources), strict=True))
+    """The plan of every source, in source order: patch images and table columns here, slides
+    in the workers. A table file has one source per split group, so sources are told apart by
+    position, not by path."""
+    plans = [None] * len(sources)
+    images = [index for index, source in enumerate(sources) if source.kind == "image"]
+    for index, plan in zip(images, plan_images([sources[i] for i in images]), strict=True):
+        plans[index] = plan
+    table_files = defaultdict(list)
+    for index, source in enumerate(sources):
+        if source.kind == "table":
+            table_files[source.path].append(index)
+    for indices in tqdm(table_files.values(), desc="reading table columns", unit="file",
+                        disable=not table_files):
+        for index, plan in zip(indices, plan_table([sources[i] for i in indices], options),
+                               strict=True):
+            plans[index] = plan
+    slide_sources = defaultdict(list)
+    for index, source in enumerate(sources):
+        if source.kind == "slide":
+            slide_sources[source].append(index)
     if slide_sources:
         with tqdm(total=len(slide_sources), desc="tissue detection", unit="slide") as progress:
-            for source, plan in run_all(pool, plan_slide, slide_sources, options, IMAGE_SIZE,
-                                        in_flight=len(slide_sources)):
-                plans[source.path] = plan
+            for source, plan in run_all(pool, plan_slide, list(slide_sources), options,
+                                        IMAGE_SIZE, in_flight=len(slide_sources)):
+                for index in slide_sources[source]:
+                    plans[index] = plan
                 progress.update()
-    return [plans[s.path] for s in sources]
+    return plans
+
+
+# --- a table's embeddings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnEmbeddings:
+    """A table's precomputed embeddings: which column, made by which encoder, how checked."""
+
+    column: str
+    encoder_id: str
+    spec: str
+    dim: int
+    precision: str
+    check: dict  # the figures of the check against the encoder, or why it was not made
+
+    def problem(self, vector: np.ndarray | None) -> str | None:
+        """Why a row's embedding cannot be used (the sample is then listed as missing)."""
+        if vector is None:
+            return f"no embedding in column {self.column!r}"
+        if vector.shape != (self.dim,):
+            return f"a {vector.size}-d embedding where the column's are {self.dim}-d"
+        if not np.isfinite(vector).all():
+            return "the embedding holds NaN or infinity"
+        return None
+
+
+def load_column_encoder(spec: str) -> tuple[torch.nn.Module | None, str, str | None]:
+    """(the encoder, its id, None), or (None, its id, why it cannot be loaded here): an encoder
+    id given as is, a gated or uncached model offline, TensorFlow missing. Without even an id,
+    the embeddings could not be told apart from any other encoder's: a one-line error."""
+    from pathgan.encoders import is_encoder_id, load_encoder, resolve_encoder_id
+
+    if is_encoder_id(spec):
+        return None, spec, "--encoder gives an encoder id, not a spec that can be loaded"
+    try:
+        encoder = load_encoder(spec, device="cpu")
+        return encoder, encoder.encoder_id, None
+    except (PathganError, ImportError, OSError) as error:
+        why = str(error).splitlines()[0]
+    try:
+        return None, resolve_encoder_id(spec), why
+    except (PathganError, ImportError, OSError) as error:
+        raise PathganError(f"cannot tell which encoder --encoder {spec} is ({error}); pass its "
+                           "encoder id instead (as `pathgan embed verify` prints it)") from None
+
+
+def relative_differences(rows: list[TableRow], encoder) -> np.ndarray:
+    """Per row: the L2 distance of its column embedding from the encoder's embedding of its
+    image as packed, relative to the latter's length."""
+    pixels = torch.from_numpy(np.stack([row.image for row in rows]))  # NHWC uint8, writable
+    images = uint8_to_signed(pixels.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        ours = encoder(images).float().cpu().numpy()
+    theirs = np.stack([row.embedding for row in rows])
+    return np.linalg.norm(theirs - ours, axis=1) / np.maximum(np.linalg.norm(ours, axis=1), 1e-12)
+
+
+def check_against_encoder(rows: list[TableRow], encoder, options: PackOptions) -> dict:
+    """Recompute the sampled rows' embeddings and refuse, with the measured difference, a
+    column made another way: a discriminator would learn that difference instead of tissue.
+
+    The median over rows is compared, since a preprocessing difference (another resize, other
+    normalisation, another encoder) moves every row, while one odd row is noise."""
+    column = options.embedding_column
+    dims = {row.embedding.size for row in rows}
+    if dims != {encoder.embed_dim}:
+        raise PathganError(f"column {column!r} holds {'/'.join(map(str, sorted(dims)))}-d "
+                           f"embeddings; {encoder.encoder_id} makes {encoder.embed_dim}-d ones")
+    differences = relative_differences(rows, encoder)
+    check = {"rows": len(rows), "median_relative_l2": float(np.median(differences)),
+             "max_relative_l2": float(differences.max()),
+             "tolerance": options.embedding_tolerance}
+    if check["median_relative_l2"] > options.embedding_tolerance:
+        raise PathganError(
+            f"the embeddings in column {column!r} are not {encoder.encoder_id}'s of these "
+            f"images: relative L2 difference median {check['median_relative_l2']:.2e} (max "
+            f"{check['max_relative_l2']:.2e}) over {len(rows)} rows, above the tolerance "
+            f"{options.embedding_tolerance:.0e}; other preprocessing or another encoder made "
+            "them: embed the shards with `pathgan embed` instead")
+    return check
+
+
+def column_embeddings(sources: list[Source], options: PackOptions) -> ColumnEmbeddings | None:
+    """The embedding column's provenance, checked on rows spread over the tables against the
+    encoder when it loads here; when it does not, says so and goes on."""
+    if not options.embedding_column:
+        return None
+    files = list({source.path: source.table for source in sources
+                  if source.kind == "table"}.values())
+    sampled = spread_rows(files, EMBEDDING_CHECK_ROWS)
+    rows = [row for row in sampled if row.image is not None and row.embedding is not None]
+    if not rows:
+        raise PathganError(f"none of {len(sampled)} rows spread over the tables has both an "
+                           f"image and an embedding in column {options.embedding_column!r}")
+    encoder, encoder_id, why_not = load_column_encoder(options.encoder)
+    if encoder is None:
+        print(f"pathgan: warning: cannot load {options.encoder} here ({why_not}): the "
+              f"embeddings of column {options.embedding_column!r} are written as "
+              f"{encoder_id}'s unchecked", file=sys.stderr)
+        check, dim = {"not_checked": why_not}, rows[0].embedding.size
+    else:
+        check, dim = check_against_encoder(rows, encoder, options), encoder.embed_dim
+        print(f"embedding column {options.embedding_column!r} matches {encoder_id}: relative "
+              f"L2 median {check['median_relative_l2']:.1e} over {check['rows']} rows "
+              f"(tolerance {options.embedding_tolerance:.0e})")
+    return ColumnEmbeddings(options.embedding_column, encoder_id, options.encoder, dim,
+                            options.embedding_precision, check)
+
+
+class ShardEmbeddings:
+    """The column embeddings of one shard's samples, gathered in shard order, then written."""
+
+    def __init__(self, column: ColumnEmbeddings) -> None:
+        self.column = column
+        self.keys: list[str] = []
+        self.vectors: list[np.ndarray] = []
+        self.missing: dict[str, str] = {}
+
+    def add(self, key: str, vector: np.ndarray | None) -> None:
+        problem = self.column.problem(vector)
+        if problem:
+            self.missing[key] = problem
+        else:
+            self.keys.append(key)
+            self.vectors.append(vector)
+
+    def write(self, out_dir: Path, shard: dict) -> None:
+        column = self.column
+        array = np.stack(self.vectors) if self.vectors else np.zeros((0, column.dim), np.float32)
+        meta = {"encoder_id": column.encoder_id, "encoder_spec": column.spec, "dim": column.dim,
+                "precision": column.precision, "column": column.column, "shard": shard["name"],
+                "split": shard["split"], "source_sha256": shard["sha256"]}
+        write_embedding_file(embedding_path(out_dir, column.encoder_id, shard["name"]),
+                             self.keys, array, self.missing, meta)
 
 
 # --- spool and assemble ---------------------------------------------------------------------
@@ -307,6 +500,9 @@ def finished_record(job: ShardJob) -> dict | None:
         return None
     if record.get("fingerprint") != job.fingerprint or record.get("sha256") != sha256_file(shard):
         return None
+    if job.embeddings and not embedding_path(out_dir, job.embeddings.encoder_id,
+                                             job.name).is_file():
+        return None  # rewritten with them (the same bytes)
     return record
 
 
@@ -350,28 +546,32 @@ def write_shard(job: ShardJob) -> dict:
     """Assemble one shard from the spools, atomically; returns its record (count, checksum,
     what was skipped)."""
     out_dir = Path(job.out_dir)
-    skipped, per_source, labels = [], Counter(), Counter()
-    count = 0
+    skipped, per_plan, labels = [], Counter(), Counter()
+    embeddings = ShardEmbeddings(job.embeddings) if job.embeddings else None
     with shard_writer(out_dir / job.name) as sink, SpoolReader(out_dir / SPOOL_DIR) as spool:
-        for record in job.records():
+        for plan, record in job.records():
             try:
-                image_bytes, learnt = spool.read(record)
+                patch = spool.read(record)
             except ValueError as error:  # the patch could not be read: skipped and reported
                 skipped.append({"path": record["source"], "key": record["key"],
                                 "reason": str(error)})
                 continue
             metadata = {k: v for k, v in record.items() if k not in PLAN_FIELDS}
-            metadata = {**metadata, **learnt, "synthetic": False}
-            sink.write({"__key__": record["key"], job.image_format: image_bytes,
+            metadata = {**metadata, **patch.learnt, "synthetic": False}
+            sink.write({"__key__": record["key"], job.image_format: patch.image_bytes,
                         "json": json.dumps(metadata).encode()})
-            count += 1
-            per_source[record["source"]] += 1
+            per_plan[str(plan)] += 1
             labels[str(record["label"])] += 1
+            if embeddings:
+                embeddings.add(record["key"], patch.embedding)
+    entry = shard_entry(out_dir / job.name, job.split, sum(per_plan.values()))
+    if embeddings:  # before the record: a recorded shard has its embeddings
+        embeddings.write(out_dir, entry)
     result = {
-        **shard_entry(out_dir / job.name, job.split, count),
+        **entry,
         "fingerprint": job.fingerprint,
         "skipped": skipped,
-        "per_source": dict(per_source),
+        "per_plan": dict(per_plan),  # samples per source, by position (a path can repeat)
         "labels": dict(labels),
     }
     write_json(record_path(out_dir, job.name), result)
@@ -410,57 +610,50 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob]) -> None:
-    """Shards, records and partial files left by an earlier (killed or different) run go."""
-    for folder in (out_dir, out_dir / RECORDS_DIR, out_dir / SPOOL_DIR):
+def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob],
+                         embeddings: ColumnEmbeddings | None) -> None:
+    """Shards, records, their column embeddings and partial files left by an earlier (killed
+    or different) run go."""
+    folders = [out_dir, out_dir / RECORDS_DIR, out_dir / SPOOL_DIR]
+    if embeddings:
+        folders.append(embeddings_dir(out_dir, embeddings.encoder_id))
+    for folder in folders:
         for partial in folder.glob(".*.tmp-*"):
             partial.unlink(missing_ok=True)
     planned = {job.name for job in jobs}
     for path in out_dir.glob("*.tar"):
-        if path.name not in planned and re.fullmatch(r"(train|val)-\d{6}\.tar", path.name):
+        if path.name not in planned and SHARD_NAME.fullmatch(path.name):
             path.unlink()
             record_path(out_dir, path.name).unlink(missing_ok=True)
+            if embeddings:
+                embedding_path(out_dir, embeddings.encoder_id, path.name).unlink(missing_ok=True)
 
 
-def build_manifest(sources, plans, records, groups, options, inputs, fingerprint) -> dict:
+def build_manifest(sources: list[Source], plans: list, records: list[dict],
+                   groups: dict[str, int], options: PackOptions, inputs: list[str],
+                   fingerprint: str, embeddings: ColumnEmbeddings | None) -> dict:
     skipped = [{"path": p.source, "reason": p.skipped} for p in plans if p.skipped]
     skipped += [entry for record in records for entry in record["skipped"]]
-    per_source = Counter()
-    labels = Counter()
+    per_plan, split_of, labels = Counter(), {}, Counter()
     for record in records:
-        per_source.update(record["per_source"])
+        per_plan.update(record["per_plan"])
+        split_of.update(dict.fromkeys(record["per_plan"], record["split"]))
         labels.update(record["labels"])
-    split_of = {}
-    for record in records:
-        for source in record["per_source"]:
-            split_of[source] = record["split"]
-    splits = {
-        split: {
-            "samples": sum(r["samples"] for r in records if r["split"] == split),
-            "shards": sum(1 for r in records if r["split"] == split),
-            "groups": groups[split],
-        }
-        for split in SPLITS
-    }
-    return {
-        "format": SHARDS_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": fingerprint,
-        "total_samples": sum(r["samples"] for r in records),
-        "splits": splits,
-        "shards": [
-            {k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records
-        ],
-        "sources": [
-            {"path": s.path, "kind": s.kind, "group": s.group,
-             "split": split_of.get(s.path), "samples": per_source.get(s.path, 0),
+    return make_manifest(
+        [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records],
+        {"inputs": list(inputs), **asdict(options)},
+        fingerprint=fingerprint,
+        groups=groups,
+        sources=[
+            {"path": s.path, "kind": s.kind, "group": s.group, "split": split_of.get(str(index)),
+             "samples": per_plan.get(str(index), 0),
              **({"mpp": p.mpp} if s.kind == "slide" else {})}
-            for s, p in zip(sources, plans, strict=True)
+            for index, (s, p) in enumerate(zip(sources, plans, strict=True))
         ],
-        "labels": dict(labels),
-        "skipped": skipped,
-        "config": {"inputs": list(inputs), **asdict(options)},
-    }
+        labels=dict(labels),
+        skipped=skipped,
+        **({"embeddings": asdict(embeddings)} if embeddings else {}),
+    )
 
 
 def _check_skip_threshold(manifest: dict, plans: list, options: PackOptions) -> None:
@@ -474,6 +667,18 @@ def _check_skip_threshold(manifest: dict, plans: list, options: PackOptions) -> 
         )
 
 
+def check_table_options(sources: list[Source], options: PackOptions) -> None:
+    """Table options without a table are a mistake worth a line, not silently ignored."""
+    if any(source.kind == "table" for source in sources):
+        return
+    flags = {"--image-column": options.image_column != PackOptions.image_column,
+             "--label-column": options.label_column, "--group-column": options.group_column,
+             "--embedding-column": options.embedding_column}
+    for flag, given in flags.items():
+        if given:
+            raise PathganError(f"{flag} applies to parquet tables, and no INPUT is one")
+
+
 def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
          overwrite: bool = False) -> dict:
     """Pack ``inputs`` into shards under ``out_dir``; returns the manifest."""
@@ -481,24 +686,27 @@ def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
     out_dir = Path(out_dir)
     sources = discover_sources(inputs, options)
     if not sources:
-        raise PathganError(f"no slides or patch images found in {' '.join(inputs)}")
+        raise PathganError("no slides or patch images (or parquet tables) found in "
+                           + " ".join(inputs))
+    check_table_options(sources, options)
+    embeddings = column_embeddings(sources, options)
     fingerprint = plan_fingerprint(sources, options)
     _prepare_out_dir(out_dir, fingerprint, overwrite)
     pool = _process_pool(options.workers) if options.workers > 1 else None
     try:
         plans = _plan_all(sources, options, pool)
         splits = split_of_sources(sources, options)
-        jobs = plan_shards(plans, splits, options, out_dir, fingerprint)
+        jobs = plan_shards(plans, splits, options, out_dir, fingerprint, embeddings)
         if not jobs:
             reasons = "; ".join(f"{Path(p.source).name}: {p.skipped}" for p in plans
                                 if p.skipped)[:500]
             raise PathganError(
-                "no patches found (every slide was unreadable or had no tissue patch above "
+                "no patches found (every input was empty, unreadable or had no tissue patch above "
                 f"--min-tissue {options.min_tissue})" + (f": {reasons}" if reasons else "")
             )
         groups = groups_per_split(plans, splits, sources)
-        warn_small_validation(groups, options)
-        _remove_stale_shards(out_dir, jobs)
+        warn_small_validation(groups, options.val_fraction)
+        _remove_stale_shards(out_dir, jobs, embeddings)
         records = {job.name: record for job in jobs if (record := finished_record(job))}
         if records:
             print(f"resuming: {len(records)} of {len(jobs)} shards already written and verified")
@@ -510,7 +718,7 @@ def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
     total = sum(len(job.members) for job in jobs)
     records.update(write_shards(pending, options.workers, total))
     manifest = build_manifest(sources, plans, [records[job.name] for job in jobs], groups,
-                              options, inputs, fingerprint)
+                              options, inputs, fingerprint, embeddings)
     write_json(out_dir / MANIFEST, manifest)
     shutil.rmtree(out_dir / SPOOL_DIR, ignore_errors=True)  # every shard is written
     if manifest["total_samples"] == 0:

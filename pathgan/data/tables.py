@@ -12,8 +12,12 @@ image decoded and resized to 224x224 RGB exactly as pack resizes patch images. E
 columns and the first image are checked when the table is opened, so a wrong column or an
 encoding PIL cannot read is a one-line error before any work; a corrupt image further down is
 handed on with the reason (``skipped``), for pack to count and report.
+
+A :class:`TableFile` reads any range of one file's rows (pack's workers read their units so) and
+whole label or group columns as compact codes (pack's plan reads them so).
 """
 
+import bisect
 import io
 import json
 import re
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pathgan.data.format import safe_key_part
+from pathgan.data.format import IMAGE_SIDE, safe_key_part
 from pathgan.errors import PathganError
 
 DATASET_SPEC = re.compile(r"hf-dataset:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
@@ -115,6 +119,10 @@ def _check_columns(path: Path, schema, columns: TableColumns) -> None:
         raise PathganError(f"unsupported image encoding in {path.name}: column "
                            f"{columns.image!r} holds {image_type}, not encoded image bytes "
                            "(binary, or the Hugging Face Image struct {bytes, path})")
+    for name in (columns.label, columns.group):
+        if name and pa.types.is_nested(schema.field(name).type):
+            raise PathganError(f"column {name!r} of {path.name} holds "
+                               f"{schema.field(name).type}, not one label or group per row")
     if columns.embedding:
         kind = schema.field(columns.embedding).type
         lists = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
@@ -154,16 +162,17 @@ def _image_bytes(value) -> bytes | None:
 def decode_patch(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> 224x224x3 uint8, resized like pack's patch images, and the
     original (width, height)."""
-    from pathgan.data.pack import load_patch
+    # Imported here: pack_worker reads tables, and this module must load without it.
+    from pathgan.data.pack_worker import read_patch_image
 
-    pixels, metadata = load_patch({"source_type": "image", "source": io.BytesIO(data)})
-    return pixels, tuple(metadata["original_size"])
+    return read_patch_image(io.BytesIO(data), IMAGE_SIDE)
 
 
 def _skip_reason(error: Exception) -> str:
-    from pathgan.data.pack import _reason  # pack's wording of why an input was skipped
+    from pathgan.data.pack_worker import reason  # pack's wording of why an input was skipped
 
-    return _reason(error)
+    # PIL names an in-memory file by its address: left out, so that reasons are reproducible.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason(error))
 
 
 def _first_image(files: list[Path], column: str) -> tuple[Path, bytes] | None:
@@ -191,43 +200,74 @@ def _check_first_image(files: list[Path], column: str) -> None:
                            f"first image cannot be decoded ({_skip_reason(error)})") from error
 
 
-class PatchTable:
-    """A parquet table of patches, checked when opened; :meth:`rows` reads it batch by batch."""
+@dataclass(frozen=True)
+class TableFile:
+    """One parquet file of a table: its rows, or any range of them, and its columns as codes.
 
-    def __init__(self, source: str, columns: TableColumns = TableColumns()) -> None:
+    ``key`` starts its rows' ids; ``name`` is its path inside the table (``data/train-0.parquet``),
+    the same on every machine. Nothing is checked here: :class:`PatchTable` checks when opened.
+    """
+
+    path: Path
+    columns: TableColumns
+    key: str = ""
+    name: str = ""
+
+    def num_rows(self) -> int:
+        return self.row_group_bounds()[-1]
+
+    def row_group_bounds(self) -> list[int]:
+        """The first row of every row group, then the number of rows."""
+        with _pyarrow().parquet.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
+            return _row_group_bounds(parquet_file.metadata)
+
+    def rows(self, start: int = 0, stop: int | None = None,
+             batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[TableRow]:
+        """Rows ``start`` to ``stop`` (default: the end), read from the row group holding
+        ``start`` on: a worker reads its own range without reading the file before it."""
         pq = _pyarrow().parquet
-        self.source, self.columns = source, columns
-        self.root, self.files = table_files(source)
-        self.num_rows = 0
-        for path in self.files:
-            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
-                _check_columns(path, parquet_file.schema_arrow, columns)
-                self.num_rows += parquet_file.metadata.num_rows
-        _check_first_image(self.files, columns.image)
+        with pq.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
+            names = {column: _class_names(parquet_file.schema_arrow, column)
+                     for column in (self.columns.label, self.columns.group)}
+            bounds = _row_group_bounds(parquet_file.metadata)
+            stop = bounds[-1] if stop is None else min(stop, bounds[-1])
+            first_group = bisect.bisect_right(bounds, start) - 1  # the one holding ``start``
+            index = bounds[first_group]
+            groups = range(first_group, len(bounds) - 1)
+            for batch in parquet_file.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                                   columns=self.columns.named()):
+                begin, end = max(start - index, 0), min(stop - index, batch.num_rows)
+                if begin < end:
+                    values = {name: batch.column(name).slice(begin, end - begin).to_pylist()
+                              for name in batch.schema.names}
+                    for offset in range(end - begin):
+                        row_id = f"{self.key}-r{index + begin + offset:08d}"
+                        yield self._row(row_id, values, offset, names)
+                index += batch.num_rows
+                if index >= stop:
+                    return
 
-    def rows(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[TableRow]:
-        pq = _pyarrow().parquet
-        for path in self.files:
-            key = safe_key_part(str(path.relative_to(self.root).with_suffix("")))
-            with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
-                names = _class_names(parquet_file.schema_arrow, self.columns.label)
-                index = 0
-                for batch in parquet_file.iter_batches(batch_size=batch_rows,
-                                                       columns=self.columns.named()):
-                    values = {name: batch.column(name).to_pylist() for name in batch.schema.names}
-                    for offset in range(batch.num_rows):
-                        yield self._row(f"{key}-r{index + offset:08d}", values, offset, names)
-                    index += batch.num_rows
+    def column_codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """A column as text, compactly: an int32 code per row (-1: no value) and the texts."""
+        pa = _pyarrow()
+        with pa.parquet.ParquetFile(self.path, **READ_OPTIONS) as parquet_file:
+            names = _class_names(parquet_file.schema_arrow, column)
+            values = parquet_file.read(columns=[column]).column(0).combine_chunks()
+        encoded = values.dictionary_encode()
+        texts = [_text(value, names) for value in encoded.dictionary.to_pylist()]
+        unique = sorted({text for text in texts if text is not None})
+        code_of = {text: code for code, text in enumerate(unique)}
+        recode = np.array([code_of.get(text, -1) for text in texts] + [-1],
+                          dtype=np.int32)  # the last entry serves rows with no value
+        indices = encoded.indices.fill_null(len(texts)).to_numpy(zero_copy_only=False)
+        return recode[indices], unique
 
-    def _row(self, row_id: str, values: dict, offset: int, names: list[str] | None) -> TableRow:
+    def _row(self, row_id: str, values: dict, offset: int, names: dict) -> TableRow:
         columns = self.columns
-        label = values[columns.label][offset] if columns.label else None
-        if names is not None and isinstance(label, int):  # ClassLabel: -1 means no label
-            label = names[label] if 0 <= label < len(names) else None
-        group = values[columns.group][offset] if columns.group else None
+        label, group = (_text(values[column][offset], names[column]) if column else None
+                        for column in (columns.label, columns.group))
         embedding = values[columns.embedding][offset] if columns.embedding else None
-        row = TableRow(row_id, None, None if label is None else str(label),
-                       None if group is None else str(group),
+        row = TableRow(row_id, None, label, group,
                        None if embedding is None else np.asarray(embedding, dtype=np.float32))
         data = _image_bytes(values[columns.image][offset])
         if data is None:
@@ -238,3 +278,58 @@ class PatchTable:
         except Exception as error:  # a corrupt image is handed on, counted by the caller
             row.skipped = _skip_reason(error)
         return row
+
+
+def _text(value, class_names: list[str] | None) -> str | None:
+    """A label or group value as text; a ``ClassLabel`` integer as its name (-1: no value)."""
+    if class_names is not None and isinstance(value, int):
+        return class_names[value] if 0 <= value < len(class_names) else None
+    return None if value is None else str(value)
+
+
+def _row_group_bounds(metadata) -> list[int]:
+    sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+    return np.cumsum([0, *sizes]).tolist()
+
+
+class PatchTable:
+    """A parquet table of patches, checked when opened; :meth:`rows` reads it batch by batch."""
+
+    def __init__(self, source: str, columns: TableColumns = TableColumns()) -> None:
+        pq = _pyarrow().parquet
+        self.source, self.columns = source, columns
+        self.root, paths = table_files(source)
+        self.num_rows = 0
+        for path in paths:
+            try:
+                with pq.ParquetFile(path, **READ_OPTIONS) as parquet_file:
+                    _check_columns(path, parquet_file.schema_arrow, columns)
+                    self.num_rows += parquet_file.metadata.num_rows
+            except _pyarrow().ArrowException as error:
+                raise PathganError(f"{path} is not a readable parquet file "
+                                   f"({_skip_reason(error)})") from error
+        _check_first_image(paths, columns.image)
+        self.files = [TableFile(path, columns, _file_key(path, self.root),
+                                path.relative_to(self.root).as_posix()) for path in paths]
+
+    def rows(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[TableRow]:
+        for table_file in self.files:
+            yield from table_file.rows(batch_rows=batch_rows)
+
+
+def spread_rows(files: list[TableFile], count: int) -> list[TableRow]:
+    """``count`` rows spread evenly over ``files`` taken as one table (every row when fewer):
+    a sample that sees every part of a table, not only its first file."""
+    sizes = [table_file.num_rows() for table_file in files]
+    starts = np.cumsum([0, *sizes])
+    picks = np.unique(np.linspace(0, starts[-1] - 1, min(count, starts[-1])).round())
+    rows = []
+    for pick in picks.astype(int).tolist():
+        number = int(np.searchsorted(starts, pick, side="right")) - 1
+        row = pick - int(starts[number])
+        rows.extend(files[number].rows(row, row + 1))
+    return rows
+
+
+def _file_key(path: Path, root: Path) -> str:
+    return safe_key_part(str(path.relative_to(root).with_suffix("")))
