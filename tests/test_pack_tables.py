@@ -12,18 +12,17 @@ import tiffslide
 import torch
 from conftest import REPO, run_cli
 from PIL import Image
-from test_encoders import offline_hub  # noqa: F401  (a fixture: an empty cache, HF_HUB_OFFLINE=1)
 from test_train import QUIET
 
-from pathgan.data.format import decode_sample, load_manifest, shard_paths
-from pathgan.data.pack_worker import read_patch_image
-from pathgan.data.reading import iter_tar_samples
-from pathgan.embed import (
+from pathgan.data.embeddings import (
     embedding_path,
     read_embedding_file,
     read_embeddings,
     verify_embeddings,
 )
+from pathgan.data.format import decode_sample, load_manifest, shard_paths
+from pathgan.data.pack_worker import read_patch_image
+from pathgan.data.reading import iter_tar_samples
 from pathgan.encoders import load_encoder
 from pathgan.errors import PathganError
 from pathgan.images import uint8_to_signed
