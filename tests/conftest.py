@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
@@ -55,3 +56,15 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
+
+
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def assert_same_weights(exported: dict, saved: dict) -> None:
+    """The learned tensors of two generator state dicts are equal. BatchNorm buffers are left
+    out: the exported generator's are recomputed for its weights (calibrate_batchnorm)."""
+    assert exported.keys() == saved.keys()
+    for name, tensor in saved.items():
+        if not name.endswith(BATCHNORM_BUFFERS):
+            assert torch.equal(exported[name], tensor), name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_command
+from conftest import assert_same_weights, cli_command
 from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, SMOKE, run_training
 
@@ -30,10 +30,7 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def assert_weights(exported: dict, saved_dir: Path) -> None:
-    saved = load_file(saved_dir / "model.safetensors")
-    assert exported.keys() == saved.keys()
-    for name, tensor in saved.items():
-        assert torch.equal(exported[name], tensor), name
+    assert_same_weights(exported, load_file(saved_dir / "model.safetensors"))
 
 
 @pytest.mark.slow

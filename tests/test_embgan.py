@@ -89,7 +89,8 @@ def test_generator_gradients_come_through_the_encoder():
     assert set(gan.discriminators) == {"embeddings"}
     linear_layers = [m for m in gan.discriminators["embeddings"].modules()
                      if isinstance(m, torch.nn.Linear)]
-    assert [m.in_features for m in linear_layers] == [192, 64, 32]
+    # the encoder's 192 dims, plus the minibatch-std feature
+    assert [m.in_features for m in linear_layers] == [192 + 1, 64, 32]
 
 
 def test_hybrid_objective_has_both_discriminators():

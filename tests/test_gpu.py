@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, assert_same_weights, cli_command, run_cli
 from safetensors.torch import load_file
 from test_train import QUIET, initial_generator_weight
 
@@ -181,11 +181,8 @@ def test_a_compiled_gpu_checkpoint_resumes_on_the_cpu_with_equal_weights(runs, s
         capture_output=True, text=True, env={**QUIET, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert result.returncode == 0, failure(result.stderr)
     assert "resumed from" in result.stdout + result.stderr
-    restored = load_file(run_dir / "generator.safetensors")
-    exported = load_file(trained.dir / "generator.safetensors")
-    assert restored.keys() == exported.keys()
-    for name, tensor in exported.items():
-        assert torch.equal(restored[name], tensor), name
+    assert_same_weights(load_file(run_dir / "generator.safetensors"),
+                        load_file(trained.dir / "generator.safetensors"))
 
 
 def test_sample_and_eval_on_the_device(runs, shards, device, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_command, run_cli
+from conftest import REPO, assert_same_weights, cli_command, run_cli
 from safetensors.torch import load_file
 
 from pathgan.config import load_config
@@ -189,11 +189,8 @@ def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
     result = run_training(slide_shards, run_dir, "train.max_steps=5", "log.wandb=false",
                           "train.ema=false", resume=str(saved))
     assert "resumed from" in result.stdout + result.stderr
-    restored = load_file(run_dir / "generator.safetensors")
-    checkpointed = load_file(saved / "model.safetensors")
-    assert restored.keys() == checkpointed.keys()
-    for name, tensor in checkpointed.items():
-        assert torch.equal(restored[name], tensor), name
+    assert_same_weights(load_file(run_dir / "generator.safetensors"),
+                        load_file(saved / "model.safetensors"))
     # And training goes on from there: metrics continue after step 5 without duplicates.
     run_training(slide_shards, run_dir, "train.max_steps=8", "log.wandb=false",
                  "train.ema=false", "log.every=1", resume="latest")
