@@ -4,7 +4,7 @@
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo", help="pack, embed, train both GANs, evaluate: the bundled slide, on CPU",
-        description="Runs every stage on the bundled CC0 slide in about 10 minutes on 2 CPU "
+        description="Runs every stage on the bundled CC0 slide in about 7 minutes on 2 CPU "
         "cores, with no key or login (W&B offline).",
     )
     parser.add_argument("--out", default="demo", help="output folder (default: demo)")
