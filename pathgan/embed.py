@@ -113,17 +113,12 @@ class Embedded:
     seconds: float = 0.0  # the loop itself: model loading and shard checks excluded
 
 
-def encoder_precision(encoder, requested: str) -> str:
-    """The precision an encoder really runs in: TensorFlow encoders are always float32."""
-    return requested if hasattr(encoder, "set_precision") else "fp32"
-
-
-def _write_output(item: _Pending, encoder, precision: str) -> None:
+def _write_output(item: _Pending, encoder) -> None:
     keys_ok = [key for key, ok in zip(item.keys, item.ok, strict=True) if ok]
     missing = {key: item.errors.get(key, "")
                for key, ok in zip(item.keys, item.ok, strict=True) if not ok}
     meta = {"encoder_id": encoder.encoder_id, "encoder_spec": getattr(encoder, "spec", ""),
-            "dim": int(encoder.embed_dim), "precision": encoder_precision(encoder, precision),
+            "dim": int(encoder.embed_dim), "precision": encoder.precision,
             "shard": item.shard["name"], "split": item.shard.get("split"),
             "source_sha256": item.shard["sha256"]}
     write_embedding_file(item.output, keys_ok, item.embeddings[item.ok], missing, meta)
@@ -297,7 +292,7 @@ def _run(job: EmbedJob) -> Embedded:
             bar.update(len(indices) + len(failures))
             while next_to_write < len(job.shards) and job.shards[next_to_write].complete:
                 item = job.shards[next_to_write]
-                _write_output(item, encoder, job.precision)
+                _write_output(item, encoder)
                 embedded.shards_written += 1
                 item.embeddings = None  # free it
                 next_to_write += 1
@@ -308,7 +303,7 @@ def _run(job: EmbedJob) -> Embedded:
     for item in job.shards[next_to_write:]:  # only an empty shard can be left
         item.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
         item.ok = np.zeros(0, bool)
-        _write_output(item, encoder, job.precision)
+        _write_output(item, encoder)
         embedded.shards_written += 1
     return embedded
 

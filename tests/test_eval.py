@@ -186,3 +186,20 @@ def test_inception_fid_with_local_weights(tiny_run, slide_shards, tmp_path):
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert math.isfinite(result["runs"][0]["fid_inception"])
     assert "Inception FID" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_embeddings_of_another_precision_are_not_taken_as_real_features(tmp_path, slide_shards):
+    """bf16-made embeddings against an fp32 encoder: the real side is encoded from the images,
+    as the generated side is, rather than read with another rounding."""
+    from pathgan.encoders import load_encoder
+    from pathgan.evaluation.features import _precomputed, select_real
+
+    shards = tmp_path / "bf16"
+    shutil.copytree(slide_shards, shards)
+    assert run_cli("embed", shards, "--encoder", ENCODER, "--precision", "bf16",
+                   "--num-workers", "0") == 0
+    encoder = load_encoder(ENCODER, device="cpu")
+    real = select_real(shards, N)
+    assert _precomputed(real, encoder) is None
+    encoder.set_precision("bf16")
+    assert encoder.precision == "bf16" and len(_precomputed(real, encoder)) == N

@@ -48,6 +48,12 @@ class Encoder(nn.Module):
         return super().train(False)
 
     @property
+    def precision(self) -> str:
+        """What the forward pass computes in: fp32 here (TensorFlow encoders); torch encoders
+        that take ``set_precision`` say theirs."""
+        return "fp32"
+
+    @property
     def device(self) -> torch.device:
         for tensor in self.parameters():
             return tensor.device

@@ -102,6 +102,11 @@ class TimmEncoder(Encoder):
             raise PathganError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
         self.autocast_dtype = PRECISIONS.get(precision) if precision else None
 
+    @property
+    def precision(self) -> str:
+        return next((name for name, dtype in PRECISIONS.items()
+                     if dtype is self.autocast_dtype), "fp32")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input(images)
         x = signed_to_unit(images.float())

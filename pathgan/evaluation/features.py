@@ -42,6 +42,7 @@ class Extractor:
     dim: int
     forward: object  # (images, indices) -> features
     id: str
+    encoder: object = None  # the Encoder behind an ENCODER extractor
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, indices) -> torch.Tensor:
@@ -50,7 +51,7 @@ class Extractor:
 
 def encoder_extractor(encoder) -> Extractor:
     return Extractor(ENCODER, int(encoder.embed_dim), lambda images, _: encoder(images),
-                     encoder.encoder_id)
+                     encoder.encoder_id, encoder)
 
 
 def swd_extractor(n: int, seed: int = 0) -> Extractor:
@@ -164,13 +165,17 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
     return RealSet(shards_dir, split, keys, dataset, len(flat), note)
 
 
-def _precomputed(real: RealSet, encoder_id: str) -> torch.Tensor | None:
-    """Rows of precomputed embeddings for ``real``'s keys, or None when they do not all exist."""
-    from pathgan.data.embeddings import read_embeddings
+def _precomputed(real: RealSet, encoder) -> torch.Tensor | None:
+    """Rows of precomputed embeddings for ``real``'s keys, or None when they do not all exist
+    or were computed in another precision than the encoder's (the generated side would then
+    differ from the real one by rounding alone)."""
+    from pathgan.data.embeddings import read_embeddings, stored_precision
 
     try:
-        keys, array = read_embeddings(real.shards_dir, encoder_id, real.split)
-    except PathganError:
+        if stored_precision(real.shards_dir, encoder.encoder_id, real.split) != encoder.precision:
+            return None
+        keys, array = read_embeddings(real.shards_dir, encoder.encoder_id, real.split)
+    except (PathganError, OSError):
         return None
     row = {key: i for i, key in enumerate(keys)}
     rows = [row[key] for key in real.keys if key in row]
@@ -186,7 +191,7 @@ def real_features(real: RealSet, extractors: list[Extractor], state, *,
     features: dict[str, torch.Tensor] = {}
     todo = []
     for extractor in extractors:
-        found = _precomputed(real, extractor.id) if extractor.name == ENCODER else None
+        found = _precomputed(real, extractor.encoder) if extractor.name == ENCODER else None
         if found is not None:
             features[extractor.name] = found
             real.source[extractor.name] = "embeddings"
