@@ -21,8 +21,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield temporary
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(temporary)
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
