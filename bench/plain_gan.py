@@ -58,6 +58,22 @@ class PlainGAN:
         device_type = next(self.generator.parameters()).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
+    def losses_and_gradients(self, real: dict[str, torch.Tensor], noise: torch.Tensor):
+        """(D loss, G loss, D's gradients, G's gradients) at the current weights, no update: what
+        a compiled and an eager network must agree on (after an update they drift apart, as Adam
+        turns rounding-sized gradient differences into step-sized ones). One forward pass per
+        loss: a compiled backward cannot keep its graph for a second one."""
+        discriminators = [p for d in self.objective.discriminators.values()
+                          for p in d.parameters()]
+        with self.autocast():
+            fake = self.objective.fake_features(self.generator(noise))
+            d_loss, _ = self.objective.d_loss(real, fake)
+        d_gradients = torch.autograd.grad(d_loss, discriminators)
+        with self.autocast():
+            g_loss, _ = self.objective.g_loss(self.objective.fake_features(self.generator(noise)))
+        g_gradients = torch.autograd.grad(g_loss, list(self.generator.parameters()))
+        return d_loss.detach(), g_loss.detach(), d_gradients, g_gradients
+
     def step(self, real: dict[str, torch.Tensor],
              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One D update and one G update; returns (D loss, G loss), not synchronised."""
