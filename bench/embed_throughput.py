@@ -21,8 +21,8 @@ FLOPs per image, counted by torch (2 per multiply-add: ViT-S/16 at 224 is about 
 4.6 "GFLOPs" often quoted for it being multiply-adds).
 
     python bench/embed_throughput.py --quick             # a couple of minutes on 2 CPU cores
-    python bench/embed_throughput.py --device cuda --precision bf16 --images 2048 \
-        --batch-sizes 64,128,256,512 --encoders timm    # on a GPU
+    python bench/embed_throughput.py --device cuda --precision bf16 --images 4096 \
+        --plain-images 512 --batch-sizes 64,128,256,512 --encoders timm    # on a GPU
 """
 
 import argparse
@@ -98,8 +98,9 @@ def make_shards(directory: Path, images: int, per_shard: int) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def plain_loop(shards_dir: Path, encoder, device) -> tuple[int, float]:
-    """One image at a time: read, decode, convert, embed (what the original study did)."""
+def plain_loop(shards_dir: Path, encoder, device, limit: int | None) -> tuple[int, float]:
+    """One image at a time: read, decode, convert, embed (what the original study did), for the
+    first ``limit`` images (all when None): its rate does not depend on how many."""
     import torch
     import webdataset as wds
 
@@ -109,6 +110,8 @@ def plain_loop(shards_dir: Path, encoder, device) -> tuple[int, float]:
     count, started = 0, time.perf_counter()
     for path in shard_paths(shards_dir):
         for raw in wds.WebDataset(str(path), shardshuffle=False):
+            if count == limit:
+                return count, time.perf_counter() - started
             _, image, _ = decode_sample(raw)
             with torch.no_grad():
                 x = uint8_to_signed(hwc_to_chw(image).to(device))[None]
@@ -132,7 +135,7 @@ def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
     # drifts by tens of percent from one minute to the next.
     plain, batched = [], {batch_size: [] for batch_size in args.batch_sizes}
     for _ in range(args.repeats):
-        count, seconds = plain_loop(shards_dir, encoder, device)
+        count, seconds = plain_loop(shards_dir, encoder, device, args.plain_images)
         plain.append(count / seconds)
         for batch_size in args.batch_sizes:
             shutil.rmtree(embeddings_dir(shards_dir, encoder.encoder_id), ignore_errors=True)
@@ -141,13 +144,13 @@ def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
                                    num_workers=args.num_workers, precision=args.precision,
                                    device=device, progress=False, log=lambda message: None)
             seconds = time.perf_counter() - started
-            assert summary["images"] == count and not summary.get("error"), summary
-            batched[batch_size].append(count / seconds)
-            print(f"{name}: batch {batch_size}: {count / seconds:.2f} images/s "
+            assert summary["images"] == args.images and not summary.get("error"), summary
+            batched[batch_size].append(args.images / seconds)
+            print(f"{name}: batch {batch_size}: {args.images / seconds:.2f} images/s "
                   f"(plain loop {plain[-1]:.2f})", file=sys.stderr, flush=True)
     result = {"name": name, "encoder_id": encoder.encoder_id, "embed_dim": encoder.embed_dim,
-              "images": count,
-              "plain_loop": {"images_per_s": round(max(plain), 2),
+              "images": args.images,
+              "plain_loop": {"images": count, "images_per_s": round(max(plain), 2),
                              "runs": [round(r, 2) for r in plain]},
               "pathgan_embed": [{"batch_size": b, "images_per_s": round(max(rates), 2),
                                  "runs": [round(r, 2) for r in rates]}
@@ -231,6 +234,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small run for 2 CPU cores: 24 images, batch sizes 8,24")
     parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--plain-images", type=int, default=None,
+                        help="images of the one-at-a-time loop (default: all); `pathgan embed` "
+                             "needs thousands for a steady rate (worker start-up, the last "
+                             "batches), the plain loop's rate is steady from the start")
     parser.add_argument("--per-shard", type=int, default=None, help="default: images / 2")
     parser.add_argument("--batch-sizes", default="16,32,96")
     parser.add_argument("--tf-depth", type=int, default=12, help="transformer blocks (12 = ViT-S)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): every GPU path of pathgan and every GPU figure of BENCHMARKS.md in
-# one run of at most 7 minutes on one H100, on a bare machine with no network.
+# one run of at most 8 minutes on one H100, on a bare machine with no network.
 #
 #   bench/gpu_check.sh             on a GPU machine (make gpu-check)
 #   bench/gpu_check.sh --dry-run   the same steps at tiny sizes on the CPU (tests/test_gpu_check.py)
@@ -44,14 +44,15 @@ COMMIT=$(git rev-parse HEAD 2>/dev/null) && [[ -n $(git status --porcelain 2>/de
     && COMMIT="$COMMIT (with uncommitted changes)"
 [[ -n $COMMIT ]] || COMMIT="$(cat .whl/COMMIT 2>/dev/null || echo unknown) (from .whl/COMMIT)"
 
-# Sizes and time limits (seconds). On the GPU the limits add up to 415 s (a cold Python on a
+# Sizes and time limits (seconds). On the GPU the limits add up to 480 s (a cold Python on a
 # fresh machine takes 10-20 s to import torch, timm and pytest; inductor compiles for a minute),
-# so that the whole check takes at most 7 minutes; LIMIT_<STEP>=N in the environment moves time between steps for
-# a rerun. On the CPU they only stop a hung step (a loaded 2-core machine is slow).
+# so that the whole check takes at most 8 minutes; LIMIT_<STEP>=N in the environment moves time
+# between steps for a rerun. On the CPU they only stop a hung step (a loaded 2-core machine is slow).
 if ((DRY_RUN)); then
-    LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_PYTEST=900 LIMIT_TRAIN=600 LIMIT_EMBED=600
-    LIMIT_EMBGAN=600 LIMIT_REPORT=120
+    LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_STACKING=300 LIMIT_PYTEST=900 LIMIT_TRAIN=600
+    LIMIT_EMBED=600 LIMIT_EMBGAN=600 LIMIT_REPORT=120
     DATA_ARGS=(--stride 448 --device cpu --workers 1)
+    STACKING_ARGS=(--batch-size 4 --workers 1 --batches 2 --rounds 1)
     TRAIN_ARGS=(--ngf 8 --ndf 8 --batch-size 4 --workers 1 --warmup-steps 1 --window-steps 1
                 --windows 1 --variants bf16-channels-last)
     EMBED_ARGS=(--timm-model vit_tiny_patch16_224 --images 4 --per-shard 2 --batch-sizes 2,4
@@ -60,14 +61,15 @@ if ((DRY_RUN)); then
                  --torch-encoder timm:vit_tiny_patch16_224:random)
     export PATHGAN_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1
 else
-    : "${LIMIT_SETUP:=30}" "${LIMIT_DATA:=40}" "${LIMIT_PYTEST:=120}" "${LIMIT_TRAIN:=130}"
-    : "${LIMIT_EMBED:=60}" "${LIMIT_EMBGAN:=25}" "${LIMIT_REPORT:=10}"
+    : "${LIMIT_SETUP:=30}" "${LIMIT_DATA:=40}" "${LIMIT_STACKING:=30}" "${LIMIT_PYTEST:=140}"
+    : "${LIMIT_TRAIN:=130}" "${LIMIT_EMBED:=75}" "${LIMIT_EMBGAN:=25}" "${LIMIT_REPORT:=10}"
     DATA_ARGS=(--stride 112 --workers 8)
+    STACKING_ARGS=(--batch-size 128 --workers 8 --batches 10 --rounds 2)
     TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
                 --window-steps 5 --windows 3
                 --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile)
-    EMBED_ARGS=(--images 1024 --per-shard 256 --batch-sizes 64,128,256,512 --repeats 1
-                --num-workers 8)
+    EMBED_ARGS=(--images 4096 --plain-images 512 --per-shard 512 --batch-sizes 64,128,256,512
+                --repeats 1 --num-workers 8)
     EMBGAN_ARGS=(--batch-size 128 --ngf 64 --repeats 3)
 fi
 
@@ -117,6 +119,8 @@ pathgan.training.loop, pathgan.evaluation, pathgan.sampling, pathgan.embed, timm
 print('every module of the check imports')"
 step data "$LIMIT_DATA" "$PYTHON" bench/gpu_data.py --out "$WORK/data" "${DATA_ARGS[@]}"
 export PATHGAN_GPU_DATA=$WORK/data  # the tests use the shard set made by the data step
+step batch_stacking "$LIMIT_STACKING" "$PYTHON" bench/batch_stacking.py \
+    --shards "$WORK/data/shards" "${STACKING_ARGS[@]}"
 # pytest prints failures at the end: a per-test limit (pytest-timeout, on the GPU machines)
 # keeps one slow test from taking the whole step, and the report, with it.
 PER_TEST_LIMIT=()

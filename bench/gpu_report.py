@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-STEPS = ("setup", "data", "pytest", "train_throughput", "embed_throughput", "embgan_throughput")
-BENCHMARKS = ("data", "train_throughput", "embed_throughput", "embgan_throughput")
+STEPS = ("setup", "data", "batch_stacking", "pytest", "train_throughput", "embed_throughput",
+         "embgan_throughput")
+BENCHMARKS = ("data", "batch_stacking", "train_throughput", "embed_throughput",
+              "embgan_throughput")
 PACKAGES = ("accelerate", "timm", "webdataset", "numpy", "safetensors", "huggingface_hub")
 TIMED_OUT = (124, 137)  # timeout's own code, and SIGKILL after --kill-after
 # Issue 12's targets

@@ -52,6 +52,9 @@ def test_the_dry_run_json_has_every_figure(dry_run):
     embgan = steps["embgan_throughput"]["result"]
     assert set(embgan["images_per_s"]) == {"dcgan", "embgan_torch"}
     assert steps["data"]["result"]["patches"] > 0
+    stacking = steps["batch_stacking"]["result"]
+    assert set(stacking["stream_images_per_s"]) == {"torch_stack", "numpy"}
+    assert all(ms > 0 for ms in stacking["stack_ms_per_batch"].values())
     for target in dry_run["targets"].values():  # figures, but no verdict on a CPU
         assert target["pass"] is None
     assert dry_run["targets"]["dcgan_training_speedup"]["value"] > 0

@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 
 from pathgan.data.format import decode_sample, shard_paths
-from pathgan.data.pipeline import ShardOrder, make_image_stream
+from pathgan.data.pipeline import ShardOrder, make_image_stream, stack_samples
 from pathgan.data.reading import iter_tar_samples
 from pathgan.errors import PathganError
 from pathgan.images import hwc_to_chw
@@ -83,6 +83,18 @@ def test_shard_order_is_replayed_from_the_seed_per_rank_and_worker():
     first_worker, second_worker = drawn[0::2], drawn[1::2]  # the DataLoader takes turns
     assert first_worker != second_worker
     assert sorted(first_worker[:10]) == sorted(urls)  # every shard once per pass
+
+
+def test_batches_are_stacked_exactly_whatever_the_samples_layout():
+    """The stream's batches are stacked by numpy (no torch thread pool; see Batches): the
+    samples, views of the workers' batches or not contiguous, come out as torch.stack has
+    them."""
+    workers_batch = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    transposed = torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8).transpose(1, 2)
+    samples = [*workers_batch, transposed]
+    batch = stack_samples(samples)
+    assert batch.dtype == torch.uint8 and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack(samples))
 
 
 def test_the_same_seed_gives_the_same_batches(slide_shards):

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -162,6 +163,10 @@ class Batches:
     """Samples -> batches of ``size``, each stacked straight into pinned memory when ``pin``.
 
     A batch leaves as soon as it is full (webdataset's ``batched`` waits for one sample more).
+    The copy is numpy's, on one thread: ``torch.stack`` runs one OpenMP-parallel copy per
+    sample, and while the loader workers keep every core busy each of those waits for threads
+    that are not running. On an H200 node that cost 290 ms per batch of 128 (cProfile) and held
+    training to a quarter of the networks' speed; ``bench/batch_stacking.py`` measures both.
     """
 
     size: int
@@ -172,20 +177,25 @@ class Batches:
         for sample in samples:
             batch.append(sample)
             if len(batch) == self.size:
-                out = torch.empty((self.size, *sample.shape), dtype=sample.dtype,
-                                  pin_memory=self.pin)
-                yield torch.stack(batch, out=out)
+                yield stack_samples(batch, self.pin)
                 batch = []
+
+
+def stack_samples(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
+    """Same-shaped CPU tensors -> one batch (in pinned memory when ``pin``), copied by numpy
+    without torch's thread pool (see :class:`Batches`)."""
+    out = torch.empty((len(samples), *samples[0].shape), dtype=samples[0].dtype, pin_memory=pin)
+    np.stack([sample.numpy() for sample in samples], out=out.numpy())
+    return out
 
 
 class BackgroundBatches:
     """Takes batches from an iterator in a thread, ``depth`` ahead of the consumer.
 
     The main process's share of the pipeline (receiving the workers' batches, mixing them,
-    stacking each batch into pinned memory) took about 290 ms per batch of 128 on an H200
-    node (cProfile of a bf16 run: 11.5 s of 28 s in torch.stack): done in the training thread,
-    it stood between GPU steps. In this thread it overlaps them (the copies release the GIL).
-    An error in the thread is raised in the consumer.
+    stacking each batch into pinned memory) runs here, overlapping the GPU steps instead of
+    standing between them (numpy's copies release the GIL). An error in the thread is raised in
+    the consumer.
     """
 
     _END = object()
