@@ -215,18 +215,29 @@ def forward_only(encoder, batch_sizes, device, iterations: int) -> list[dict]:
 
 
 def against_compute_bound(encoder, args, device) -> dict:
-    """The forward-only sweep and the share of the device's compute bound it reaches."""
+    """The forward-only sweep and the share of the device's compute bound it reaches, eager
+    (what ``pathgan embed`` runs) and, at the best batch size, compiled (fused elementwise
+    work between the matrix products: what compiling would gain)."""
+    import torch
+
     flops = matmul_flops(device, args.precision, args.matmul_size)
     per_image = flop_per_image(encoder, device)
     rates = forward_only(encoder, args.batch_sizes, device, args.forward_iterations)
     best = max(rates, key=lambda r: r["images_per_s"])
     bound = flops / per_image
-    return {"forward_only": rates,
-            "compute_bound": {"matmul_size": args.matmul_size, "precision": args.precision,
-                              "matmul_flop_per_s": round(flops), "flop_per_image": per_image,
-                              "images_per_s": round(bound, 2)},
-            "forward_best_batch_size": best["batch_size"],
-            "fraction_of_compute_bound": round(best["images_per_s"] / bound, 4)}
+    result = {"forward_only": rates,
+              "compute_bound": {"matmul_size": args.matmul_size, "precision": args.precision,
+                                "matmul_flop_per_s": round(flops), "flop_per_image": per_image,
+                                "images_per_s": round(bound, 2)},
+              "forward_best_batch_size": best["batch_size"],
+              "fraction_of_compute_bound": round(best["images_per_s"] / bound, 4)}
+    if args.compile_backend != "none":
+        compiled = torch.compile(encoder, backend=args.compile_backend)
+        (rate,) = forward_only(compiled, [best["batch_size"]], device, args.forward_iterations)
+        result["compiled_forward_only"] = {**rate, "backend": args.compile_backend,
+                                           "fraction_of_compute_bound":
+                                               round(rate["images_per_s"] / bound, 4)}
+    return result
 
 
 def main() -> None:
@@ -251,6 +262,10 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the matrix product that measures the device's FLOP/s "
                              "(default: 8192 on a GPU, 1024 on a CPU)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the compiled forward-only figure "
+                             "(default: inductor on a GPU, aot_eager on a CPU, where inductor "
+                             "builds C++ for minutes; none: skip it)")
     parser.add_argument("--forward-iterations", type=int, default=10,
                         help="timed forward passes per batch size in the forward-only sweep")
     args = parser.parse_args()
@@ -268,6 +283,8 @@ def main() -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
+    args.compile_backend = args.compile_backend or (
+        "inductor" if device.type == "cuda" else "aot_eager")
     results = []
     with tempfile.TemporaryDirectory(prefix="pathgan-bench-") as work:
         work = Path(work)

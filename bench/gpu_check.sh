@@ -68,8 +68,10 @@ else
     TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
                 --window-steps 5 --windows 3
                 --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile)
+    # no compiled forward figure: inductor's compile of ViT-S would not fit the step's limit
+    # (bench/embed_throughput.py --compile-backend inductor measures it on its own)
     EMBED_ARGS=(--images 4096 --plain-images 512 --per-shard 512 --batch-sizes 64,128,256,512
-                --repeats 1 --num-workers 8)
+                --repeats 1 --num-workers 8 --compile-backend none)
     EMBGAN_ARGS=(--batch-size 128 --ngf 64 --repeats 3)
 fi
 

@@ -118,7 +118,7 @@ def judged(value, target: str, passed: bool | None, dry_run: bool, **details) ->
 
 def targets(results: dict, dry_run: bool) -> dict:
     train, embed = results.get("train_throughput"), results.get("embed_throughput")
-    speedup = fastest = memory = memory_variant = share = None
+    speedup = fastest = memory = memory_variant = share = compiled_share = None
     if train and train.get("fastest_variant"):
         fastest = train["fastest_variant"]
         speedup = train["variants"][fastest]["speedup"]
@@ -130,13 +130,16 @@ def targets(results: dict, dry_run: bool) -> dict:
     timm_results = [e for e in (embed or {}).get("encoders", []) if "compute_bound" in e]
     if timm_results:
         share = timm_results[0]["fraction_of_compute_bound"]
+        compiled_share = timm_results[0].get("compiled_forward_only", {}).get(
+            "fraction_of_compute_bound")
     return {
         "dcgan_training_speedup": judged(
             speedup, f">= {TRAINING_SPEEDUP}x the plain fp32 eager loop", speedup is not None
             and speedup >= TRAINING_SPEEDUP, dry_run, variant=fastest),
         "embedding_share_of_compute_bound": judged(
             share, f">= {COMPUTE_BOUND_SHARE:.0%} of bf16 matmul FLOP/s / FLOPs per image",
-            share is not None and share >= COMPUTE_BOUND_SHARE, dry_run),
+            share is not None and share >= COMPUTE_BOUND_SHARE, dry_run,
+            compiled=compiled_share),  # not judged: pathgan embed runs the encoder eagerly
         "reference_dcgan_memory_share": judged(
             memory, f"peak reserved <= {MEMORY_SHARE:.0%} of the GPU's memory at batch 128",
             memory is not None and memory <= MEMORY_SHARE, dry_run, variant=memory_variant),
