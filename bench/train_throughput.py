@@ -5,8 +5,9 @@ reference's: fp32, eager, contiguous tensors, default Adam, sigmoid-free BCE-wit
 from an in-memory batch (so data loading costs it nothing). pathgan's loop runs for real
 (``train()`` on packed shards, data pipeline included) with each variant's overrides, each
 variant in a fresh process (Accelerate's precision is fixed once per process; the peak GPU
-memory is then each variant's own). Rates are medians over timed windows after warm-up; one
-JSON object out::
+memory is then each variant's own). The data stream alone (``data_stream_images_per_s``) is the
+bound data puts on pathgan's loop. Rates are medians over timed windows after warm-up; one JSON
+object out::
 
     .venv/bin/python bench/train_throughput.py                      # CPU: small widths
     .venv/bin/python bench/train_throughput.py --ngf 64 --ndf 64 --batch-size 128 \
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from pathgan.config import load_config
 from pathgan.data.pack import PackOptions, pack
+from pathgan.data.pipeline import make_image_stream
 from pathgan.models import Discriminator, Generator
 from pathgan.training.logbook import read_metrics
 from pathgan.training.loop import train
@@ -91,6 +93,22 @@ def plain_loop_rate(args, device: torch.device) -> float:
         sync()
         rates.append(args.batch_size * args.window_steps / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def stream_rate(args, shards: Path) -> float:
+    """Images/s of the training stream alone (as the loop reads it: uint8, pinned with CUDA),
+    the bound that data puts on pathgan's loop on this machine."""
+    stream = make_image_stream(shards, batch_size=args.batch_size, num_workers=args.workers,
+                               as_uint8=True)
+    try:
+        endless = (batch for _ in iter(int, 1) for batch in stream)
+        for _ in range(args.warmup_steps):
+            next(endless)
+        start = time.perf_counter()
+        images = sum(len(next(endless)) for _ in range(args.windows * args.window_steps))
+        return images / (time.perf_counter() - start)
+    finally:
+        stream.close()
 
 
 def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
@@ -161,6 +179,9 @@ def main() -> None:
         plain_fp32_memory = peak_memory()
         print(f"train_throughput: plain fp32 eager loop: {baseline:.2f} images/s, "
               f"{json.dumps(plain_fp32_memory)}", file=sys.stderr, flush=True)
+        stream = stream_rate(args, shards)
+        print(f"train_throughput: the data stream alone: {stream:.2f} images/s",
+              file=sys.stderr, flush=True)
         results = {v: pathgan_rate_in_own_process(args, shards, v, Path(scratch))
                    for v in variants}
 
@@ -173,6 +194,7 @@ def main() -> None:
         "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
         "plain_fp32_images_per_s": round(baseline, 2),
         "plain_fp32_memory": plain_fp32_memory,
+        "data_stream_images_per_s": round(stream, 2),
         "variants": {v: {**r, **({"speedup": round(rates[v] / baseline, 2)} if v in rates
                                  else {})} for v, r in results.items()},
         "speedup": round(rates[variants[0]] / baseline, 2) if variants[0] in rates else None,

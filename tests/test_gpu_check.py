@@ -44,7 +44,7 @@ def test_the_dry_run_json_has_every_figure(dry_run):
     assert dry_run["elapsed_s"] > 0
     steps = dry_run["steps"]
     train = steps["train_throughput"]["result"]
-    assert train["plain_fp32_images_per_s"] > 0
+    assert train["plain_fp32_images_per_s"] > 0 and train["data_stream_images_per_s"] > 0
     assert all(v["images_per_s"] > 0 for v in train["variants"].values())
     (timm,) = steps["embed_throughput"]["result"]["encoders"]
     assert timm["compute_bound"]["flop_per_image"] > 1e9 and timm["forward_only"]
