@@ -31,7 +31,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(dcgan_steps=300, embgan_steps=200, eval_samples=128, ngf=16),  # ~8 min
+    "full": DemoSize(dcgan_steps=300, embgan_steps=300, eval_samples=128, ngf=16),  # ~6 min
     "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8),  # for tests
 }
 
@@ -101,8 +101,9 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
             f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
             f"ckpt.every={sizes.dcgan_steps}", *common]),
         # With a random encoder the embedding discriminator alone drives the generator to one
-        # encoder-fooling pattern (measured: BENCHMARKS.md, "Sample quality"); the pixel
-        # discriminator beside it (the hybrid objective) and DiffAugment keep it on tissue.
+        # encoder-fooling pattern (measured: BENCHMARKS.md, "What the demo's settings came
+        # from"); the pixel discriminator beside it (the hybrid objective) and DiffAugment keep
+        # it on varied tissue texture, given as many steps as the DCGAN (at 200, both are alike).
         "embgan": run_stage("Embedding GAN training (hybrid: + the pixel discriminator)", [
             "train", "--config", REPO / "configs" / "embgan-smoke.yaml", f"data.shards={shards}",
             f"run.dir={embgan}", f"model.encoder={encoder_spec}", "model.hybrid=true",
@@ -145,6 +146,7 @@ def print_learning(result: dict, encoder_spec: str) -> None:
     if encoder_spec == RANDOM_ENCODER:
         print("  The Embedding GAN's encoder here is a RANDOM-INIT ViT, not a pathology encoder: "
               "its embeddings\n  (and FD/KID/precision/recall in its space) say nothing about "
-              "tissue, and a random embedding is\n  matched by one repeated pattern: expect its "
-              "samples H&E-coloured but alike. Use Path Foundation\n  (README: Path Foundation "
-              "access) for real runs.")
+              "tissue. A random embedding alone is\n  matched by one repeated pattern; the "
+              "pixel discriminator beside it (the hybrid objective) keeps\n  the samples on "
+              "varied tissue colours and texture. Use Path Foundation (README: Path Foundation\n"
+              "  access) for real runs.")
