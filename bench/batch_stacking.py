@@ -30,6 +30,7 @@ from pathgan.data.pack import PackOptions, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_data import SLIDE, cut_slide  # noqa: E402
+from rates import images_per_second  # noqa: E402
 
 
 def torch_stack(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
@@ -49,6 +50,9 @@ class Timed:
     seconds: float = 0.0
     calls: int = 0
 
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
     def __call__(self, samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
         start = time.perf_counter()
         try:
@@ -67,13 +71,9 @@ def stream_rate(shards: Path, stack, batch_size: int, workers: int,
     stream = pipeline.make_image_stream(shards, batch_size=batch_size, num_workers=workers,
                                         as_uint8=True, shuffle_buffer=4 * batch_size)
     try:
-        endless = (batch for _ in iter(int, 1) for batch in stream)
-        for _ in range(3):
-            next(endless)
-        timed.seconds, timed.calls = 0.0, 0
-        start = time.perf_counter()
-        images = sum(next(endless).shape[0] for _ in range(batches))
-        return images / (time.perf_counter() - start), timed.seconds / timed.calls * 1000
+        rate = images_per_second(stream, batches, warmup=3, windows=1,
+                                 after_warmup=timed.reset)
+        return rate, timed.seconds / timed.calls * 1000
     finally:
         stream.close()
         pipeline.stack_samples = WAYS["numpy"]

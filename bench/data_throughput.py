@@ -10,9 +10,8 @@ shards at 224. Same batch size and worker count, one run, one JSON object out::
 import argparse
 import json
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import tiffslide
@@ -22,6 +21,9 @@ from torchvision import datasets, transforms
 from pathgan.data.pack import PackOptions, pack
 from pathgan.data.pipeline import make_image_stream
 from pathgan.data.slides import patch_windows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rates import images_per_second  # noqa: E402
 
 SLIDE = Path(__file__).resolve().parents[1] / "shards" / "cmu_small_region.svs"
 
@@ -35,25 +37,6 @@ def write_patch_folder(root: Path, patch_size: int) -> int:
         region = slide.read_region((window.x, window.y), 0, (patch_size, patch_size))
         region.convert("RGB").save(root / "tissue" / f"patch_{index:05d}.png", compress_level=1)
     return len(windows)
-
-
-def images_per_second(loader, batches: int, warmup: int, windows: int = 3) -> float:
-    """Median rate over ``windows`` timed windows of ``batches`` batches, after warm-up."""
-    def forever():
-        while True:
-            yield from loader
-
-    iterator = forever()
-    for _ in range(warmup):
-        next(iterator)
-    rates = []
-    for _ in range(windows):
-        start, images = time.perf_counter(), 0
-        for _ in range(batches):
-            images += next(iterator).shape[0]
-        rates.append(images / (time.perf_counter() - start))
-    iterator.close()  # stops the loader's workers before the next contender runs
-    return statistics.median(rates)
 
 
 class FirstItem:

@@ -35,6 +35,9 @@ from pathgan.models import Discriminator, Generator
 from pathgan.training.logbook import read_metrics
 from pathgan.training.loop import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rates import images_per_second  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # what a user gets: auto precision, auto compile, channels_last, fused Adam
@@ -101,12 +104,8 @@ def stream_rate(args, shards: Path) -> float:
     stream = make_image_stream(shards, batch_size=args.batch_size, num_workers=args.workers,
                                as_uint8=True)
     try:
-        endless = (batch for _ in iter(int, 1) for batch in stream)
-        for _ in range(args.warmup_steps):
-            next(endless)
-        start = time.perf_counter()
-        images = sum(len(next(endless)) for _ in range(args.windows * args.window_steps))
-        return images / (time.perf_counter() - start)
+        return images_per_second(stream, args.windows * args.window_steps, args.warmup_steps,
+                                 windows=1)
     finally:
         stream.close()
 
