@@ -176,3 +176,25 @@ def test_schedules_go_from_start_to_end_along_half_a_cosine():
     assert start == {"lr": 2e-4, "gamma": 2.0, "beta2": 0.9, "ema_kimg": 0.0}
     assert middle["gamma"] == pytest.approx(1.1) and middle["ema_kimg"] == pytest.approx(5.0)
     assert end["lr"] == pytest.approx(5e-5) and end["beta2"] == pytest.approx(0.99)
+
+
+def test_projected_heads_give_one_logit_per_level_and_only_the_discriminators_learn():
+    from pathgan.models.projected import ProjectedHeads
+
+    torch.manual_seed(0)
+    heads = ProjectedHeads(channels=[16, 32, 64], sizes=[56, 28, 14], projected=8, width=8)
+    features = [torch.randn(2, 16, 56, 56), torch.randn(2, 32, 28, 28),
+                torch.randn(2, 64, 14, 14)]
+    logits = heads(features)
+    assert logits.shape == (2, 3)
+    trainable = {name.split(".")[0] for name, _ in heads.named_parameters()}
+    assert trainable == {"discriminators"}  # the projections are fixed buffers
+    again = ProjectedHeads(channels=[16, 32, 64], sizes=[56, 28, 14], projected=8, width=8)
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(heads.projections,
+                                                               again.projections, strict=True))
+    # R1 against the heads' inputs: the projected features
+    projected = [level.detach().requires_grad_(True) for level in heads.project(features)]
+    penalty = gradient_penalty(heads.judge(projected).sum(dim=1), projected[0])
+    assert penalty.shape == (2,) and torch.isfinite(penalty).all()
+    with pytest.raises(ValueError, match="3 feature levels"):
+        heads(features[:2])
