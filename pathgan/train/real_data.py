@@ -1,7 +1,7 @@
 """Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
 ``{IMAGES: uint8 (B, 3, 224, 224)}`` from the shard pipeline
-(:class:`~pathgan.data.pipeline.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
+(:class:`~pathgan.shards.stream.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
 embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
 both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
 objective's discriminators need (``GANObjective.real_inputs``). Both streams are
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from pathgan.config import Config
-from pathgan.data.embeddings import (
+from pathgan.core.errors import PathganError
+from pathgan.shards.embedding_files import (
     embedded_encoders,
     embeddings_dir,
     read_embeddings,
     stored_precision,
 )
-from pathgan.data.pipeline import make_image_stream
-from pathgan.errors import PathganError
-from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.shards.stream import make_image_stream
+from pathgan.train.objective import EMBEDDINGS, IMAGES
 
 
 class RealStream(Protocol):

@@ -5,9 +5,9 @@ that calls :func:`train_step` (a discriminator update and a generator update on 
 batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
 and checkpoints at step boundaries; a step is counted once both updates were taken, and the
 epoch is derived from it. What differs between the GANs lives in
-:class:`~pathgan.training.objective.GANObjective`; where real samples come from lives in
-:mod:`pathgan.training.data`; what is measured along the way in
-:mod:`pathgan.training.statistics`.
+:class:`~pathgan.train.objective.GANObjective`; where real samples come from lives in
+:mod:`pathgan.train.real_data`; what is measured along the way in
+:mod:`pathgan.train.statistics`.
 """
 
 import contextlib
@@ -23,21 +23,21 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict, save_config
-from pathgan.errors import PathganError
-from pathgan.fileio import write_json
-from pathgan.images import uint8_to_signed
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import write_json
+from pathgan.core.images import uint8_to_signed
 from pathgan.models import generate, noise_batch
 from pathgan.models.export import export_generator, generator_config
 from pathgan.models.generation import calibrate_batchnorm
-from pathgan.training import checkpoint as ckpt
-from pathgan.training.build import GAN, build_gan, set_encoder_precision, to_device
-from pathgan.training.data import build_real_data, resolve_encoder_precision
-from pathgan.training.ema import GeneratorEMA
-from pathgan.training.logbook import Logbook
-from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
-from pathgan.training.precision import resolve_mixed_precision
-from pathgan.training.signals import PreemptionFlag
-from pathgan.training.statistics import EmbeddingGap, WindowStats
+from pathgan.train import checkpoint as ckpt
+from pathgan.train.build import GAN, build_gan, set_encoder_precision, to_device
+from pathgan.train.ema import GeneratorEMA
+from pathgan.train.logbook import Logbook
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.precision import resolve_mixed_precision
+from pathgan.train.real_data import build_real_data, resolve_encoder_precision
+from pathgan.train.signals import PreemptionFlag
+from pathgan.train.statistics import EmbeddingGap, WindowStats
 
 
 @dataclass

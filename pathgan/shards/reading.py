@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pathgan.data.format import decode_sample
-from pathgan.errors import PathganError
-from pathgan.images import IMAGE_SIZE, hwc_to_chw
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE, hwc_to_chw
+from pathgan.shards.format import decode_sample
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pathgan.data.format import decode_sample, load_manifest, shard_paths
-from pathgan.errors import PathganError
-from pathgan.images import hwc_to_chw, uint8_to_signed
+from pathgan.core.errors import PathganError
+from pathgan.core.images import hwc_to_chw, uint8_to_signed
+from pathgan.shards.format import decode_sample, load_manifest, shard_paths
 
 #: failures in a row (unreadable shards, corrupt samples) after which a rank's stream stops
 MAX_CONSECUTIVE_FAILURES = 100
@@ -247,7 +247,7 @@ class BackgroundBatches:
 class ImageStream:
     """An endless stream of batches cut into epochs of ``batches_per_epoch`` batches.
 
-    Iterating an ``ImageStream`` yields one epoch (a :class:`pathgan.training.data.RealStream`).
+    Iterating an ``ImageStream`` yields one epoch (a :class:`pathgan.train.real_data.RealStream`).
     The worker processes and their shuffle buffers live across epochs: restarting them each
     epoch would refill every buffer.
     """
