@@ -1,7 +1,7 @@
 """Synthetic patches from a trained generator, as PNG files or WebDataset shards.
 
 What ``pathgan sample`` runs. The generator is a run folder or a Hub repo
-(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.publish.push.resolve_generator`); what made the
+(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.core.hub.resolve_generator`); what made the
 patches is recorded with them, a Hub generator pinned to its commit: in ``sample.json`` beside
 PNG files, in ``manifest.json`` and every sample's metadata for shards.
 
@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from pathgan.core.devices import default_device
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, timestamp, write_json
+from pathgan.core.hub import resolve_generator
 from pathgan.core.images import signed_to_uint8
 from pathgan.models import generated_batches, noise_batch
-from pathgan.models.export import load_generator
-from pathgan.publish.push import resolve_generator
+from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_generator
 from pathgan.shards.format import (
     MANIFEST,
     encode_image,
@@ -92,7 +92,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             raise PathganError(f"{flag} must be positive, not {value}")
     out_dir = Path(out_dir)
     device = default_device(device)
-    source = resolve_generator(generator_spec)
+    source = resolve_generator(generator_spec, (GENERATOR_WEIGHTS, GENERATOR_CONFIG))
     generator, config = load_generator(source.folder, device)
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, signed_to_uint8, uint8_to_signed
+from pathgan.core.images import signed_to_uint8, uint8_to_signed
 from pathgan.evaluation.ranks import gather_rows, progress_bar, rank_slice
 from pathgan.models import generated_batches, noise_batch
+from pathgan.shards.format import IMAGE_SIDE
 from pathgan.shards.reading import collate_samples
 
 MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
@@ -64,7 +65,7 @@ def swd_extractor(n: int, seed: int = 0) -> Extractor:
 
     per_image = descriptors_per_image(n)
     return Extractor(
-        SWD, swd_descriptor_dim(IMAGE_SIZE, per_image),
+        SWD, swd_descriptor_dim(IMAGE_SIDE, per_image),
         lambda images, indices: laplacian_descriptors(images, indices, per_image, seed),
         f"laplacian-pyramid-7x7-{per_image}-per-image")
 

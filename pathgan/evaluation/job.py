@@ -16,6 +16,7 @@ import torch
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import timestamp
+from pathgan.core.hub import resolve_generator
 from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation.evaluator import (
     DEFAULT_ENCODER,
@@ -37,7 +38,7 @@ from pathgan.evaluation.features import (
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.models import generate, noise_batch
-from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
+from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_generator
 
 FORMAT = "pathgan-eval/1"
 GRID_COUNT = 64
@@ -106,10 +107,8 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     """Evaluate runs against ``n`` real samples of ``real_shards``; write ``eval.json``,
     ``report.md`` and grids into ``out_dir`` (rank 0). Returns the eval.json dict (every rank).
     """
-    from pathgan.publish.push import resolve_generator
-
     state = make_state()
-    sources = [resolve_generator(run) for run in run_dirs]
+    sources = [resolve_generator(run, (GENERATOR_WEIGHTS, GENERATOR_CONFIG)) for run in run_dirs]
     if not sources:
         raise PathganError("give at least one RUN_DIR")
     if n < k + 1:

@@ -59,10 +59,11 @@ from tqdm.auto import tqdm
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import read_json, sha256_file, write_json
-from pathgan.core.images import IMAGE_SIZE, uint8_to_signed
+from pathgan.core.images import uint8_to_signed
 from pathgan.shards import slides
 from pathgan.shards.embedding_files import embedding_path, embeddings_dir, write_embedding_file
 from pathgan.shards.format import (
+    IMAGE_SIDE,
     MANIFEST,
     SHARD_NAME,
     SPLITS,
@@ -98,7 +99,7 @@ RECORDS_DIR = ".pack"
 SPOOL_DIR = f"{RECORDS_DIR}/spool"
 # Upper bound of one sample in a shard: raw pixels plus tar headers and metadata. PNG and JPEG
 # are smaller, so shards planned with it never exceed --max-bytes.
-SAMPLE_BYTES_BOUND = IMAGE_SIZE * IMAGE_SIZE * 3 + 4096
+SAMPLE_BYTES_BOUND = IMAGE_SIDE * IMAGE_SIDE * 3 + 4096
 # Fewer validation groups than this make validation figures noisy: say so.
 MIN_VAL_GROUPS = 5
 
@@ -339,7 +340,7 @@ def _plan_all(sources: list[Source], options: PackOptions, pool) -> list:
     if slide_sources:
         with tqdm(total=len(slide_sources), desc="tissue detection", unit="slide") as progress:
             for source, plan in run_all(pool, plan_slide, list(slide_sources), options,
-                                        IMAGE_SIZE, in_flight=len(slide_sources)):
+                                        IMAGE_SIDE, in_flight=len(slide_sources)):
                 for index in slide_sources[source]:
                     plans[index] = plan
                 progress.update()
@@ -535,7 +536,7 @@ def spool_units(plans: list, pending: list[ShardJob], out_dir: Path, fingerprint
     def jobs() -> Iterator[UnitJob]:
         for unit, parts in todo:
             records = [plan.record(row) for plan, rows in parts for row in rows]
-            yield UnitJob(unit, records, spool_dir, fingerprint, options, IMAGE_SIZE)
+            yield UnitJob(unit, records, spool_dir, fingerprint, options, IMAGE_SIDE)
 
     with tqdm(total=total, initial=done, desc="reading patches", unit="patch") as progress:
         for _, count in run_all(pool, spool_unit, jobs(), in_flight=2 * options.workers):

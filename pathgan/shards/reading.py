@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, hwc_to_chw
-from pathgan.shards.format import decode_sample
+from pathgan.core.images import hwc_to_chw
+from pathgan.shards.format import IMAGE_SIDE, decode_sample
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -82,7 +82,7 @@ class ShardSamples(torch.utils.data.Dataset):
             for extension, (offset, size) in members.items():
                 raw[extension] = self._read(shard, offset, size)
             _, image, _ = decode_sample(raw)
-            if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+            if image.shape[:2] != (IMAGE_SIDE, IMAGE_SIDE):
                 raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, not 224x224")
             return index, hwc_to_chw(image).contiguous(), None
         except Exception as error:  # a corrupt sample is reported, never fatal

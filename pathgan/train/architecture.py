@@ -7,8 +7,8 @@ from torch import nn
 
 from pathgan.config import Config
 from pathgan.core.fileio import atomic_path
-from pathgan.core.images import IMAGE_SIZE
 from pathgan.core.plots import plt
+from pathgan.shards.format import IMAGE_SIDE
 from pathgan.train.build import build_gan
 from pathgan.train.objective import IMAGES
 
@@ -77,7 +77,7 @@ def write_architecture(config: Config, out_dir: str | Path) -> list[Path]:
     gan = build_gan(config, torch.device("cpu"))
     networks = {"generator": (gan.generator, torch.zeros(2, model.nz))}
     for feature, discriminator in gan.discriminators.items():
-        example = (torch.zeros(2, model.channels, IMAGE_SIZE, IMAGE_SIZE) if feature == IMAGES
+        example = (torch.zeros(2, model.channels, IMAGE_SIDE, IMAGE_SIDE) if feature == IMAGES
                    else torch.zeros(2, gan.encoder.embed_dim))
         networks[f"discriminator-{feature}"] = (discriminator, example)
     written, markdown = [], ["# Architecture", ""]
