@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
+from pathgan.runs import RunDir
 from pathgan.shards.pack import PackOptions, pack
 from pathgan.shards.stream import make_image_stream
-from pathgan.train.logbook import read_metrics
 from pathgan.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,7 +123,7 @@ def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
         f"data.num_workers={args.workers}", *VARIANTS[variant],
     ]
     train(load_config(REPO / "configs" / "dcgan.yaml", overrides))
-    rows = read_metrics(scratch / variant / "metrics.jsonl")
+    rows = RunDir(scratch / variant).read_metrics()
     # Windows end every window_steps; the first warmup_steps belong to warm-up.
     timed = [row["images_per_s"] for row in rows if row["step"] > args.warmup_steps]
     return {"images_per_s": round(statistics.median(timed), 2), **peak_memory()}

@@ -23,7 +23,7 @@ from pathgan.core.fileio import atomic_path, timestamp, write_json
 from pathgan.core.hub import resolve_generator
 from pathgan.core.images import signed_to_uint8
 from pathgan.models import generated_batches, noise_batch
-from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_generator
+from pathgan.runs import GENERATOR_FILES, load_generator
 from pathgan.shards.format import (
     MANIFEST,
     encode_image,
@@ -92,7 +92,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             raise PathganError(f"{flag} must be positive, not {value}")
     out_dir = Path(out_dir)
     device = default_device(device)
-    source = resolve_generator(generator_spec, (GENERATOR_WEIGHTS, GENERATOR_CONFIG))
+    source = resolve_generator(generator_spec, GENERATOR_FILES)
     generator, config = load_generator(source.folder, device)
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),

@@ -14,11 +14,11 @@ from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
 
 from pathgan.config import load_config
 from pathgan.core.images import hwc_to_chw, uint8_to_signed
+from pathgan.runs import RunDir
 from pathgan.shards.embedding_files import embedding_path, read_embedding_file, read_embeddings
 from pathgan.shards.format import decode_sample, shard_paths
 from pathgan.shards.reading import iter_tar_samples
 from pathgan.train.build import build_gan
-from pathgan.train.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "embgan-smoke.yaml"
 TIMM = "timm:vit_tiny_patch16_224:random"
@@ -52,7 +52,7 @@ def test_smoke_run_end_to_end(tmp_path, embedded_shards):
     run_dir = tmp_path / "embgan"
     train_embgan(shards, run_dir, "train.max_steps=6", "log.every=2", "log.sample_every=6",
                  "ckpt.every=6")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert [row["step"] for row in rows] == [2, 4, 6]
     for row in rows:
         assert row["emb_mean_dist"] > 0 and 0 <= row["D(x)"] <= 1
@@ -165,7 +165,7 @@ def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
     run_dir = tmp_path / "tf"
     train_embgan(shards, run_dir, f"model.encoder={spec}", "train.max_steps=3",
                  "log.every=1", "log.wandb=false")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert len(rows) == 3 and all(isinstance(row["Loss_G"], float) for row in rows)
     # The generator moved: its exported weights differ from a fresh initialisation.
     trained = load_file(run_dir / "generator.safetensors")["main.0.weight"]
@@ -211,7 +211,7 @@ def test_augmented_embedding_gan_encodes_real_images_in_the_loop(tmp_path, embed
     result = train_embgan(shards, tmp_path / "augmented", "train.max_steps=2", "log.wandb=false",
                           "train.augment=color,translation,cutout")
     assert "runs in fp32; real samples: images" in result.stdout + result.stderr
-    assert [row["step"] for row in read_metrics(tmp_path / "augmented" / "metrics.jsonl")] == [2]
+    assert [row["step"] for row in RunDir(tmp_path / "augmented").read_metrics()] == [2]
 
 
 def test_the_embedding_discriminator_starts_with_informative_logits():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
-from pathgan.train.logbook import read_metrics
+from pathgan.runs import RunDir
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -62,7 +62,7 @@ def smoke_run(tmp_path_factory, slide_shards) -> Path:
 
 @pytest.mark.slow
 def test_smoke_run_writes_everything(smoke_run):
-    rows = read_metrics(smoke_run / "metrics.jsonl")
+    rows = RunDir(smoke_run).read_metrics()
     assert [row["step"] for row in rows] == list(range(2, 21, 2))
     for row in rows:
         for key in ("Loss_D", "Loss_G", "D(x)", "D(G(z))", "images_per_s", "step_time"):
@@ -94,7 +94,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
         swd_extractor,
     )
     from pathgan.evaluation.metrics import sliced_wasserstein_distance
-    from pathgan.models.export import load_generator
+    from pathgan.runs import load_generator
 
     exported, config = load_generator(smoke_run, "cpu")
     raw = Generator(nz=config["nz"], ngf=config["ngf"])
@@ -142,12 +142,8 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(smoke_run, slide_shards):
 
 
 def test_a_checkpoint_is_replaced_whole(tmp_path):
-    from pathgan.train.checkpoint import (
-        commit_checkpoint,
-        list_checkpoints,
-        prune_checkpoints,
-        staging_dir,
-    )
+    from pathgan.runs import staging_dir
+    from pathgan.train.checkpoint import commit_checkpoint, prune_checkpoints
 
     path = tmp_path / "checkpoints" / "checkpoint-000005"
     path.mkdir(parents=True)
@@ -156,11 +152,11 @@ def test_a_checkpoint_is_replaced_whole(tmp_path):
     staging = staging_dir(path)
     staging.mkdir()
     (staging / "model.safetensors").write_text("new")
-    assert list_checkpoints(tmp_path) == [path]  # a staging folder is never a checkpoint
+    assert RunDir(tmp_path).checkpoints() == [path]  # a staging folder is never a checkpoint
     commit_checkpoint(staging, path, 5)
     assert (path / "model.safetensors").read_text() == "new" and (path / "COMPLETE").is_file()
     (tmp_path / "checkpoints" / "checkpoint-000009.partial").mkdir()  # a killed save
-    prune_checkpoints(tmp_path, keep=3)
+    prune_checkpoints(RunDir(tmp_path), keep=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000005"]
 
 
@@ -194,7 +190,7 @@ def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
     # And training goes on from there: metrics continue after step 5 without duplicates.
     run_training(slide_shards, run_dir, "train.max_steps=8", "log.wandb=false",
                  "train.ema=false", "log.every=1", resume="latest")
-    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")]
+    steps = [row["step"] for row in RunDir(run_dir).read_metrics()]
     assert steps == list(range(1, 9))
 
 
@@ -205,7 +201,7 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
         train_command(slide_shards, run_dir, "train.max_steps=1000", "log.every=1",
                       "ckpt.every=1000"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=QUIET)
-    wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, process)
+    wait_for(lambda: len(RunDir(run_dir).read_metrics()) >= 3, process)
     process.send_signal(signal.SIGUSR1)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 0
@@ -219,7 +215,7 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
     # Both processes logged to the same W&B run (offline-run-<time>-<id>).
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step + 3
+    assert RunDir(run_dir).read_metrics()[-1]["step"] == step + 3
 
 
 DDP_SCRIPT = """
@@ -263,7 +259,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert not torch.equal(ranks[0]["generator.main.0.weight"], initial_generator_weight())
-    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
+    assert [row["step"] for row in RunDir(run_dir).read_metrics()] == [2, 4, 6]
 
 
 @pytest.mark.slow
@@ -271,7 +267,7 @@ def test_in_loop_evaluation_is_logged_and_keeps_the_best_generator(tmp_path, sli
     run_dir = tmp_path / "evaluated"
     run_training(slide_shards, run_dir, "train.max_steps=4", "log.wandb=false", "eval.every=2",
                  "eval.n=8", "eval.encoder=timm:mobilenetv3_small_050:random")
-    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval/fd" in row]
+    rows = [row for row in RunDir(run_dir).read_metrics() if "eval/fd" in row]
     assert [row["step"] for row in rows] == [2, 4]
     assert all(row["eval/fd"] >= 0 and row["eval/n"] == 8 for row in rows)
     best = json.loads((run_dir / "best" / "best.json").read_text())
@@ -285,7 +281,7 @@ def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
     run_dir = tmp_path / "bf16"
     run_training(slide_shards, run_dir, "train.mixed_precision=bf16", "train.max_steps=4",
                  "log.wandb=false", "log.every=1")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert len(rows) == 4 and all(isinstance(row["Loss_D"], float) for row in rows)
 
 

@@ -22,13 +22,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from pathgan.config import Config, config_to_dict, save_config
+from pathgan.config import Config, config_to_dict
 from pathgan.core.errors import PathganError
-from pathgan.core.fileio import write_json
 from pathgan.core.images import uint8_to_signed
 from pathgan.models import generate, noise_batch
-from pathgan.models.export import export_generator, generator_config
 from pathgan.models.generation import calibrate_batchnorm
+from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
 from pathgan.train.build import GAN, build_gan, set_encoder_precision, to_device
 from pathgan.train.ema import GeneratorEMA
@@ -199,7 +198,7 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
                       finite=not (d_bad or g_bad), stop_requested=stop_requested)
 
 
-def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
+def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
                   ema: GeneratorEMA | None) -> ckpt.TrainState:
     """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
     With ``resume`` it is restored, with the prepared networks and optimizers, from that
@@ -208,17 +207,17 @@ def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    checkpoint, damaged = ckpt.resolve_resume(run_dir, resume)
+    checkpoint, damaged = ckpt.resolve_resume(run, resume)
     for warning in damaged:
         accelerator.print(f"warning: {warning}")
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
+    if resume is None and run.checkpoints():
+        raise PathganError(f"{run.path} already holds checkpoints: pass --resume latest to "
                            "continue that run, or choose another run.dir")
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume == "latest":
-        accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
+        accelerator.print(f"no checkpoint in {run.path}; starting from step 0")
     return state
 
 
@@ -236,7 +235,7 @@ def make_evaluator(config: Config, gan, device: torch.device):
 
 
 def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
-                   run_dir: Path) -> None:
+                   run: RunDir) -> None:
     if not config.log.wandb:
         return
     if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
@@ -246,18 +245,18 @@ def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainSt
         config.log.project,
         config=config_to_dict(config),
         init_kwargs={"wandb": {
-            "name": config.run.name or run_dir.name,
+            "name": config.run.name or run.name,
             "entity": config.log.entity,
             "tags": config.log.tags,
             "id": state.wandb_run_id,  # a resumed run continues the same W&B run
             "resume": "allow",
-            "dir": str(run_dir),
+            "dir": str(run.path),  # W&B writes its files into RUN/wandb
         }},
     )
 
 
 def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
-             exported: dict, run_dir: Path) -> None:
+             exported: dict, run: RunDir) -> None:
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
@@ -267,9 +266,8 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     if fd is not None and (state.best_fd is None or fd < state.best_fd):
         state.best_fd = fd
         if logbook.active:
-            best = run_dir / ckpt.BEST_DIR
-            export_generator(sample_model, exported, best)
-            write_json(best / "best.json", {"step": state.step, **scores})
+            export_generator(sample_model, exported, run.best_dir)
+            run.write_best({"step": state.step, **scores})
 
 
 def train(config: Config, resume: str | None = None) -> TrainResult:
@@ -282,8 +280,8 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
 
 
 def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
-    run_dir = Path(config.run.dir)
-    accelerator = make_accelerator(config, run_dir)
+    run = RunDir(config.run.dir)
+    accelerator = make_accelerator(config, run.path)
     world = accelerator.num_processes
     if config.train.batch_size % world:
         raise PathganError(f"train.batch_size {config.train.batch_size} is not divisible by "
@@ -292,8 +290,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         raise PathganError("train.sync_bn needs CUDA; use per-rank statistics on CPU")
     per_rank_batch = config.train.batch_size // world
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        run.write_config(config)
     set_seed(config.run.seed)  # the same initial weights on every rank...
 
     # --- networks, optimizers, data ---------------------------------------------------------
@@ -307,14 +304,14 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
-    state = restore_state(accelerator, run_dir, resume, nets.ema)
+    state = restore_state(accelerator, run, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
     # Seeded with the step: a resumed run does not replay the data order of its first epochs.
     data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
                            gan.encoder_id, seed=config.run.seed + state.step)
-    logbook = Logbook(accelerator, run_dir, config.log.wandb)
+    logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
-    _init_trackers(accelerator, config, state, run_dir)
+    _init_trackers(accelerator, config, state, run)
     exported = generator_config(config.model, gan.encoder_id)  # generator.json
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
@@ -322,13 +319,13 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                    if config.train.max_steps is None else config.train.max_steps)
 
     def save_checkpoint() -> Path:
-        path = ckpt.checkpoint_dir(run_dir, state.step)
-        staging = ckpt.staging_dir(path)
+        path = run.checkpoint_dir(state.step)
+        staging = staging_dir(path)
         accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.commit_checkpoint(staging, path, state.step)
-            ckpt.prune_checkpoints(run_dir, config.ckpt.keep)
+            ckpt.prune_checkpoints(run, config.ckpt.keep)
             logbook.loss_plot()
         accelerator.wait_for_everyone()
         return path
@@ -341,7 +338,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     stop_requested = False  # a rank was signalled: every rank stops after the same step
     done = state.step >= total_steps
     progress = tqdm(total=total_steps, initial=state.step, unit="step",
-                    disable=not accelerator.is_main_process, desc=run_dir.name)
+                    disable=not accelerator.is_main_process, desc=run.name)
     try:
         while not done:
             result = train_step(nets, next(data), accelerator, config, preemption, state.step)
@@ -378,8 +375,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                         logbook.samples(state.step, generate(sample_model, fixed_noise,
                                                              per_rank_batch))
                 if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
-                             run_dir)
+                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported, run)
                 if state.step % config.ckpt.every == 0:
                     save_checkpoint()
                     saved_at = state.step
@@ -392,19 +388,18 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     preempted = stop_requested and state.step < total_steps
     if saved_at != state.step:
         save_checkpoint()
-    marker = run_dir / ckpt.PREEMPTED_MARKER
     sample_model = None if preempted else nets.sample_model(config)
     if accelerator.is_main_process:
         if preempted:
-            marker.write_text(f"{state.step}\n")
+            run.mark_preempted(state.step)
             print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
                   "rerun with --resume latest", flush=True)
         else:
-            marker.unlink(missing_ok=True)
+            run.clear_preempted()
             logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
-            export_generator(sample_model, exported, run_dir)
+            export_generator(sample_model, exported, run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(state.step, preempted, run_dir, nets.plain_generator,
+    return TrainResult(state.step, preempted, run.path, nets.plain_generator,
                        {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})
