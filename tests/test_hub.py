@@ -418,7 +418,7 @@ def patch_table(tmp_path):
 
 
 def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
-    from pathgan.shards.pack_worker import read_patch_image
+    from pathgan.shards.patches import read_patch_image
     from pathgan.shards.tables import PatchTable, TableColumns
 
     root, images, sizes, embeddings = patch_table
