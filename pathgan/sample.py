@@ -73,7 +73,7 @@ def write_sample_shard(path: Path, images, generator: str, seed: int, progress) 
     return shard_entry(path, "train", count)
 
 
-def write_shards(batches, out_dir: Path, generator: str, seed: int, per_shard: int,
+def write_sample_shards(batches, out_dir: Path, generator: str, seed: int, per_shard: int,
                  progress) -> list[dict]:
     images, shards = indexed_images(batches), []
     while (first := next(images, None)) is not None:
@@ -105,6 +105,6 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             write_pngs(batches, out_dir, progress)
             write_json(out_dir / SAMPLE_RECORD, {"created": created, "count": count, **origin})
             return out_dir
-        shards = write_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
+        shards = write_sample_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
     write_json(out_dir / MANIFEST, make_manifest(shards, origin, created=created, synthetic=True))
     return out_dir

@@ -61,7 +61,7 @@ def _split_target(target: list[str]) -> tuple[bool, str]:
 def run(args) -> int:
     verify, shards_dir = _split_target(args.target)
     if verify:
-        return run_verify(shards_dir, args.encoder)
+        return run_verify_embeddings(shards_dir, args.encoder)
     from pathgan.embed import embed_shards, format_summary
 
     summary = embed_shards(
@@ -75,7 +75,7 @@ def run(args) -> int:
     return 0
 
 
-def run_verify(shards_dir: str, encoder: str) -> int:
+def run_verify_embeddings(shards_dir: str, encoder: str) -> int:
     from pathgan.shards.embedding_files import verify_embeddings
 
     report = verify_embeddings(shards_dir, encoder)

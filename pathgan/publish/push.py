@@ -38,7 +38,7 @@ from pathgan.runs import (
     EvalDir,
 )
 
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+REPO_ID_FORM = re.compile(r"[\w.-]+/[\w.-]+")
 #: config keys that hold local paths: the uploaded copy leaves them out.
 LOCAL_PATH_KEYS = (("run", "dir"), ("data", "shards"))
 ENCODER_KEYS = (("model", "encoder"), ("eval", "encoder"))
@@ -175,7 +175,7 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False,
          dry_run: str | Path | None = None) -> str:
     """Upload a run's generator with its model card; with ``dry_run`` write the folder there
     instead and upload nothing. Returns the commit URL, or the dry-run folder."""
-    if not REPO_ID.fullmatch(repo_id):
+    if not REPO_ID_FORM.fullmatch(repo_id):
         raise PathganError(f"--repo {repo_id!r} is not of the form ORG/NAME")
     if dry_run is not None and Path(dry_run).exists() and any(Path(dry_run).iterdir()):
         raise PathganError(f"--dry-run {dry_run} is not empty: give a new or empty folder")
