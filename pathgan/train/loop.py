@@ -29,12 +29,12 @@ from pathgan.models import generate, noise_batch
 from pathgan.models.generation import calibrate_batchnorm
 from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
-from pathgan.train.build import GAN, build_gan, set_encoder_precision, to_device
+from pathgan.train.build import GAN, build_gan, to_device
 from pathgan.train.ema import GeneratorEMA
 from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.train.precision import resolve_mixed_precision
-from pathgan.train.real_data import build_real_data, resolve_encoder_precision
+from pathgan.train.real_data import build_real_data
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, WindowStats
 
@@ -151,7 +151,7 @@ class StepResult:
     d_loss: torch.Tensor
     g_loss: torch.Tensor
     stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
-    real: dict[str, torch.Tensor]  # what the discriminators saw, feature by feature
+    real: dict[str, torch.Tensor]  # what the discriminators saw, view by view
     fake: dict[str, torch.Tensor]
     finite: bool  # False: a loss was not finite on some rank, and every rank skipped the step
     stop_requested: bool  # some rank was signalled: every rank stops after this step
@@ -172,10 +172,13 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
 
-    with accelerator.autocast():  # the encoder runs in its own precision
-        real = nets.objective.real_features(real)
-        fake = nets.objective.fake_features(nets.run_generator(noise))
-    d_loss, d_stats = nets.objective.d_loss(real, fake)
+    # G, D and the losses in the run's mixed precision, said here rather than left to the
+    # autocast Accelerate wraps around each prepared network's forward (the same, nested); the
+    # encoder runs in its own precision (see GANObjective). Backward runs outside autocast.
+    with accelerator.autocast():
+        real = nets.objective.real_views(real)
+        fake = nets.objective.fake_views(nets.run_generator(noise))
+        d_loss, d_stats = nets.objective.d_loss(real, fake)
     d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
     if not d_bad:
         nets.d_optimizer.zero_grad(set_to_none=True)
@@ -185,7 +188,8 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
         for discriminator in nets.discriminators.values():
             no_d_sync.enter_context(accelerator.no_sync(discriminator))
-        g_loss, g_stats = nets.objective.g_loss(fake)
+        with accelerator.autocast():
+            g_loss, g_stats = nets.objective.g_loss(fake)
         (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
         if not g_bad:
             nets.g_optimizer.zero_grad(set_to_none=True)
@@ -297,10 +301,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     gan = build_gan(config, accelerator.device)
     nets = prepare_networks(config, gan, accelerator)
     if gan.encoder is not None:
-        precision = resolve_encoder_precision(config, nets.objective.real_inputs, gan.encoder_id)
-        set_encoder_precision(gan.encoder, precision)
-        accelerator.print(f"encoder {gan.encoder_id} runs in {precision}; real samples: "
-                          + " + ".join(sorted(nets.objective.real_inputs)))
+        accelerator.print(f"encoder {gan.encoder_id} runs in {gan.encoder.precision}; real "
+                          "samples: " + " + ".join(sorted(nets.objective.real_inputs)))
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
