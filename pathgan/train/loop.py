@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict
@@ -66,9 +66,16 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
         log_with="wandb" if config.log.wandb else None,
         project_dir=str(run_dir),
-        # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in the
-        # second forward breaks autograd (pytorch#22095). Statistics stay per rank instead.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in
+            # the second forward breaks autograd (pytorch#22095). Statistics stay per rank.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # No cast weight is cached for a whole autocast region: in train_step's region D
+            # runs on real and on fake images, and one cached bf16/fp16 copy of its weights
+            # would sum the two passes' gradients in that precision (each pass casting its own
+            # copy sums them in fp32, as when each forward was its own region).
+            AutocastKwargs(cache_enabled=False),
+        ],
     )
 
 
@@ -173,8 +180,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
                         device=accelerator.device)
 
     # G, D and the losses in the run's mixed precision, said here rather than left to the
-    # autocast Accelerate wraps around each prepared network's forward (the same, nested); the
-    # encoder runs in its own precision (see GANObjective). Backward runs outside autocast.
+    # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
+    # weight cast is cached, see make_accelerator); the encoder runs in its own precision (see
+    # GANObjective). Backward runs outside autocast.
     with accelerator.autocast():
         real = nets.objective.real_views(real)
         fake = nets.objective.fake_views(nets.run_generator(noise))
