@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
+from pathgan.core.devices import switch_on
 from pathgan.train.build import build_networks, to_device
 from pathgan.train.loop import make_optimizer
 from pathgan.train.objective import GANObjective
@@ -39,8 +40,8 @@ class PlainGAN:
         gan = build_networks(config, device)
         if encoder_precision is not None:
             gan.encoder.set_precision(encoder_precision)
-        generator = to_device(gan.generator, device, config.train.channels_last)
-        discriminators = {k: to_device(d, device, config.train.channels_last)
+        generator = to_device(gan.generator, device, switch_on(config.train.channels_last))
+        discriminators = {k: to_device(d, device, switch_on(config.train.channels_last))
                           for k, d in gan.discriminators.items()}
         g_optimizer = make_optimizer([generator], config)
         d_optimizer = make_optimizer(discriminators.values(), config)

@@ -42,13 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # what a user gets: auto precision, auto compile, channels_last, fused Adam
     # 'no' quoted: unquoted, YAML reads it as false, which the config turns into 'off'
-    "fp32": ["train.mixed_precision='no'", "train.channels_last=false", "train.compile=off"],
-    "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=off"],
-    "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "fp32": ["train.mixed_precision='no'", "train.channels_last=off", "train.compile=off"],
+    "bf16": ["train.mixed_precision=bf16", "train.channels_last=off", "train.compile=off"],
+    "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=on",
                            "train.compile=off"],
-    "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=on",
                                    "train.compile=on"],
-    "fp32-contiguous": ["train.channels_last=false"],
+    "fp32-contiguous": ["train.channels_last=off"],
 }
 
 

@@ -15,6 +15,7 @@ from conftest import REPO, assert_same_weights, cli_command, run_cli
 from safetensors.torch import load_file
 
 from pathgan.config import load_config
+from pathgan.core.errors import PathganError
 from pathgan.models import Discriminator, Generator
 from pathgan.runs import RunDir
 
@@ -342,7 +343,34 @@ def test_yaml_words_on_the_command_line_keep_their_meaning():
     config = load_config(SMOKE, ["train.mixed_precision=no", "train.compile=off",
                                  "train.ema=no", "train.channels_last=on"])
     assert config.train.mixed_precision == "no" and config.train.compile == "off"
-    assert config.train.ema is False and config.train.channels_last is True
+    assert config.train.ema is False and config.train.channels_last == "on"
+
+
+def test_configs_with_boolean_switches_still_load(tmp_path):
+    # channels_last was a boolean before the switches had one vocabulary (auto | on | off);
+    # run folders saved then say true, and YAML reads an unquoted on/off as a boolean too.
+    saved = tmp_path / "config.yaml"
+    saved.write_text("train:\n  channels_last: true\n  compile: false\n  fused_adam: on\n")
+    config = load_config(saved)
+    assert (config.train.channels_last, config.train.compile, config.train.fused_adam) == (
+        "on", "off", "on")
+
+
+def test_every_declared_choice_is_enforced():
+    import dataclasses
+    import typing
+
+    from pathgan.config import Config
+
+    choices = [(f"{section.name}.{name}", kind)
+               for section in dataclasses.fields(Config)
+               for name, kind in typing.get_type_hints(section.type).items()
+               if typing.get_origin(kind) is typing.Literal]
+    assert len(choices) >= 8
+    for key, kind in choices:
+        with pytest.raises(PathganError, match=f"^{key}: 'nonsense' is not one of "
+                                               f"{', '.join(typing.get_args(kind))}$"):
+            load_config(SMOKE, [f"{key}=nonsense"])
 
 
 def test_missing_config_and_shards_are_one_line_errors(tmp_path):

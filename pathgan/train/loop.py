@@ -23,6 +23,7 @@ from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_
 from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict
+from pathgan.core.devices import switch_on
 from pathgan.core.errors import PathganError
 from pathgan.core.images import uint8_to_signed
 from pathgan.models import generate, noise_batch
@@ -48,12 +49,8 @@ class TrainResult:
     discriminators: dict[str, torch.nn.Module]
 
 
-def _switch(value: str) -> bool:
-    return value == "on" or (value == "auto" and torch.cuda.is_available())
-
-
 def _memory_format(config: Config) -> torch.memory_format:
-    return torch.channels_last if config.train.channels_last else torch.contiguous_format
+    return torch.channels_last if switch_on(config.train.channels_last) else torch.contiguous_format
 
 
 def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
@@ -81,7 +78,7 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
 
 def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
     params = [p for module in modules for p in module.parameters()]
-    fused = _switch(config.train.fused_adam)
+    fused = switch_on(config.train.fused_adam)
     return torch.optim.Adam(params, lr=config.train.lr,
                             betas=(config.train.beta1, config.train.beta2),
                             fused=fused or None, foreach=None if fused else True)
@@ -127,8 +124,9 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
                           for k, d in discriminators.items()}
-    generator = to_device(generator, accelerator.device, config.train.channels_last)
-    discriminators = {k: to_device(d, accelerator.device, config.train.channels_last)
+    channels_last = switch_on(config.train.channels_last)
+    generator = to_device(generator, accelerator.device, channels_last)
+    discriminators = {k: to_device(d, accelerator.device, channels_last)
                       for k, d in discriminators.items()}
     ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
            if config.train.ema else None)
@@ -140,7 +138,7 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
     prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
     generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
-    compiled = _switch(config.train.compile)
+    compiled = switch_on(config.train.compile)
     return Networks(
         run_generator=torch.compile(generator) if compiled else generator,
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
