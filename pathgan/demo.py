@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
+
 from pathgan.core.errors import PathganError
 from pathgan.runs import EvalDir, RunDir
 
@@ -39,9 +41,7 @@ SIZES = {
 def path_foundation_available() -> bool:
     """True when Path Foundation is already in the local Hugging Face cache (no network)."""
     try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download("google/path-foundation", local_files_only=True)
+        huggingface_hub.snapshot_download("google/path-foundation", local_files_only=True)
     except Exception:
         return False
     return importlib.util.find_spec("tensorflow") is not None  # the optional extra

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pathgan.core.devices import default_device
@@ -51,8 +52,6 @@ def indexed_images(batches):
 
 
 def write_pngs(batches, out_dir: Path, progress) -> None:
-    from PIL import Image
-
     for index, image in indexed_images(batches):
         with atomic_path(out_dir / f"sample_{index:07d}.png") as temporary:
             Image.fromarray(image).save(temporary, format="PNG")

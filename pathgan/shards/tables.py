@@ -64,7 +64,7 @@ class TableRow:
 
 def _pyarrow():
     try:
-        import pyarrow
+        import pyarrow  # the optional [parquet] extra
         import pyarrow.parquet
     except ImportError as error:
         raise PathganError("reading parquet needs pyarrow: pip install 'pathgan[parquet]'"
@@ -79,6 +79,7 @@ def cached_dataset(spec: str) -> Path:
     if not match:
         raise PathganError(f"{spec!r} is not a Hub data set: use hf-dataset:ORG/NAME or "
                            "hf-dataset:ORG/NAME@REVISION")
+    # here: huggingface_hub takes 0.7 s to import, and the pack's workers import this module
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

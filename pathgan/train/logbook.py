@@ -46,7 +46,7 @@ class Logbook:
         save_image_grid(signed_to_uint8(images).cpu(), path,
                         nrow=max(1, int(math.sqrt(images.shape[0]))))
         if self.use_wandb:
-            import wandb
+            import wandb  # here: a second to import, and unused with log.wandb false
 
             self.accelerator.log({"samples": wandb.Image(str(path))}, step=step)
         return path

@@ -26,6 +26,7 @@ from pathgan.config import Config, config_to_dict
 from pathgan.core.devices import switch_on
 from pathgan.core.errors import PathganError
 from pathgan.core.images import uint8_to_signed
+from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 from pathgan.models import generate, noise_batch
 from pathgan.models.generation import calibrate_batchnorm
 from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
@@ -236,8 +237,6 @@ def make_evaluator(config: Config, gan, device: torch.device):
     the one asked for (Path Foundation is loaded once)."""
     if not config.eval.every:
         return None
-    from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
-
     spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
     encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
     return InLoopEvaluator(config.data.shards, encoder=encoder, n=config.eval.n, device=device,
