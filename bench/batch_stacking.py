@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pathgan.data.pack import PackOptions, pack
 
 from pathgan.shards import stream as stream_module
+from pathgan.shards.pack import PackOptions, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_data import SLIDE, cut_slide  # noqa: E402
