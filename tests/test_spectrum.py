@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pathgan.evaluation.spectrum import peak_frequencies, upsampling_artefact
+from pathgan.evaluation.metrics import peak_frequencies, upsampling_artefact
 
 SIZE = 224
 
