@@ -1,5 +1,5 @@
 """The modern GAN's pieces on their own: networks (pathgan.models.r3gan), the relativistic loss
-with R1/R2 (pathgan.train.relativistic) and the schedules (pathgan.train.schedules)."""
+with R1/R2 (pathgan.train.objective) and the schedules (pathgan.train.schedules)."""
 
 import math
 
@@ -19,7 +19,7 @@ from pathgan.models.r3gan import (
     pixel_noise,
     stage_widths,
 )
-from pathgan.train.relativistic import discriminator_loss, gradient_penalty, relativistic_loss
+from pathgan.train.objective import discriminator_loss, gradient_penalty, relativistic_loss
 from pathgan.train.schedules import Schedule, cosine_ramp
 
 TINY = {"width": 2, "max_width": 8, "blocks": 1, "expansion": 2, "group_width": 2}
@@ -171,10 +171,10 @@ def test_schedules_go_from_start_to_end_along_half_a_cosine():
     assert cosine_ramp(1.0, 4.0, 1.0) == pytest.approx(1.0)
     assert cosine_ramp(3.0, 4.0, 1.0) == pytest.approx(1.0)  # constant after the run's end
     schedule = Schedule(total_images=1000, lr=(2e-4, 5e-5), gamma=(2.0, 0.2),
-                        beta2=(0.9, 0.99), ema_kimg=(0.0, 10.0))
+                        beta2=(0.9, 0.99))
     start, middle, end = schedule.at(0), schedule.at(500), schedule.at(1000)
-    assert start == {"lr": 2e-4, "gamma": 2.0, "beta2": 0.9, "ema_kimg": 0.0}
-    assert middle["gamma"] == pytest.approx(1.1) and middle["ema_kimg"] == pytest.approx(5.0)
+    assert start == {"lr": 2e-4, "gamma": 2.0, "beta2": 0.9}
+    assert middle["gamma"] == pytest.approx(1.1)
     assert end["lr"] == pytest.approx(5e-5) and end["beta2"] == pytest.approx(0.99)
 
 

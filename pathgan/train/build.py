@@ -4,6 +4,7 @@ No Accelerate and no data here: of the shard set, only the precision its precomp
 were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,26 +13,38 @@ from torch import nn
 from pathgan.config import Config
 from pathgan.core.errors import PathganError
 from pathgan.encoders import Encoder, load_encoder
-from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
+from pathgan.models import Discriminator, EmbeddingDiscriminator
 from pathgan.models.augment import DiffAugment
+from pathgan.models.r3gan import R3Discriminator
+from pathgan.runs import build_generator, generator_config
 from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
-from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective, RelativisticObjective
 
 
 @dataclass
 class GAN:
-    generator: Generator
+    generator: nn.Module
     discriminators: dict[str, nn.Module]  # view name -> discriminator
     weights: dict[str, float]
     encoder: Encoder | None
     augment: DiffAugment
+    relativistic: bool = False  # the modern GAN's loss (with R1/R2) instead of cross-entropy
+    penalty_every: int = 1
 
     @property
     def encoder_id(self) -> str | None:
         return self.encoder.encoder_id if self.encoder is not None else None
 
-    def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
-        """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
+    def objective(self, discriminators: dict[str, nn.Module],
+                  penalty_discriminators: dict[str, nn.Module] | None = None,
+                  loss_scale: Callable[[], float] = lambda: 1.0) -> GANObjective:
+        """The objective over the (prepared, possibly DDP-wrapped and compiled) discriminators;
+        the relativistic one takes its R1/R2 steps with ``penalty_discriminators`` (the same,
+        never compiled) and scales the penalty's gradient by ``loss_scale()`` (fp16)."""
+        if self.relativistic:
+            return RelativisticObjective(discriminators, self.weights, self.encoder, self.augment,
+                                         penalty_discriminators=penalty_discriminators,
+                                         penalty_every=self.penalty_every, loss_scale=loss_scale)
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
     @property
@@ -104,10 +117,17 @@ def build_networks(config: Config, device: torch.device) -> GAN:
     """The networks a config describes; the Embedding GAN's encoder frozen on ``device``, in its
     default precision (``pathgan arch`` draws them; training takes :func:`build_gan`)."""
     model = config.model
-    generator = Generator(model.nz, model.ngf, model.channels)
+    generator = build_generator(generator_config(model))
     discriminators: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     encoder = None
+    if model.kind == "r3gan":
+        discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
+                                                 model.expansion, model.group_width,
+                                                 model.channels)
+        return GAN(generator, discriminators, {IMAGES: 1.0}, None,
+                   DiffAugment(config.train.augment or ""), relativistic=True,
+                   penalty_every=config.train.penalty_every)
     if model.kind == "dcgan" or model.hybrid:
         discriminators[IMAGES] = Discriminator(model.ndf, model.channels)
         weights[IMAGES] = model.pixel_weight if model.hybrid else 1.0
