@@ -18,9 +18,9 @@ import tiffslide
 import torch
 from torchvision import datasets, transforms
 
-from pathgan.data.pack import PackOptions, pack
-from pathgan.data.pipeline import make_image_stream
-from pathgan.data.slides import patch_windows
+from pathgan.shards.pack import PackOptions, pack
+from pathgan.shards.slides import patch_windows
+from pathgan.shards.stream import make_image_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rates import images_per_second  # noqa: E402

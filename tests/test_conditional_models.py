@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from pathgan.data import annotations
+from pathgan.shards import annotations
 from pathgan.encoders import load_encoder, parse_spec
 from pathgan.evaluation import utility
 from pathgan.models.conditional import (
@@ -105,7 +105,7 @@ def test_class_fraction_rule_and_folder_convention(tmp_path):
 
 # -- the stain-texture encoder -----------------------------------------------------------------
 def _slide_crop(x: int, y: int) -> torch.Tensor:
-    from pathgan.data.slides import open_slide
+    from pathgan.shards.slides import open_slide
 
     slide = open_slide(REPO / "shards" / "cmu_small_region.svs")
     pixels = np.array(slide.read_region((x, y), 0, (224, 224)).convert("RGB"))

@@ -20,9 +20,9 @@ is learnt through it here. Its id names the recipe, so a change to it must chang
 import torch
 import torch.nn.functional as F
 
-from pathgan.devices import default_device
+from pathgan.core.devices import default_device
 from pathgan.encoders.base import Encoder
-from pathgan.images import signed_to_unit
+from pathgan.core.images import signed_to_unit
 
 SPEC = "stain-texture"
 ENCODER_ID = "stain-texture--ruifrok-hed--v1"

@@ -1,1 +1,0 @@
-"""Data: packing slides and patch folders into WebDataset shards, and reading them back."""

@@ -1,0 +1,412 @@
+"""The training loop shared by the DCGAN and the Embedding GAN.
+
+Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
+that calls :func:`train_step` (a discriminator update and a generator update on the same fake
+batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
+and checkpoints at step boundaries; a step is counted once both updates were taken, and the
+epoch is derived from it. What differs between the GANs lives in
+:class:`~pathgan.train.objective.GANObjective`; where real samples come from lives in
+:mod:`pathgan.train.real_data`; what is measured along the way in
+:mod:`pathgan.train.statistics`.
+"""
+
+import contextlib
+import secrets
+import string
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from pathgan.config import Config, config_to_dict
+from pathgan.core.devices import switch_on
+from pathgan.core.errors import PathganError
+from pathgan.core.images import uint8_to_signed
+from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
+from pathgan.models import generate, noise_batch
+from pathgan.models.generation import calibrate_batchnorm
+from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
+from pathgan.train import checkpoint as ckpt
+from pathgan.train.build import GAN, build_gan, to_device
+from pathgan.train.ema import GeneratorEMA
+from pathgan.train.logbook import Logbook
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.precision import resolve_mixed_precision
+from pathgan.train.real_data import build_real_data
+from pathgan.train.signals import PreemptionFlag
+from pathgan.train.statistics import EmbeddingGap, WindowStats
+
+
+@dataclass
+class TrainResult:
+    step: int
+    preempted: bool
+    run_dir: Path
+    generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
+    discriminators: dict[str, torch.nn.Module]
+
+
+def _memory_format(config: Config) -> torch.memory_format:
+    return torch.channels_last if switch_on(config.train.channels_last) else torch.contiguous_format
+
+
+def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
+    # broadcast_buffers=False is what we want (rank-local BatchNorm statistics); its successor
+    # forward_sync_buffers=False would still sync at init, so the deprecation does not apply.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
+    return Accelerator(
+        # Without CUDA, `accelerate launch --multi_gpu` processes must still form a (gloo) group
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
+        log_with="wandb" if config.log.wandb else None,
+        project_dir=str(run_dir),
+        kwargs_handlers=[
+            # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in
+            # the second forward breaks autograd (pytorch#22095). Statistics stay per rank.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # No cast weight is cached for a whole autocast region: in train_step's region D
+            # runs on real and on fake images, and one cached bf16/fp16 copy of its weights
+            # would sum the two passes' gradients in that precision (each pass casting its own
+            # copy sums them in fp32, as when each forward was its own region).
+            AutocastKwargs(cache_enabled=False),
+        ],
+    )
+
+
+def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
+    params = [p for module in modules for p in module.parameters()]
+    fused = switch_on(config.train.fused_adam)
+    return torch.optim.Adam(params, lr=config.train.lr,
+                            betas=(config.train.beta1, config.train.beta2),
+                            fused=fused or None, foreach=None if fused else True)
+
+
+def _reduce_flags(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
+    """Whether any rank raised each flag: one all-reduce and one device-to-host read in all."""
+    tensor = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=accelerator.device)
+                          for f in flags])
+    return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+
+
+def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """A device tensor (no synchronisation here): is any element NaN or infinite?"""
+    return ~torch.isfinite(loss.detach()).all()
+
+
+@dataclass
+class Networks:
+    """What a training step updates, as this process runs it."""
+
+    run_generator: torch.nn.Module  # computes G(z): prepared (DDP-wrapped), maybe compiled
+    plain_generator: torch.nn.Module  # unwrapped: what the EMA follows, exported without EMA
+    discriminators: dict[str, torch.nn.Module]  # prepared; the objective runs them, maybe compiled
+    objective: GANObjective
+    g_optimizer: torch.optim.Optimizer
+    d_optimizer: torch.optim.Optimizer
+    ema: GeneratorEMA | None
+
+    def sample_model(self, config: Config) -> torch.nn.Module:
+        """The generator that draws samples, is evaluated and exported (the EMA copy if any),
+        its BatchNorm statistics recomputed for its weights. Every rank calls it."""
+        model = self.ema.module if self.ema is not None else self.plain_generator
+        return calibrate_batchnorm(model, config.model.nz, config.run.seed)
+
+
+def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Networks:
+    """Place the GAN's networks (SyncBatchNorm, memory format), make the optimizers and the EMA,
+    prepare them with Accelerate and compile what runs each step when ``train.compile`` says so.
+    """
+    generator, discriminators = gan.generator, gan.discriminators
+    if config.train.sync_bn and accelerator.num_processes > 1:
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
+                          for k, d in discriminators.items()}
+    channels_last = switch_on(config.train.channels_last)
+    generator = to_device(generator, accelerator.device, channels_last)
+    discriminators = {k: to_device(d, accelerator.device, channels_last)
+                      for k, d in discriminators.items()}
+    ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
+           if config.train.ema else None)
+    g_optimizer = make_optimizer([generator], config)
+    d_optimizer = make_optimizer(discriminators.values(), config)
+    names = list(discriminators)
+    # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
+    # then hold plain keys and resume with or without compile, on any device and world size.
+    prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
+    generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
+    discriminators = dict(zip(names, prepared[1:-2], strict=True))
+    compiled = switch_on(config.train.compile)
+    return Networks(
+        run_generator=torch.compile(generator) if compiled else generator,
+        plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
+        discriminators=discriminators,
+        objective=gan.objective({k: torch.compile(d) if compiled else d
+                                 for k, d in discriminators.items()}),
+        g_optimizer=g_optimizer,
+        d_optimizer=d_optimizer,
+        ema=ema,
+    )
+
+
+@dataclass
+class StepResult:
+    d_loss: torch.Tensor
+    g_loss: torch.Tensor
+    stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
+    real: dict[str, torch.Tensor]  # what the discriminators saw, view by view
+    fake: dict[str, torch.Tensor]
+    finite: bool  # False: a loss was not finite on some rank, and every rank skipped the step
+    stop_requested: bool  # some rank was signalled: every rank stops after this step
+
+
+def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Accelerator,
+               config: Config, preemption: PreemptionFlag, step: int) -> StepResult:
+    """One discriminator update and one generator update on the same fake batch.
+
+    Two all-reduces in all: whether any rank's D loss is not finite, together with whether any
+    rank was signalled, then whether any rank's G loss is not finite. Every rank then takes (or
+    skips) the same updates.
+    """
+    real = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+    if IMAGES in real:  # uint8 over the bus, normalised on the device
+        real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
+            memory_format=_memory_format(config))
+    noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
+                        device=accelerator.device)
+
+    # G, D and the losses in the run's mixed precision, said here rather than left to the
+    # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
+    # weight cast is cached, see make_accelerator); the encoder runs in its own precision (see
+    # GANObjective). Backward runs outside autocast.
+    with accelerator.autocast():
+        real = nets.objective.real_views(real)
+        fake = nets.objective.fake_views(nets.run_generator(noise))
+        d_loss, d_stats = nets.objective.d_loss(real, fake)
+    d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
+    if not d_bad:
+        nets.d_optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(d_loss)
+        nets.d_optimizer.step()
+
+    with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
+        for discriminator in nets.discriminators.values():
+            no_d_sync.enter_context(accelerator.no_sync(discriminator))
+        with accelerator.autocast():
+            g_loss, g_stats = nets.objective.g_loss(fake)
+        (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
+        if not g_bad:
+            nets.g_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(g_loss)
+            nets.g_optimizer.step()
+    if nets.ema is not None and not g_bad:
+        nets.ema.update(nets.plain_generator, step * config.train.batch_size,
+                        config.train.batch_size)
+    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake,
+                      finite=not (d_bad or g_bad), stop_requested=stop_requested)
+
+
+def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
+                  ema: GeneratorEMA | None) -> ckpt.TrainState:
+    """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
+    With ``resume`` it is restored, with the prepared networks and optimizers, from that
+    checkpoint; without, a run folder that already holds checkpoints is refused."""
+    state = ckpt.TrainState()
+    accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    checkpoint, damaged = ckpt.resolve_resume(run, resume)
+    for warning in damaged:
+        accelerator.print(f"warning: {warning}")
+    if resume is None and run.checkpoints():
+        raise PathganError(f"{run.path} already holds checkpoints: pass --resume latest to "
+                           "continue that run, or choose another run.dir")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    elif resume == "latest":
+        accelerator.print(f"no checkpoint in {run.path}; starting from step 0")
+    return state
+
+
+def make_evaluator(config: Config, gan, device: torch.device):
+    """The in-loop evaluator when ``eval.every`` is set; reuses the training encoder if it is
+    the one asked for (Path Foundation is loaded once)."""
+    if not config.eval.every:
+        return None
+    spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
+    encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
+    return InLoopEvaluator(config.data.shards, encoder=encoder, n=config.eval.n, device=device,
+                           seed=config.run.seed)
+
+
+def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
+                   run: RunDir) -> None:
+    if not config.log.wandb:
+        return
+    if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
+        state.wandb_run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                                     for _ in range(8))
+    accelerator.init_trackers(
+        config.log.project,
+        config=config_to_dict(config),
+        init_kwargs={"wandb": {
+            "name": config.run.name or run.name,
+            "entity": config.log.entity,
+            "tags": config.log.tags,
+            "id": state.wandb_run_id,  # a resumed run continues the same W&B run
+            "resume": "allow",
+            "dir": str(run.path),  # W&B writes its files into RUN/wandb
+        }},
+    )
+
+
+def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
+             exported: dict, run: RunDir) -> None:
+    """Score the generator (every rank takes part); log it and keep the best generator."""
+    scores = evaluator(sample_model)
+    logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
+                                 ("fd", "kid_mean", "kid_std", "precision", "recall", "swd",
+                                  "n")})
+    fd = scores["fd"]  # None when not finite
+    if fd is not None and (state.best_fd is None or fd < state.best_fd):
+        state.best_fd = fd
+        if logbook.active:
+            export_generator(sample_model, exported, run.best_dir)
+            run.write_best({"step": state.step, **scores})
+
+
+def train(config: Config, resume: str | None = None) -> TrainResult:
+    # First of all: a preemption signal during set-up must not kill the process.
+    preemption = PreemptionFlag().install()
+    try:
+        return _train(config, resume, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
+    run = RunDir(config.run.dir)
+    accelerator = make_accelerator(config, run.path)
+    world = accelerator.num_processes
+    if config.train.batch_size % world:
+        raise PathganError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                           f"the {world} processes")
+    if config.train.sync_bn and world > 1 and accelerator.device.type != "cuda":
+        raise PathganError("train.sync_bn needs CUDA; use per-rank statistics on CPU")
+    per_rank_batch = config.train.batch_size // world
+    if accelerator.is_main_process:
+        run.write_config(config)
+    set_seed(config.run.seed)  # the same initial weights on every rank...
+
+    # --- networks, optimizers, data ---------------------------------------------------------
+    gan = build_gan(config, accelerator.device)
+    nets = prepare_networks(config, gan, accelerator)
+    if gan.encoder is not None:
+        accelerator.print(f"encoder {gan.encoder_id} runs in {gan.encoder.precision}; real "
+                          "samples: " + " + ".join(sorted(nets.objective.real_inputs)))
+    evaluator = make_evaluator(config, gan, accelerator.device)
+
+    # --- state, resume, trackers ------------------------------------------------------------
+    state = restore_state(accelerator, run, resume, nets.ema)
+    set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
+    # Seeded with the step: a resumed run does not replay the data order of its first epochs.
+    data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
+                           gan.encoder_id, seed=config.run.seed + state.step)
+    logbook = Logbook(accelerator, run, config.log.wandb)
+    logbook.truncate_after(state.step)
+    _init_trackers(accelerator, config, state, run)
+    exported = generator_config(config.model, gan.encoder_id)  # generator.json
+    fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
+                              config.run.seed).to(accelerator.device)
+    total_steps = (config.train.epochs * data.batches_per_epoch
+                   if config.train.max_steps is None else config.train.max_steps)
+
+    def save_checkpoint() -> Path:
+        path = run.checkpoint_dir(state.step)
+        staging = staging_dir(path)
+        accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.commit_checkpoint(staging, path, state.step)
+            ckpt.prune_checkpoints(run, config.ckpt.keep)
+            logbook.loss_plot()
+        accelerator.wait_for_everyone()
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------
+    window = WindowStats()
+    gap = EmbeddingGap() if EMBEDDINGS in nets.discriminators else None
+    nonfinite_run = 0
+    saved_at = state.step
+    stop_requested = False  # a rank was signalled: every rank stops after the same step
+    done = state.step >= total_steps
+    progress = tqdm(total=total_steps, initial=state.step, unit="step",
+                    disable=not accelerator.is_main_process, desc=run.name)
+    try:
+        while not done:
+            result = train_step(nets, next(data), accelerator, config, preemption, state.step)
+            if not result.finite:  # no rank updated anything: the step does not count
+                nonfinite_run += 1
+                accelerator.print(f"step {state.step}: non-finite loss (D "
+                                  f"{result.d_loss.item():.4g}, G {result.g_loss.item():.4g}); "
+                                  "skipped")
+                if config.train.nonfinite == "stop" or \
+                        nonfinite_run >= config.train.max_nonfinite:
+                    path = save_checkpoint()
+                    raise PathganError(
+                        f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
+                        f"state saved in {path}. Lower train.lr, or try "
+                        "train.mixed_precision=bf16 or no")
+            else:
+                nonfinite_run = 0
+                state.step += 1
+                progress.update()
+                window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats})
+                if gap is not None:
+                    gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
+                if state.step % config.log.every == 0 or state.step == total_steps:
+                    values = {**window.read(accelerator, config.train.batch_size),
+                              "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
+                              "skipped_samples": data.skipped,
+                              **(gap.read(accelerator) if gap is not None else {})}
+                    logbook.metrics(state.step, values)
+                    progress.set_postfix(D=f"{values['Loss_D']:.3f}",
+                                         G=f"{values['Loss_G']:.3f}")
+                if state.step % config.log.sample_every == 0:
+                    sample_model = nets.sample_model(config)
+                    if logbook.active:
+                        logbook.samples(state.step, generate(sample_model, fixed_noise,
+                                                             per_rank_batch))
+                if evaluator is not None and state.step % config.eval.every == 0:
+                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported, run)
+                if state.step % config.ckpt.every == 0:
+                    save_checkpoint()
+                    saved_at = state.step
+                stop_requested = result.stop_requested
+                done = stop_requested or state.step >= total_steps
+    finally:
+        progress.close()
+        data.close()
+
+    preempted = stop_requested and state.step < total_steps
+    if saved_at != state.step:
+        save_checkpoint()
+    sample_model = None if preempted else nets.sample_model(config)
+    if accelerator.is_main_process:
+        if preempted:
+            run.mark_preempted(state.step)
+            print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
+                  "rerun with --resume latest", flush=True)
+        else:
+            run.clear_preempted()
+            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
+            export_generator(sample_model, exported, run.path)
+            logbook.loss_plot()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(state.step, preempted, run.path, nets.plain_generator,
+                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})

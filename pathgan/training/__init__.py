@@ -1,1 +1,0 @@
-"""The one training loop shared by both GANs, and what it needs around it."""
