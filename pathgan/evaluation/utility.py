@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_auroc,
+)
 
 L2_PENALTY = 1e-3  # on the mean cross-entropy; features are standardised
 LBFGS_STEPS = 200
@@ -71,12 +76,6 @@ def classification_scores(probabilities: torch.Tensor, labels: torch.Tensor,
                           num_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy (the mean of per-class recalls) and AUROC (of the second
     class for two classes, else the macro one-vs-rest mean) of predicted class probabilities."""
-    from torchmetrics.functional.classification import (
-        binary_auroc,
-        multiclass_accuracy,
-        multiclass_auroc,
-    )
-
     accuracy = (probabilities.argmax(1) == labels).float().mean()
     balanced = multiclass_accuracy(probabilities, labels, num_classes, average="macro")
     if num_classes == 2:
