@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import REPO
 
-from pathgan.shards import annotations
 from pathgan.encoders import load_encoder, parse_spec
 from pathgan.evaluation import utility
 from pathgan.models.conditional import (
@@ -14,6 +13,7 @@ from pathgan.models.conditional import (
     ConditionalEmbeddingDiscriminator,
     ConditionalGenerator,
 )
+from pathgan.shards import annotations
 
 SLIDE_XML = REPO / "shards" / "cmu_small_region.xml"
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from pathgan.core.devices import default_device
-from pathgan.encoders.base import Encoder
 from pathgan.core.images import signed_to_unit
+from pathgan.encoders.base import Encoder
 
 SPEC = "stain-texture"
 ENCODER_ID = "stain-texture--ruifrok-hed--v1"

@@ -62,9 +62,6 @@ class SlideAnnotations:
         return {name: float(self._inside(polygons, points).mean())
                 for name, polygons in self.classes.items()}
 
-    def tumor_fraction(self, x: int, y: int, size: int) -> float:
-        return self.class_fractions(x, y, size).get(TUMOR, 0.0)
-
     def label(self, x: int, y: int, size: int, min_fraction: float) -> str | None:
         if min_fraction <= 0:
             centre = np.array([[x + size / 2.0, y + size / 2.0]])
