@@ -61,11 +61,17 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # unreadable shards or corrupt samples in a row after which a rank's stream stops
     max_consecutive_failures: Positive = 100
+    # conditional runs: classes in training batches as the split has them (sampled), or equally
+    # often (balanced: rare classes drawn again, common ones less)
+    class_balance: Literal["sampled", "balanced"] = "sampled"
 
 
 @dataclass
 class ModelConfig:
     kind: Literal["dcgan", "embgan"] = "dcgan"
+    # class-conditional networks: G draws the class asked for, each D judges it (the classes
+    # are the labels of the shard set's manifest)
+    conditional: bool = False
     nz: Positive = 100
     ngf: Positive = 64
     ndf: Positive = 64

@@ -53,6 +53,10 @@ class ConditionalGenerator(nn.Module):
         super().__init__()
         self.nz = nz
         self.num_classes = num_classes
+        # How often each class is drawn when no class is asked for: in training batches, hence
+        # when BatchNorm statistics are recomputed, and by default when sampling. Set by
+        # training; saved with the weights.
+        self.register_buffer("class_mix", torch.full((num_classes,), 1.0 / num_classes))
         width = ngf * 2 ** (UPSAMPLING_STAGES - 1)
         projection = nn.ConvTranspose2d(nz, width, BASE_SIZE, 1, 0, bias=False)  # 1x1 -> 7x7
         projection.keep_contiguous = True  # see dcgan.Generator
