@@ -17,13 +17,9 @@ def _metadata(shards_dir, split=None) -> list[dict]:
             for _, members in iter_tar_samples(path)]
 
 
-@pytest.fixture(scope="module")
-def skin_shards(tmp_path_factory, slide_path):
-    out = tmp_path_factory.mktemp("skin")
-    assert run_cli("shards", "pack", slide_path, "--out", out, "--annotations", REPO / "shards",
-                   "--label-fraction", "0.7", "--labelled-only", "--overlap", "0.5",
-                   "--region-groups", "1100", "--val-fraction", "0.2", "--workers", "1") == 0
-    return out
+@pytest.fixture
+def skin_shards(labelled_shards):
+    return labelled_shards
 
 
 def test_named_classes_become_labels_with_counts_per_split(skin_shards):
