@@ -61,6 +61,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # unreadable shards or corrupt samples in a row after which a rank's stream stops
     max_consecutive_failures: Positive = 100
+    # conditional runs: classes in training batches as the split has them (sampled), or equally
+    # often (balanced: rare classes drawn again, common ones less)
+    class_balance: Literal["sampled", "balanced"] = "sampled"
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ModelConfig:
     # dcgan and embgan: the seed's two; r3gan: the modern GAN (R3GAN-style ResNets, the
     # relativistic loss with R1/R2, no transposed convolution)
     kind: Literal["dcgan", "embgan", "r3gan"] = "dcgan"
+    # class-conditional networks: G draws the class asked for, each D judges it (the classes
+    # are the labels of the shard set's manifest)
+    conditional: bool = False
     nz: Positive = 100
     ngf: Positive = 64  # r3gan: the generator's channels at 224 px (doubling as the size halves)
     ndf: Positive = 64  # r3gan: the discriminator's channels at 224 px
@@ -192,7 +198,7 @@ class Config:
 
     def _validate_r3gan(self) -> None:
         """The modern GAN's widths must split into its blocks' groups; it trains its own
-        discriminator on pixels (no encoder yet)."""
+        discriminator on pixels (no encoder yet), unconditionally."""
         model = self.model
         for key in ("ngf", "ndf", "max_width"):
             if (getattr(model, key) * model.expansion) % model.group_width:
@@ -202,6 +208,9 @@ class Config:
         if model.encoder or model.hybrid:
             raise PathganError("model.kind r3gan trains a pixel discriminator: unset "
                                "model.encoder and model.hybrid")
+        if model.conditional:
+            raise PathganError("model.conditional is for the dcgan and embgan kinds; the modern "
+                               "GAN (r3gan) is unconditional so far")
 
 
 def _check(value, kind, key: str) -> None:

@@ -66,6 +66,7 @@ def test_penalty_steps_run_the_uncompiled_discriminator_with_gamma_times_the_int
     ("model.encoder=timm:vit_tiny_patch16_224:random", "unset model.encoder"),
     ("train.penalty_every=0", "train.penalty_every must be positive"),
     ("train.gamma=-1", "train.gamma cannot be negative"),
+    ("model.conditional=true", "the modern GAN (r3gan) is unconditional so far"),
 ])
 def test_bad_r3gan_config_is_a_one_line_error(override, message):
     with pytest.raises(PathganError, match=message.replace("(", r"\(").replace(")", r"\)")):
