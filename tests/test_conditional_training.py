@@ -142,3 +142,22 @@ def test_conditioning_needs_labels_for_every_training_sample_and_class(tmp_path,
     fine = _fake_set(tmp_path / "fine", {"dermis": 6, "epidermis": 2}, {})
     classes = training_classes(_config(fine, class_balance="sampled"))
     assert classes.names == ("dermis", "epidermis") and classes.mix == (0.75, 0.25)
+
+
+def test_eval_scores_a_conditional_run_per_class(conditional_run, labelled_shards, tmp_path):
+    assert run_cli("eval", conditional_run, "--real", labelled_shards, "-n", "16",
+                   "--encoder", "stain-texture", "--out", tmp_path / "eval") == 0
+    entry = json.loads((tmp_path / "eval" / "eval.json").read_text())["runs"][0]
+    val = split_labels(load_manifest(labelled_shards), "val")
+    assert sorted(entry["classes"]) == CLASSES
+    assert sum(scores["n"] for scores in entry["classes"].values()) == 16
+    drawn = min(16, sum(val.values()))  # real samples in the draw
+    for name, scores in entry["classes"].items():
+        assert scores["n_real"] <= val[name]
+        assert abs(scores["n"] - scores["n_real"] * 16 / drawn) <= 1  # in the real draw's mix
+        if min(scores["n"], scores["n_real"]) >= 4:  # k + 1 a side
+            assert scores["fd"] > 0 and scores["swd"] > 0
+        else:
+            assert "not scored" in scores["note"]
+    assert any("fd" in scores for scores in entry["classes"].values())
+    assert "| epidermis |" in (tmp_path / "eval" / "report.md").read_text()
