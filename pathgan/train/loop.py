@@ -1,11 +1,13 @@
-"""The training loop shared by the DCGAN and the Embedding GAN.
+"""The training loop shared by the DCGAN, the Embedding GAN and the modern GAN (r3gan).
 
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
 that calls :func:`train_step` (a discriminator update and a generator update on the same fake
 batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
 and checkpoints at step boundaries; a step is counted once both updates were taken, and the
 epoch is derived from it. What differs between the GANs lives in
-:class:`~pathgan.train.objective.GANObjective`; where real samples come from lives in
+:class:`~pathgan.train.objective.GANObjective` (the modern GAN's loss and penalties:
+:class:`~pathgan.train.objective.RelativisticObjective`); the values that change over the run
+(learning rate, beta2, gamma) in :mod:`pathgan.train.schedules`; where real samples come from in
 :mod:`pathgan.train.real_data`; what is measured along the way in
 :mod:`pathgan.train.statistics`.
 """
@@ -38,6 +40,7 @@ from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.train.precision import resolve_mixed_precision
 from pathgan.train.real_data import build_real_data
+from pathgan.train.schedules import Schedule
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, WindowStats
 
@@ -147,13 +150,32 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
         discriminators=discriminators,
         objective=gan.objective({k: torch.compile(d) if compiled else d
-                                 for k, d in discriminators.items()}),
+                                 for k, d in discriminators.items()},
+                                penalty_discriminators=discriminators,
+                                loss_scale=lambda: _loss_scale(accelerator)),
         g_optimizer=g_optimizer,
         d_optimizer=d_optimizer,
         ema=ema,
         class_mix=(torch.tensor(gan.classes.mix, device=accelerator.device)
                    if gan.classes is not None else None),
     )
+
+
+def _loss_scale(accelerator: Accelerator) -> float:
+    """fp16's current loss scale (1 without a GradScaler): the R1/R2 penalty's inner gradient
+    is taken of logits multiplied by it, against underflow (PyTorch's AMP recipe for gradient
+    penalties)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+
+
+def apply_schedule(nets: Networks, schedule: Schedule, step: int, batch_size: int) -> None:
+    """This step's learning rate and beta2 into both optimizers, its gamma into the objective."""
+    values = schedule.at(step * batch_size)
+    for optimizer in (nets.g_optimizer, nets.d_optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = values["lr"]
+            group["betas"] = (group["betas"][0], values["beta2"])
+    nets.objective.start_step(step, values["gamma"])
 
 
 @dataclass
@@ -352,6 +374,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
                    if config.train.max_steps is None else config.train.max_steps)
+    schedule = Schedule.of(config.train, total_steps)
 
     def save_checkpoint() -> Path:
         path = run.checkpoint_dir(state.step)
@@ -376,6 +399,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                     disable=not accelerator.is_main_process, desc=run.name)
     try:
         while not done:
+            apply_schedule(nets, schedule, state.step, config.train.batch_size)
             result = train_step(nets, next(data), accelerator, config, preemption, state.step)
             if not result.finite:  # no rank updated anything: the step does not count
                 nonfinite_run += 1
