@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     sample.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK when "
                         "there is a GPU, else cpu)")
     sample.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
-    sample.set_defaults(handler=run_sample)
+    sample.set_defaults(handler=run_sample, writes="out")
 
 
 def run_sample(args) -> int:
