@@ -353,3 +353,28 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_one_before_and_the_resume_goe
         assert "finished at step 6" in resumed.stdout
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+# Commands whose stage wraps its own writes (and says what it kept), or that write nothing.
+STAGE_WRAPPED = {"train", "shards pack", "embed", "shards verify"}
+
+
+def test_every_command_that_writes_names_its_output_for_a_fault_line():
+    import argparse
+
+    from pathgan.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*prefix, name))
+        if prefix and parser.get_default("handler"):
+            yield " ".join(prefix), parser
+
+    for name, parser in commands(build_parser()):
+        writes = parser.get_default("writes")
+        assert name in STAGE_WRAPPED or writes is not None, \
+            f"pathgan {name}: set_defaults(writes=<the argument naming its output>)"
+        if writes is not None:
+            assert writes in {a.dest for a in parser._actions}, name
