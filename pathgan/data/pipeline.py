@@ -9,9 +9,13 @@ replayed; webdataset 1.0's own resampling ignores its ``seed=`` argument, hence
 
 A worker reads one shard at a time, and shards of one slide hold neighbouring patches, so a batch
 formed inside one worker would be a strip of one slide at one magnification. Workers therefore
-only decode; the main process unbatches what they send, mixes samples of every worker in a
-shuffle buffer and forms the batches, stacking each into pinned memory (with CUDA) for a fast
-uint8 host-to-device copy.
+only decode, each image straight into a slot of a ring of batches that the main process mapped
+before they forked (:class:`BatchRing`), and send the slot's number; the main process takes one
+batch from every worker, permutes their images together, and copies them out as the batches it
+hands on (into pinned memory with CUDA, for a fast uint8 host-to-device copy), freeing the slots.
+Pixels are copied once after the codec, in the main process, and no shared memory is made per
+batch (torch's default for a worker's batch: a fresh shared-memory file, whose first touch cost a
+fifth of what decoding a PNG costs; BENCHMARKS.md, "Shard formats").
 
 Unreadable data is skipped with a warning and counted. When nothing but failures come in a row
 (``MAX_CONSECUTIVE_FAILURES`` across the rank's workers: every shard unreadable, every sample
@@ -23,7 +27,9 @@ dispatch every batch from rank 0).
 
 import gc
 import itertools
+import mmap
 import multiprocessing
+import os
 import queue
 import random
 import threading
@@ -36,14 +42,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pathgan.data.format import decode_sample, load_manifest, shard_paths
+from pathgan.data.format import decode_sample_image, load_manifest, shard_paths
+from pathgan.data.reading import TarFormatError, as_chw, image_batch_buffer, tar_samples
 from pathgan.errors import PathganError
-from pathgan.images import hwc_to_chw, uint8_to_signed
+from pathgan.images import IMAGE_SIZE, uint8_to_signed
 
 #: failures in a row (unreadable shards, corrupt samples) after which a rank's stream stops
 MAX_CONSECUTIVE_FAILURES = 100
-#: batches of every worker that the main process's mixing buffer holds
-MIXED_BATCHES_PER_WORKER = 2
 
 
 class FailureCounter:
@@ -125,69 +130,161 @@ class WorkerShuffle:
         return wds.shuffle(self.size, rng=rng)(samples)
 
 
-class DecodeSample:
-    """Raw sample -> image tensor (uint8 CHW, or float in [-1, 1]); None when corrupt."""
+def read_shards(failures: FailureCounter):
+    """Shard urls -> their raw samples (``{"__key__", "__url__", extension: bytes}``), read by
+    :func:`pathgan.data.reading.tar_samples` (webdataset's tar reader parses headers with
+    ``tarfile``: as slow as decoding the PNG). An unreadable shard is counted, warned about and
+    left for the next; the samples before its damage have been given."""
 
-    def __init__(self, failures: FailureCounter, as_uint8: bool) -> None:
-        self.failures = failures
-        self.as_uint8 = as_uint8
+    def stage(sources: Iterable[dict]) -> Iterator[dict]:
+        for source in sources:
+            try:
+                yield from tar_samples(source["url"])
+            except (TarFormatError, OSError) as error:
+                failures.failed(f"unreadable shard data in {source['url']}", error)
 
-    def __call__(self, sample: dict):
-        try:
-            _, image, _ = decode_sample(sample)
-        except Exception as error:
-            self.failures.failed(f"corrupt sample {sample.get('__key__')}", error)
-            return None
-        self.failures.succeeded()
-        pixels = hwc_to_chw(image)
-        return pixels if self.as_uint8 else uint8_to_signed(pixels)
+    return stage
 
 
-def skip_unreadable_shard(failures: FailureCounter):
-    """webdataset's error handler: count, warn, go on (until too many failures in a row)."""
+class BatchRing:
+    """Loader workers' batches in memory that the main process shares with them.
 
-    def handler(error: Exception) -> bool:
-        failures.failed("unreadable shard data", error)
-        return True
+    One ring of ``slots`` batches (uint8 ``(size, 224, 224, 3)``) per worker, in anonymous
+    shared memory mapped before the workers fork (no ``/dev/shm`` file, whose size containers
+    limit). A worker takes a free slot (:meth:`acquire`), decodes into it and sends its number;
+    the main process copies the images out and frees it (:meth:`release`). A semaphore per
+    worker counts its free slots, so a worker never overwrites a batch not yet copied.
+    """
 
-    return handler
+    def __init__(self, workers: int, slots: int, size: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.shape = (workers, slots, size, IMAGE_SIZE, IMAGE_SIZE, 3)
+        self._memory = mmap.mmap(-1, int(np.prod(self.shape)))  # MAP_SHARED | MAP_ANONYMOUS
+        self.pixels = torch.frombuffer(self._memory, dtype=torch.uint8).view(self.shape)
+        self._free = [context.Semaphore(slots) for _ in range(workers)]
+        self._next = [0] * workers  # each worker's next slot (in its own process)
+        self._closed = context.Event()
+        self._parent = os.getpid()
+
+    def acquire(self, worker: int) -> int | None:
+        """A free slot of ``worker``'s ring (waiting for the main process to free one), or None
+        when the stream is closing or the main process is gone."""
+        while not self._free[worker].acquire(timeout=0.1):
+            if self._closed.is_set() or os.getppid() != self._parent:
+                return None
+        slot = self._next[worker]
+        self._next[worker] = (slot + 1) % self.shape[1]
+        return slot
+
+    def batch(self, worker: int, slot: int) -> torch.Tensor:
+        return self.pixels[worker, slot]
+
+    def release(self, worker: int) -> None:
+        self._free[worker].release()
+
+    def close(self) -> None:
+        """Let waiting workers go (the stream stops)."""
+        self._closed.set()
 
 
-def unbatch(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    for batch in batches:
-        yield from batch
+@dataclass(frozen=True)
+class RingBatch:
+    """What a worker sends for a full batch: where it lies in the ring."""
+
+    worker: int
+    slot: int
 
 
 @dataclass
-class Batches:
-    """Samples -> batches of ``size``, each stacked straight into pinned memory when ``pin``.
-
-    A batch leaves as soon as it is full (webdataset's ``batched`` waits for one sample more).
-    The copy is numpy's, on one thread: ``torch.stack`` runs one OpenMP-parallel copy per
-    sample, and while the loader workers keep every core busy each of those waits for threads
-    that are not running. On an H200 node that cost 290 ms per batch of 128 (cProfile): bf16
-    training ran at 531 images/s where its networks alone run 4678. ``bench/batch_stacking.py``
-    measures both ways.
-    """
+class DecodeBatches:
+    """Raw samples -> full batches of ``size`` images, each image decoded straight into its row
+    (channels last, no copy after the codec): into a slot of the ``ring`` in a loader worker
+    (sending a :class:`RingBatch`), into a batch of its own in the main process. Corrupt samples
+    are counted and skipped; metadata is not parsed."""
 
     size: int
-    pin: bool
+    failures: FailureCounter
+    ring: BatchRing | None
 
-    def __call__(self, samples: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        batch = []
+    def __call__(self, samples: Iterable[dict]) -> Iterator[RingBatch | torch.Tensor]:
+        worker = torch.utils.data.get_worker_info()
+        ring = self.ring if worker is not None else None
+        batch = None
         for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.size:
-                yield stack_samples(batch, self.pin)
-                batch = []
+            if batch is None:
+                slot = ring.acquire(worker.id) if ring is not None else None
+                if ring is not None and slot is None:
+                    return  # the stream is closing
+                batch = (ring.batch(worker.id, slot) if ring is not None
+                         else image_batch_buffer(self.size))
+                filled = 0
+            try:
+                decode_sample_image(sample, batch.numpy()[filled])
+            except Exception as error:
+                self.failures.failed(f"corrupt sample {sample.get('__key__')}", error)
+                continue
+            self.failures.succeeded()
+            filled += 1
+            if filled == self.size:
+                yield RingBatch(worker.id, slot) if ring is not None else as_chw(batch)
+                batch = None
+
+
+@dataclass
+class HandOver:
+    """Main process: the workers' batches -> the trainer's, each a copy of its own (in pinned
+    memory when ``pin``), uint8 or float in [-1, 1].
+
+    With ``mix``, one batch of every worker is taken at a time and their images are permuted
+    together before they are cut into batches again, so each batch draws from every worker's
+    shards; ring slots are freed as soon as their images are copied. The copies are numpy's,
+    on one thread: ``torch.stack`` runs one OpenMP-parallel copy per sample, and while the
+    loader workers keep every core busy each of those waits for threads that are not running.
+    On an H200 node that cost 290 ms per batch of 128 (cProfile): bf16 training ran at 531
+    images/s where its networks alone run 4678. ``bench/batch_stacking.py`` measures both ways.
+    """
+
+    ring: BatchRing | None
+    workers: int
+    mix: random.Random | None
+    pin: bool
+    as_uint8: bool
+
+    def __call__(self, items: Iterable[RingBatch | torch.Tensor]) -> Iterator[torch.Tensor]:
+        group = []
+        for item in items:
+            group.append(item)
+            if self.mix is None or len(group) == self.workers:
+                yield from self._batches(group)
+                group = []
+
+    def _batches(self, group: list[RingBatch | torch.Tensor]) -> list[torch.Tensor]:
+        batches = [as_chw(self.ring.batch(item.worker, item.slot))
+                   if isinstance(item, RingBatch) else item for item in group]
+        images = [image for batch in batches for image in batch]
+        if self.mix is not None:
+            self.mix.shuffle(images)
+        size = len(batches[0])
+        out = [stack_samples(images[start:start + size], self.pin)
+               for start in range(0, len(images), size)]
+        for item in group:  # every image is copied out: the slots may be refilled
+            if isinstance(item, RingBatch):
+                self.ring.release(item.worker)
+        return out if self.as_uint8 else [uint8_to_signed(batch) for batch in out]
 
 
 def stack_samples(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
     """Same-shaped CPU tensors -> one batch (in pinned memory when ``pin``), copied by numpy
-    without torch's thread pool (see :class:`Batches`)."""
-    out = torch.empty((len(samples), *samples[0].shape), dtype=samples[0].dtype, pin_memory=pin)
+    without torch's thread pool (see :class:`HandOver`). Images that are channels_last views
+    (``(3, H, W)`` over ``(H, W, 3)`` memory, as the stream decodes them) give a channels_last
+    batch: each is one plain copy, none is transposed."""
+    first = samples[0]
+    channels_last = first.dim() == 3 and first.permute(1, 2, 0).is_contiguous()
+    if channels_last:
+        samples = [sample.permute(1, 2, 0) for sample in samples]
+    out = torch.empty((len(samples), *samples[0].shape), dtype=first.dtype, pin_memory=pin)
     np.stack([sample.numpy() for sample in samples], out=out.numpy())
-    return out
+    return as_chw(out) if channels_last else out
 
 
 class BackgroundBatches:
@@ -255,6 +352,7 @@ class ImageStream:
     loader: wds.WebLoader
     batches_per_epoch: int
     skipped: FailureCounter
+    ring: BatchRing | None = None
     _batches: BackgroundBatches | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -276,6 +374,8 @@ class ImageStream:
     def close(self) -> None:
         """Stop the batch thread and the worker processes (they would otherwise prefetch until
         exit)."""
+        if self.ring is not None:
+            self.ring.close()  # workers waiting for a free slot stop waiting
         if self._batches is not None:
             self._batches.close()
         self._batches = None
@@ -314,27 +414,27 @@ def make_image_stream(
         f"no readable sample in {max_consecutive_failures} tries in a row from the {split} "
         f"shards of {shards_dir} (rank {rank}): check them with `pathgan shards verify "
         f"{shards_dir}` (the warnings above say what failed)"))
+    # Slots per worker: the batches the loader may have asked it for (prefetch), one being
+    # mixed, one being filled.
+    prefetch = 2
+    ring = BatchRing(num_workers, prefetch + 2, batch_size) if num_workers else None
     decoded = wds.DataPipeline(
         ShardOrder(urls, seed, rank),
-        wds.tarfile_to_samples(handler=skip_unreadable_shard(failures)),
+        read_shards(failures),
         WorkerShuffle(shuffle_buffer, seed, rank),
-        wds.map(DecodeSample(failures, as_uint8)),
-        wds.select(lambda image: image is not None),
-        wds.batched(batch_size, collation_fn=torch.stack, partial=False),  # for the transfer
+        DecodeBatches(batch_size, failures, ring),
     )
     loader = wds.WebLoader(
         decoded,
         batch_size=None,
         num_workers=num_workers,
-        prefetch_factor=4 if num_workers > 0 else None,
-        # The failure counter lives in fork-shared memory: fork, whatever the platform's
-        # default start method (spawn on macOS, forkserver from Python 3.14 on Linux).
+        prefetch_factor=prefetch if num_workers > 0 else None,
+        # The ring and the failure counter live in memory shared by fork: fork, whatever the
+        # platform's default start method (spawn on macOS, forkserver from Python 3.14 on Linux).
         multiprocessing_context=multiprocessing.get_context("fork") if num_workers else None,
     )
-    stages = [unbatch]
-    if num_workers > 1:  # a lone worker's samples are mixed by its own shuffle buffer
-        mixing = batch_size * num_workers * MIXED_BATCHES_PER_WORKER
-        stages.append(wds.shuffle(mixing, initial=mixing,
-                                  rng=random.Random(f"mixing/{seed}/{rank}")))
-    stages.append(Batches(batch_size, pin=torch.cuda.is_available()))
-    return ImageStream(loader.compose(*stages), batches_per_epoch, failures)
+    # A lone worker's samples are mixed by its own shuffle buffer.
+    mix = random.Random(f"mixing/{seed}/{rank}") if num_workers > 1 else None
+    hand_over = HandOver(ring, num_workers, mix, pin=torch.cuda.is_available(),
+                         as_uint8=as_uint8)
+    return ImageStream(loader.compose(hand_over), batches_per_epoch, failures, ring)
