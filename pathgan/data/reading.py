@@ -55,7 +55,10 @@ def _number(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
-    stored = _number(header[148:156])
+    try:
+        stored = _number(header[148:156])
+    except TarFormatError:
+        return False
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as 8 spaces
     if stored == unsigned:
         return True
