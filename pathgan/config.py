@@ -32,6 +32,14 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # unreadable shards or corrupt samples in a row after which a rank's stream stops
     max_consecutive_failures: int = 100
+    # decoded patches held for the whole run: auto | device | host | off (auto: on the GPU
+    # when the rank's share fits in cache_fraction of its free memory, else in host memory
+    # when it fits there, else streamed)
+    cache: str = "auto"
+    cache_fraction: float = 0.3
+    # real patches flipped and turned by multiples of 90 degrees on the device, at random
+    # (tissue has no up or left); off for the reference recipe
+    flip_rotate: bool = False
 
 
 @dataclass
@@ -68,7 +76,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: bf16 where supported)
     channels_last: bool = True
     compile: str = "auto"  # auto | on | off (auto: on with CUDA)
-    fused_adam: str = "auto"  # auto | on | off (auto: fused with CUDA, foreach otherwise)
+    # auto | on | off (auto: fused on CUDA and CPU, which skips a non-finite update on the
+    # device; off: foreach Adam, whose skip reads a flag on the host every step)
+    fused_adam: str = "auto"
     ema: bool = False
     ema_kimg: float = 10.0  # EMA half-life in thousands of images
     ema_rampup: float | None = 0.05  # warm-up: half-life <= this x images seen (null: none)
@@ -77,7 +87,8 @@ class TrainConfig:
     augment: str | None = None
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA) instead of per-rank statistics
     nonfinite: str = "skip"  # skip | stop: what to do when a loss is NaN or infinite
-    max_nonfinite: int = 20  # stop after this many skipped steps in a row
+    # stop after this many steps in a row with a skipped update (checked at log lines)
+    max_nonfinite: int = 20
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Config:
             "train.fused_adam": (self.train.fused_adam, ("auto", "on", "off")),
             "train.nonfinite": (self.train.nonfinite, ("skip", "stop")),
             "data.split": (self.data.split, ("train", "val")),
+            "data.cache": (self.data.cache, ("auto", "device", "host", "off")),
             "model.encoder_precision": (self.model.encoder_precision,
                                         ("auto", "fp32", "bf16", "fp16")),
         }
@@ -144,6 +156,9 @@ class Config:
             raise PathganError(f"train.max_steps cannot be negative, not {self.train.max_steps}")
         if self.eval.n < 4:  # k-NN precision/recall needs k + 1 = 4 samples a side
             raise PathganError(f"eval.n must be at least 4, not {self.eval.n}")
+        if not 0.0 < self.data.cache_fraction <= 1.0:
+            raise PathganError(f"data.cache_fraction must be in (0, 1], not "
+                               f"{self.data.cache_fraction}")
         if self.data.num_workers < 0 or self.eval.every < 0:
             raise PathganError("data.num_workers and eval.every cannot be negative")
         for key, value in {"train.beta1": self.train.beta1, "train.beta2": self.train.beta2,

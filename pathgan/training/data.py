@@ -1,6 +1,7 @@
 """Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
-``{IMAGES: uint8 (B, 3, 224, 224)}`` from the shard pipeline
+``{IMAGES: uint8 (B, 3, 224, 224)}`` from the patch cache (:mod:`pathgan.training.cache`,
+with the embeddings of the same samples when the run uses them) or the shard pipeline
 (:class:`~pathgan.data.pipeline.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
 embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
 both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
@@ -26,6 +27,7 @@ from pathgan.data.embeddings import (
 )
 from pathgan.data.pipeline import make_image_stream
 from pathgan.errors import PathganError
+from pathgan.training.cache import build_cache
 from pathgan.training.objective import EMBEDDINGS, IMAGES
 
 
@@ -89,7 +91,11 @@ class RealData:
         while True:
             epoch = zip(*(self.streams[name] for name in names), strict=False)  # cut below
             for batches in itertools.islice(epoch, self.batches_per_epoch):
-                yield dict(zip(names, batches, strict=True))
+                merged = {}
+                for name, batch in zip(names, batches, strict=True):
+                    # a stream of one kind gives tensors; the cache gives every kind at once
+                    merged.update(batch if isinstance(batch, dict) else {name: batch})
+                yield merged
 
     def __iter__(self) -> "RealData":
         return self
@@ -144,14 +150,22 @@ def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str)
     return stored
 
 
-def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int,
-                    encoder_id: str | None, seed: int) -> RealData:
-    """The streams of the real ``inputs`` an objective needs (``GANObjective.real_inputs``)."""
-    per_rank = config.train.batch_size // world_size
+def build_real_data(config: Config, inputs: set[str], accelerator, encoder_id: str | None,
+                    start_step: int) -> RealData:
+    """The real ``inputs`` an objective needs (``GANObjective.real_inputs``): from the patch
+    cache when ``data.cache`` and memory allow (:mod:`pathgan.training.cache`), else streamed
+    from the shards. ``start_step``: the step the run starts (or resumes) at."""
+    cache = build_cache(config, inputs, accelerator, encoder_id, start_step)
+    if cache is not None:
+        return RealData({"cache": cache})
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # Streams are seeded with the step: a resumed run does not replay their first epochs.
+    seed = config.run.seed + start_step
+    per_rank = config.train.batch_size // world
     streams: dict[str, RealStream] = {}
     if IMAGES in inputs:
         streams[IMAGES] = make_image_stream(
-            config.data.shards, batch_size=per_rank, world_size=world_size, rank=rank,
+            config.data.shards, batch_size=per_rank, world_size=world, rank=rank,
             num_workers=config.data.num_workers, seed=seed,
             split=config.data.split, shuffle_buffer=config.data.shuffle_buffer, as_uint8=True,
             max_consecutive_failures=config.data.max_consecutive_failures,
@@ -159,5 +173,5 @@ def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int
     if EMBEDDINGS in inputs:
         require_embeddings(config.data.shards, encoder_id)
         _, embeddings = read_embeddings(config.data.shards, encoder_id, config.data.split)
-        streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world_size, rank, seed)
+        streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world, rank, seed)
     return RealData(streams)

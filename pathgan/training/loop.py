@@ -3,16 +3,19 @@
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
 that calls :func:`train_step` (a discriminator update and a generator update on the same fake
 batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
-and checkpoints at step boundaries; a step is counted once both updates were taken, and the
-epoch is derived from it. What differs between the GANs lives in
-:class:`~pathgan.training.objective.GANObjective`; where real samples come from lives in
-:mod:`pathgan.training.data`; what is measured along the way in
+and checkpoints at step boundaries; the epoch is derived from the step. A step never makes the
+host wait for the device: an update whose loss is not finite is skipped on the device (and still
+counts as a step), and the host reads the skips, the statistics and every rank's preemption flag
+at log lines only (every ``log.every`` steps), where the run may stop. What differs between
+the GANs lives in :class:`~pathgan.training.objective.GANObjective`; where real samples come
+from lives in :mod:`pathgan.training.data`; what is measured along the way in
 :mod:`pathgan.training.statistics`.
 """
 
 import contextlib
 import secrets
 import string
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from pathgan.models import generate, noise_batch
 from pathgan.models.export import export_generator, generator_config
 from pathgan.models.generation import calibrate_batchnorm
 from pathgan.training import checkpoint as ckpt
+from pathgan.training.augment import flip_rotate
 from pathgan.training.build import GAN, build_gan, set_encoder_precision, to_device
 from pathgan.training.data import build_real_data, resolve_encoder_precision
 from pathgan.training.ema import GeneratorEMA
@@ -37,7 +41,7 @@ from pathgan.training.logbook import Logbook
 from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.training.precision import resolve_mixed_precision
 from pathgan.training.signals import PreemptionFlag
-from pathgan.training.statistics import EmbeddingGap, WindowStats
+from pathgan.training.statistics import EmbeddingGap, SkippedUpdates, WindowStats
 
 
 @dataclass
@@ -73,24 +77,44 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
     )
 
 
-def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(modules, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel (CUDA and CPU) unless ``train.fused_adam``
+    is off: only the fused kernel can skip a non-finite update on the device (``found_inf``)."""
     params = [p for module in modules for p in module.parameters()]
-    fused = _switch(config.train.fused_adam)
+    fused = config.train.fused_adam == "on" or (config.train.fused_adam == "auto"
+                                                 and device.type in ("cuda", "cpu"))
     return torch.optim.Adam(params, lr=config.train.lr,
                             betas=(config.train.beta1, config.train.beta2),
                             fused=fused or None, foreach=None if fused else True)
 
 
-def _reduce_flags(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
-    """Whether any rank raised each flag: one all-reduce and one device-to-host read in all."""
-    tensor = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=accelerator.device)
-                          for f in flags])
-    return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+def _nonfinite_anywhere(accelerator: Accelerator, loss: torch.Tensor) -> torch.Tensor:
+    """1.0 when the loss is NaN or infinite on any rank, else 0.0: a device tensor, all-reduced
+    without waiting for it (the host never reads it in a step)."""
+    flag = (~torch.isfinite(loss.detach()).all()).float()
+    return accelerator.reduce(flag, reduction="sum").clamp_(max=1.0)
 
 
-def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
-    """A device tensor (no synchronisation here): is any element NaN or infinite?"""
-    return ~torch.isfinite(loss.detach()).all()
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether any rank raised a host flag: one all-reduce and one read (a log boundary's)."""
+    tensor = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(tensor, reduction="sum").item())
+
+
+def _update(optimizer, loss: torch.Tensor, skip: torch.Tensor, accelerator: Accelerator) -> None:
+    """One optimizer update from ``loss``, left out (parameters, moments and step count as they
+    were) where ``skip`` is 1: by fused Adam's ``found_inf`` on the device; Adam without a fused
+    kernel (``train.fused_adam=off``) reads the flag on the host instead. Under fp16 the
+    GradScaler sets ``found_inf`` itself, and a non-finite loss gives non-finite gradients on
+    every rank (DDP sums them), so it skips the same updates."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    inner = optimizer.optimizer  # Accelerate's wrapper passes attributes on to no one
+    if inner.defaults.get("fused"):
+        inner.found_inf = skip
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
 
 
 @dataclass
@@ -126,8 +150,8 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
                       for k, d in discriminators.items()}
     ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
            if config.train.ema else None)
-    g_optimizer = make_optimizer([generator], config)
-    d_optimizer = make_optimizer(discriminators.values(), config)
+    g_optimizer = make_optimizer([generator], config, accelerator.device)
+    d_optimizer = make_optimizer(discriminators.values(), config, accelerator.device)
     names = list(discriminators)
     # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
     # then hold plain keys and resume with or without compile, on any device and world size.
@@ -154,22 +178,24 @@ class StepResult:
     stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
     real: dict[str, torch.Tensor]  # what the discriminators saw, feature by feature
     fake: dict[str, torch.Tensor]
-    finite: bool  # False: a loss was not finite on some rank, and every rank skipped the step
-    stop_requested: bool  # some rank was signalled: every rank stops after this step
+    d_skipped: torch.Tensor  # 1.0: D's loss was not finite on some rank; no rank updated D
+    g_skipped: torch.Tensor  # the same for G (and its EMA)
 
 
 def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Accelerator,
-               config: Config, preemption: PreemptionFlag, step: int) -> StepResult:
+               config: Config, step: int) -> StepResult:
     """One discriminator update and one generator update on the same fake batch.
 
-    Two all-reduces in all: whether any rank's D loss is not finite, together with whether any
-    rank was signalled, then whether any rank's G loss is not finite. Every rank then takes (or
-    skips) the same updates.
+    Nothing here makes the host wait for the device (a test counts host reads), so the CPU
+    queues the next step while the device runs this one: whether a loss is finite is all-reduced
+    on the device and a non-finite update is skipped there, every rank skipping the same ones.
+    The loop reads what was skipped at log lines (:class:`~pathgan.training.statistics.
+    SkippedUpdates`).
     """
     real = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-    if IMAGES in real:  # uint8 over the bus, normalised on the device
-        real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
-            memory_format=_memory_format(config))
+    if IMAGES in real:  # uint8 over the bus (or from the device cache), normalised on the device
+        images = flip_rotate(real[IMAGES]) if config.data.flip_rotate else real[IMAGES]
+        real[IMAGES] = uint8_to_signed(images).contiguous(memory_format=_memory_format(config))
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
 
@@ -177,26 +203,19 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
         real = nets.objective.real_features(real)
         fake = nets.objective.fake_features(nets.run_generator(noise))
     d_loss, d_stats = nets.objective.d_loss(real, fake)
-    d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
-    if not d_bad:
-        nets.d_optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
-        nets.d_optimizer.step()
+    d_skipped = _nonfinite_anywhere(accelerator, d_loss)
+    _update(nets.d_optimizer, d_loss, d_skipped, accelerator)
 
     with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
         for discriminator in nets.discriminators.values():
             no_d_sync.enter_context(accelerator.no_sync(discriminator))
         g_loss, g_stats = nets.objective.g_loss(fake)
-        (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
-        if not g_bad:
-            nets.g_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(g_loss)
-            nets.g_optimizer.step()
-    if nets.ema is not None and not g_bad:
+        g_skipped = _nonfinite_anywhere(accelerator, g_loss)
+        _update(nets.g_optimizer, g_loss, g_skipped, accelerator)
+    if nets.ema is not None:
         nets.ema.update(nets.plain_generator, step * config.train.batch_size,
-                        config.train.batch_size)
-    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake,
-                      finite=not (d_bad or g_bad), stop_requested=stop_requested)
+                        config.train.batch_size, skip=g_skipped)
+    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake, d_skipped, g_skipped)
 
 
 def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
@@ -272,6 +291,25 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
             write_json(best / "best.json", {"step": state.step, **scores})
 
 
+def stop_on_nonfinite(values: dict, step: int, config: Config, accelerator: Accelerator,
+                      save_checkpoint) -> None:
+    """At a log line: say how many updates were skipped for a non-finite loss since the last
+    one, and stop (state saved) under ``train.nonfinite=stop`` or after ``train.max_nonfinite``
+    steps in a row with a skipped update. Every rank reads the same figures."""
+    count = values["skipped_updates_d"] + values["skipped_updates_g"]
+    if not count:
+        return
+    in_a_row = values["nonfinite_in_a_row"]
+    accelerator.print(f"step {step}: non-finite loss, {count} update(s) skipped since the last "
+                      f"log line (D {values['skipped_updates_d']}, G "
+                      f"{values['skipped_updates_g']}; {in_a_row} step(s) in a row now)")
+    if config.train.nonfinite == "stop" or in_a_row >= config.train.max_nonfinite:
+        path = save_checkpoint()
+        raise PathganError(
+            f"non-finite loss up to step {step} ({in_a_row} in a row); state saved in {path}. "
+            "Lower train.lr, or try train.mixed_precision=bf16 or no")
+
+
 def train(config: Config, resume: str | None = None) -> TrainResult:
     # First of all: a preemption signal during set-up must not kill the process.
     preemption = PreemptionFlag().install()
@@ -309,9 +347,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     # --- state, resume, trackers ------------------------------------------------------------
     state = restore_state(accelerator, run_dir, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
-    # Seeded with the step: a resumed run does not replay the data order of its first epochs.
-    data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
-                           gan.encoder_id, seed=config.run.seed + state.step)
+    data = build_real_data(config, nets.objective.real_inputs, accelerator, gan.encoder_id,
+                           start_step=state.step)
     logbook = Logbook(accelerator, run_dir, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run_dir)
@@ -335,8 +372,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- the loop ---------------------------------------------------------------------------
     window = WindowStats()
+    skipped = SkippedUpdates(accelerator.device)
     gap = EmbeddingGap() if EMBEDDINGS in nets.discriminators else None
-    nonfinite_run = 0
     saved_at = state.step
     stop_requested = False  # a rank was signalled: every rank stops after the same step
     done = state.step >= total_steps
@@ -344,47 +381,41 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                     disable=not accelerator.is_main_process, desc=run_dir.name)
     try:
         while not done:
-            result = train_step(nets, next(data), accelerator, config, preemption, state.step)
-            if not result.finite:  # no rank updated anything: the step does not count
-                nonfinite_run += 1
-                accelerator.print(f"step {state.step}: non-finite loss (D "
-                                  f"{result.d_loss.item():.4g}, G {result.g_loss.item():.4g}); "
-                                  "skipped")
-                if config.train.nonfinite == "stop" or \
-                        nonfinite_run >= config.train.max_nonfinite:
-                    path = save_checkpoint()
-                    raise PathganError(
-                        f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
-                        f"state saved in {path}. Lower train.lr, or try "
-                        "train.mixed_precision=bf16 or no")
-            else:
-                nonfinite_run = 0
-                state.step += 1
-                progress.update()
-                window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats})
-                if gap is not None:
-                    gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
-                if state.step % config.log.every == 0 or state.step == total_steps:
-                    values = {**window.read(accelerator, config.train.batch_size),
-                              "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
-                              "skipped_samples": data.skipped,
-                              **(gap.read(accelerator) if gap is not None else {})}
-                    logbook.metrics(state.step, values)
-                    progress.set_postfix(D=f"{values['Loss_D']:.3f}",
-                                         G=f"{values['Loss_G']:.3f}")
-                if state.step % config.log.sample_every == 0:
-                    sample_model = nets.sample_model(config)
-                    if logbook.active:
-                        logbook.samples(state.step, generate(sample_model, fixed_noise,
-                                                             per_rank_batch))
-                if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
-                             run_dir)
-                if state.step % config.ckpt.every == 0:
-                    save_checkpoint()
-                    saved_at = state.step
-                stop_requested = result.stop_requested
-                done = stop_requested or state.step >= total_steps
+            waited = time.perf_counter()
+            batch = next(data)
+            window.waited(time.perf_counter() - waited)
+            result = train_step(nets, batch, accelerator, config, state.step)
+            state.step += 1
+            progress.update()
+            skipped.add(result.d_skipped, result.g_skipped)
+            window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats},
+                       taken=1.0 - torch.maximum(result.d_skipped, result.g_skipped))
+            if gap is not None:
+                gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
+            if state.step % config.log.every == 0 or state.step == total_steps:
+                # The host reads the device's figures, and every rank's signal flag, at log
+                # lines only: steps in between never wait for the device.
+                values = {**window.read(accelerator, config.train.batch_size),
+                          **skipped.read(),
+                          "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
+                          "skipped_samples": data.skipped,
+                          **(gap.read(accelerator) if gap is not None else {})}
+                logbook.metrics(state.step, values)
+                progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
+                stop_on_nonfinite(values, state.step, config, accelerator, save_checkpoint)
+                stop_requested = _any_rank(accelerator, preemption.requested)
+            if state.step % config.log.sample_every == 0:
+                sample_model = nets.sample_model(config)
+                if logbook.active:
+                    logbook.samples(state.step, generate(sample_model, fixed_noise,
+                                                         per_rank_batch))
+            if evaluator is not None and state.step % config.eval.every == 0:
+                evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
+                         run_dir)
+            if state.step % config.ckpt.every == 0:
+                save_checkpoint()
+                saved_at = state.step
+            done = stop_requested or state.step >= total_steps
     finally:
         progress.close()
         data.close()

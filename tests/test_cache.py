@@ -1,0 +1,223 @@
+"""The decoded-patch cache: rank shares, epochs, replay and resume, embeddings row for row,
+fallbacks in one line, corrupt samples, and two gloo ranks."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import REPO
+from test_convert import ENCODER_ID, embed_with_fake_encoder
+from test_train import QUIET
+
+from pathgan.config import load_config
+from pathgan.data.format import decode_sample, encode_image, shard_paths
+from pathgan.data.reading import iter_tar_samples
+from pathgan.errors import PathganError
+from pathgan.fileio import sha256_file
+from pathgan.images import hwc_to_chw
+from pathgan.training.augment import flip_rotate
+from pathgan.training.cache import ShareItem, build_cache, rank_shares
+from pathgan.training.objective import EMBEDDINGS, IMAGES
+
+SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
+
+
+class OneRank:
+    """What the cache asks of Accelerate, for a single process on the CPU."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+    device = torch.device("cpu")
+
+    def gather(self, tensor):
+        return tensor
+
+    def print(self, *args):
+        print(*args)
+
+
+def fingerprint(image_chw: torch.Tensor) -> str:
+    return hashlib.sha1(image_chw.contiguous().numpy().tobytes()).hexdigest()
+
+
+def keys_by_fingerprint(shards_dir) -> dict[str, str]:
+    return {fingerprint(hwc_to_chw(decode_sample({"__key__": key, **members})[1])): key
+            for path in shard_paths(shards_dir) for key, members in iter_tar_samples(path)}
+
+
+def cache_for(shards_dir, *overrides, inputs=(IMAGES,), start_step=0, encoder_id=None):
+    config = load_config(SMOKE, [f"data.shards={shards_dir}", "data.num_workers=1",
+                                 *overrides])
+    return build_cache(config, set(inputs), OneRank(), encoder_id, start_step)
+
+
+def epoch_keys(cache, known: dict[str, str]) -> list[list[str]]:
+    """The keys of each batch of one epoch."""
+    return [[known[fingerprint(image)] for image in batch[IMAGES]] for batch in cache]
+
+
+def test_rank_shares_are_disjoint_cover_the_split_and_differ_by_one_at_most():
+    for counts, world in (([12, 12, 12, 4], 2), ([1000] * 7 + [300], 4), ([5, 3], 4)):
+        shares = rank_shares(counts, world)
+        items = [item for share in shares for item in share]
+        assert len(items) == len(set(items)) == sum(counts)  # disjoint, and they cover
+        assert set(items) == {ShareItem(s, i) for s, c in enumerate(counts) for i in range(c)}
+        sizes = [len(share) for share in shares]
+        assert max(sizes) - min(sizes) <= 1
+        touched = [len({item.shard for item in share}) for share in shares]
+        assert max(touched) <= -(-len(counts) // world) + 1  # its own shards, and a neighbour's
+
+
+def test_each_sample_once_per_epoch_in_a_fresh_order(slide_shards, capsys):
+    known = keys_by_fingerprint(slide_shards)  # 40 samples
+    cache = cache_for(slide_shards, "data.cache=host", "train.batch_size=8")
+    assert "data cache: 40 train patches of rank 0" in capsys.readouterr().out
+    assert cache.batches_per_epoch == 5
+    first, second = epoch_keys(cache, known), epoch_keys(cache, known)
+    for epoch in (first, second):
+        assert [len(batch) for batch in epoch] == [8] * 5
+        seen = [key for batch in epoch for key in batch]
+        assert sorted(seen) == sorted(known.values())  # every sample, once
+    assert first != second
+    batch = next(iter(cache))[IMAGES]
+    assert batch.dtype == torch.uint8 and batch.shape == (8, 3, 224, 224)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_same_seed_replays_and_a_resume_continues_the_permutation(slide_shards):
+    known = keys_by_fingerprint(slide_shards)
+
+    def batches(start_step: int, count: int) -> list[list[str]]:
+        cache = cache_for(slide_shards, "data.cache=host", "train.batch_size=8",
+                          start_step=start_step)
+        keys = []
+        while len(keys) < count:
+            keys += epoch_keys(cache, known)
+        return keys[:count]
+
+    run = batches(0, 8)  # crosses into the second epoch
+    assert batches(0, 8) == run
+    assert batches(3, 5) == run[3:]  # resumed mid-epoch at step 3
+    assert batches(6, 2) == run[6:]  # and in the second epoch
+    other = cache_for(slide_shards, "data.cache=host", "train.batch_size=8", "run.seed=1")
+    assert epoch_keys(other, known) != run[:5]
+
+
+def test_embeddings_travel_row_for_row_with_their_images(tmp_path, slide_shards):
+    shards = tmp_path / "embedded"
+    shutil.copytree(slide_shards, shards)
+    embed_with_fake_encoder(shards)  # the rows of shard s, sample i: 4 * i .. 4 * i + 3
+    rows = {key: np.arange(4 * i, 4 * i + 4, dtype=np.float32)
+            for path in shard_paths(shards)
+            for i, (key, _) in enumerate(iter_tar_samples(path))}
+    known = keys_by_fingerprint(shards)
+    cache = cache_for(shards, "data.cache=host", "train.batch_size=8",
+                      inputs=(IMAGES, EMBEDDINGS), encoder_id=ENCODER_ID)
+    for batch in cache:
+        for image, embedding in zip(batch[IMAGES], batch[EMBEDDINGS], strict=True):
+            assert np.array_equal(embedding.numpy(), rows[known[fingerprint(image)]])
+
+
+def test_device_on_a_cpu_falls_back_to_host_memory_in_one_line(slide_shards, capsys):
+    cache = cache_for(slide_shards, "data.cache=device", "train.batch_size=8")
+    assert cache is not None and cache.tensors[IMAGES].device.type == "cpu"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "data.cache=device" in line]
+    assert notes == ["rank 0: data.cache=device: cpu is not a GPU; caching in host memory "
+                     "instead"]
+
+
+def test_a_cache_that_cannot_fit_streams_instead_in_one_line(slide_shards, capsys):
+    assert cache_for(slide_shards, "data.cache=auto", "data.cache_fraction=0.000000001") is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "streaming from the shards instead" in lines[0]
+
+
+def test_corrupt_samples_are_skipped_and_counted_while_filling(tmp_path):
+    shards = tmp_path / "corrupt"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "train-000000.tar"), encoder=False) as sink:
+        for index in range(9):
+            image = np.full((224, 224, 3), index * 25, dtype=np.uint8)
+            data = encode_image(image, "png") if index != 4 else b"corrupt bytes"
+            sink.write({"__key__": f"k{index}", "png": data, "json": b"{}"})
+    entry = {"name": "train-000000.tar", "split": "train", "samples": 9,
+             "sha256": sha256_file(shards / "train-000000.tar")}
+    (shards / "manifest.json").write_text(json.dumps(
+        {"total_samples": 9, "shards": [entry], "skipped": []}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = cache_for(shards, "data.cache=host", "train.batch_size=4")
+    assert any("skipping corrupt sample k4" in str(w.message) for w in caught)
+    assert cache.skipped_samples == 1 and len(cache.valid) == 8
+    assert cache.batches_per_epoch == 2
+
+
+def test_a_split_smaller_than_one_batch_per_rank_is_one_line(slide_shards):
+    with pytest.raises(PathganError) as caught:
+        cache_for(slide_shards, "data.cache=host", "train.batch_size=64")
+    message = str(caught.value)
+    assert "has 40 samples" in message and "one batch of 64" in message
+    assert "\n" not in message
+
+
+def test_flip_rotate_draws_every_symmetry_of_the_square():
+    image = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4)
+    symmetries = set()
+    for turns in range(4):
+        turned = torch.rot90(image, turns, dims=(2, 3))
+        symmetries |= {fingerprint(turned[0]), fingerprint(turned.flip(3)[0])}
+    drawn = flip_rotate(image.expand(256, 3, 4, 4))
+    assert {fingerprint(one) for one in drawn} == symmetries and len(symmetries) == 8
+
+
+TWO_RANKS_SCRIPT = """
+import hashlib
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from pathgan.config import load_config
+from pathgan.training.cache import build_cache
+from pathgan.training.objective import IMAGES
+
+accelerator = Accelerator(cpu=True)
+config = load_config(sys.argv[1], sys.argv[3:])
+cache = build_cache(config, {IMAGES}, accelerator, None, start_step=0)
+epoch = [[hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() for image in b[IMAGES]]
+         for b in cache]
+held = [hashlib.sha1(hwc.numpy().tobytes()).hexdigest()
+        for hwc in cache.tensors[IMAGES][cache.valid].permute(0, 3, 1, 2)]
+with open(f"{sys.argv[2]}-{accelerator.process_index}.json", "w") as out:
+    json.dump({"epoch": epoch, "held": held, "batches": cache.batches_per_epoch}, out)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_hold_disjoint_shares_that_cover_the_split(tmp_path, slide_shards):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(textwrap.dedent(TWO_RANKS_SCRIPT))
+    out = tmp_path / "rank"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), str(SMOKE), str(out),
+               f"data.shards={slide_shards}", "data.cache=host", "train.batch_size=8",
+               "data.num_workers=1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=QUIET, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    every = set(keys_by_fingerprint(slide_shards))
+    held = [set(rank["held"]) for rank in ranks]
+    assert not held[0] & held[1] and held[0] | held[1] == every  # disjoint, and they cover
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 5  # 20 samples each, batches of 4
+    for rank, mine in zip(ranks, held, strict=True):
+        seen = [image for batch in rank["epoch"] for image in batch]
+        assert sorted(seen) == sorted(mine)  # each of its samples once in the epoch
