@@ -436,3 +436,18 @@ def test_channels_last_keeps_the_projection_of_z_contiguous():
     weights = {name: p for name, p in generator.named_parameters() if p.ndim == 4}
     assert weights.pop("main.0.weight").is_contiguous()  # its input is 1x1 (see to_device)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights.values())
+
+
+def test_too_few_samples_per_rank_for_batchnorm_is_said_in_one_line():
+    from pathgan.training.loop import batchnorm_batch_warning
+
+    networks = [Generator(ngf=4), Discriminator(ndf=4)]
+    reference = load_config(SMOKE, ["train.batch_size=128"])
+    warning = batchnorm_batch_warning(networks, reference, world=64)
+    assert "leaves 2 samples per rank" in warning and "train.batch_size to 1024" in warning
+    assert "train.sync_bn=true" in warning and "\n" not in warning
+    assert batchnorm_batch_warning(networks, reference, world=8) is None  # 16 per rank
+    synced = load_config(SMOKE, ["train.batch_size=128", "train.sync_bn=true"])
+    assert batchnorm_batch_warning(networks, synced, world=64) is None
+    linear = [torch.nn.Sequential(torch.nn.Linear(4, 4))]  # no BatchNorm: nothing to say
+    assert batchnorm_batch_warning(linear, reference, world=64) is None

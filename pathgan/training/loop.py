@@ -117,6 +117,25 @@ def _update(optimizer, loss: torch.Tensor, skip: torch.Tensor, accelerator: Acce
         optimizer.step()
 
 
+#: samples per rank below which per-rank BatchNorm statistics are too noisy to train alike
+BATCHNORM_MIN_PER_RANK = 16
+
+
+def batchnorm_batch_warning(networks: list[torch.nn.Module], config: Config,
+                            world: int) -> str | None:
+    """The line to print when BatchNorm layers would normalise over fewer than
+    ``BATCHNORM_MIN_PER_RANK`` samples per rank (the global batch split over many GPUs)."""
+    per_rank = config.train.batch_size // world
+    if config.train.sync_bn or per_rank >= BATCHNORM_MIN_PER_RANK or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for network in networks for m in network.modules()):
+        return None
+    return (f"warning: train.batch_size {config.train.batch_size} over {world} processes "
+            f"leaves {per_rank} samples per rank, and the BatchNorm layers normalise over each "
+            f"rank's samples: training will differ from the recipe's. Raise train.batch_size "
+            f"to {BATCHNORM_MIN_PER_RANK * world} or more, or set train.sync_bn=true (CUDA)")
+
+
 @dataclass
 class Networks:
     """What a training step updates, as this process runs it."""
@@ -336,6 +355,10 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- networks, optimizers, data ---------------------------------------------------------
     gan = build_gan(config, accelerator.device)
+    warning = batchnorm_batch_warning([gan.generator, *gan.discriminators.values()], config,
+                                      world)
+    if warning:
+        accelerator.print(warning)
     nets = prepare_networks(config, gan, accelerator)
     if gan.encoder is not None:
         precision = resolve_encoder_precision(config, nets.objective.real_inputs, gan.encoder_id)
