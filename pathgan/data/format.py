@@ -14,6 +14,7 @@ Keys are built from ``[A-Za-z0-9_-]`` only (a dot would split the key in WebData
 import contextlib
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +130,7 @@ def decode_image(data: bytes, extension: str, out: np.ndarray | None = None) -> 
     16-bit) are converted to it, as Pillow's ``convert("RGB")`` does.
     """
     if extension == "npy":
-        array = _load_npy(data)
+        array = _load_npy(data, copy=out is None)  # a view when it is copied into out
     else:
         codec = _CODECS.get(extension)
         if codec is None:
@@ -155,13 +156,15 @@ def _checked(array: np.ndarray) -> np.ndarray:
     return array
 
 
-#: npy headers seen (bytes -> (shape, dtype, data offset)): a shard set's raw members share one
-#: header, and parsing it (``np.load``'s ``literal_eval``) cost more than copying the pixels
-_NPY_HEADERS: dict[bytes, tuple[tuple, np.dtype, int]] = {}
+#: npy headers seen (bytes -> (shape, dtype, values, data offset)): a shard set's raw members
+#: share one header, and parsing it (``np.load``'s ``literal_eval``) cost more than copying the
+#: pixels
+_NPY_HEADERS: dict[bytes, tuple[tuple, np.dtype, int, int]] = {}
 
 
-def _load_npy(data: bytes) -> np.ndarray:
-    """An ``.npy`` member (no pickles) -> a writable array of its own."""
+def _load_npy(data: bytes, copy: bool = True) -> np.ndarray:
+    """An ``.npy`` member (no pickles) -> its array: a writable copy, or a read-only view of
+    ``data`` when ``copy`` is false."""
     view = memoryview(data)
     if bytes(view[:6]) != b"\x93NUMPY" or len(view) < 10:
         raise ValueError("not an .npy member")
@@ -177,14 +180,14 @@ def _load_npy(data: bytes) -> np.ndarray:
         shape, fortran, dtype = read_header(stream)
         if fortran or dtype.hasobject:
             raise ValueError("expected a C-ordered array of numbers")
-        parsed = (shape, dtype, header_length)
+        parsed = (shape, dtype, math.prod(shape), header_length)
         if len(_NPY_HEADERS) < 64:
             _NPY_HEADERS[header] = parsed
-    shape, dtype, offset = parsed
-    count = int(np.prod(shape))
+    shape, dtype, count, offset = parsed
     if len(view) - offset < count * dtype.itemsize:
         raise ValueError(f"truncated .npy member: {len(view) - offset} bytes for {shape}")
-    return np.frombuffer(view, dtype, count, offset).reshape(shape).copy()
+    array = np.frombuffer(view, dtype, count, offset).reshape(shape)
+    return array.copy() if copy else array
 
 
 def decode_sample(sample: dict) -> tuple[str, np.ndarray, dict]:
