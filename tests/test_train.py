@@ -447,6 +447,8 @@ def test_too_few_samples_per_rank_for_batchnorm_is_said_in_one_line():
     assert "leaves 2 samples per rank" in warning and "train.batch_size to 1024" in warning
     assert "train.sync_bn=true" in warning and "\n" not in warning
     assert batchnorm_batch_warning(networks, reference, world=8) is None  # 16 per rank
+    small = load_config(SMOKE, ["train.batch_size=8"])  # one process: its own batch, as asked
+    assert batchnorm_batch_warning(networks, small, world=1) is None
     synced = load_config(SMOKE, ["train.batch_size=128", "train.sync_bn=true"])
     assert batchnorm_batch_warning(networks, synced, world=64) is None
     linear = [torch.nn.Sequential(torch.nn.Linear(4, 4))]  # no BatchNorm: nothing to say

@@ -11,6 +11,7 @@ Only regular files, their names (ustar, pax or GNU long names) and sizes matter 
 whose checksum is wrong or data that ends early is an error, as it is for ``tarfile``.
 """
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,6 +167,55 @@ def index_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]
     except (TarFormatError, OSError) as error:
         raise PathganError(f"{path} is not a readable tar ({error})") from error
     return list(samples.items())
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where a sample's image member lies: what the training stream shuffles (a few dozen
+    bytes) before it reads and decodes the image (:class:`MemberReader`)."""
+
+    key: str
+    url: str
+    extension: str
+    offset: int
+    size: int
+
+
+def image_refs(path: str | Path) -> Iterator[ImageRef]:
+    """The image member of every sample of a shard, from its headers (:func:`index_shard`);
+    samples without one are passed over. Raises PathganError when the shard is unreadable."""
+    url = str(path)
+    for key, members in index_shard(path):
+        for extension in IMAGE_EXTENSIONS:
+            if extension in members:
+                yield ImageRef(key, url, extension, *members[extension])
+                break
+
+
+class MemberReader:
+    """Reads members at their offsets, keeping the last few shards open (one ``pread`` each)."""
+
+    def __init__(self, keep_open: int = 4) -> None:
+        self.keep_open = keep_open
+        self._open: dict[str, int] = {}  # url -> file descriptor, oldest first
+
+    def read(self, ref: ImageRef) -> bytes:
+        descriptor = self._open.pop(ref.url, None)
+        if descriptor is None:
+            descriptor = os.open(ref.url, os.O_RDONLY)
+            if len(self._open) >= self.keep_open:
+                os.close(self._open.pop(next(iter(self._open))))
+        self._open[ref.url] = descriptor  # now the newest
+        data = os.pread(descriptor, ref.size, ref.offset)
+        if len(data) != ref.size:
+            raise TarFormatError(f"the shard ends inside this member ({len(data)} of "
+                                 f"{ref.size} bytes)")
+        return data
+
+    def close(self) -> None:
+        for descriptor in self._open.values():
+            os.close(descriptor)
+        self._open.clear()
 
 
 def iter_tar_samples(path: str | Path):

@@ -123,10 +123,11 @@ BATCHNORM_MIN_PER_RANK = 16
 
 def batchnorm_batch_warning(networks: list[torch.nn.Module], config: Config,
                             world: int) -> str | None:
-    """The line to print when BatchNorm layers would normalise over fewer than
-    ``BATCHNORM_MIN_PER_RANK`` samples per rank (the global batch split over many GPUs)."""
+    """The line to print when splitting the global batch over ``world`` processes leaves
+    BatchNorm layers fewer than ``BATCHNORM_MIN_PER_RANK`` samples per rank to normalise over
+    (a single process normalises over the batch it was given: nothing changes there)."""
     per_rank = config.train.batch_size // world
-    if config.train.sync_bn or per_rank >= BATCHNORM_MIN_PER_RANK or not any(
+    if world == 1 or config.train.sync_bn or per_rank >= BATCHNORM_MIN_PER_RANK or not any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
             for network in networks for m in network.modules()):
         return None
