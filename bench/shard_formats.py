@@ -94,8 +94,8 @@ def main() -> None:
             figures = one_worker_vs_codec(shards, args.batch_size, args.batches, args.rounds)
             figures["mean_abs_difference_to_png"] = round(
                 mean_abs_difference(pixels(shards), reference), 3)
-            if args.train:
-                figures["loop"] = loop_rate(shards, args, scratch)
+            if args.train:  # a run folder of its own per format
+                figures["loop"] = loop_rate(shards, args, scratch / f"runs-{image_format}")
             results["raw" if image_format == "npy" else image_format] = figures
             print(f"shard_formats: {image_format}: {json.dumps(figures)}", file=sys.stderr,
                   flush=True)

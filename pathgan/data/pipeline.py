@@ -15,7 +15,7 @@ batch from every worker, permutes their images together, and copies them out as 
 hands on (into pinned memory with CUDA, for a fast uint8 host-to-device copy), freeing the slots.
 Pixels are copied once after the codec, in the main process, and no shared memory is made per
 batch (torch's default for a worker's batch: a fresh shared-memory file, whose first touch cost a
-fifth of what decoding a PNG costs; BENCHMARKS.md, "Shard formats").
+fifth of what decoding a PNG costs; BENCHMARKS.md, "One loader worker against its codec").
 
 Unreadable data is skipped with a warning and counted. When nothing but failures come in a row
 (``MAX_CONSECUTIVE_FAILURES`` across the rank's workers: every shard unreadable, every sample
