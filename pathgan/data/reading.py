@@ -1,14 +1,16 @@
 """Reading the samples of shards: streamed in order, or at their offsets (an index).
 
-The training stream reads whole shards in order (:func:`tar_samples`); ``pathgan embed`` and
-``pathgan eval`` read exactly the samples they need, at offsets found once
-(:func:`index_shard`), decoded in DataLoader workers (:class:`ShardSamples`).
+``pathgan shards verify`` and ``convert`` read whole shards in order (:func:`tar_samples`); the
+training stream, ``pathgan embed`` and ``pathgan eval`` read the members they need at offsets
+found from the headers (:func:`index_shard`, :func:`image_refs`, :class:`MemberReader`), decoded
+in DataLoader workers (:class:`ShardSamples` for the jobs).
 
 Tar headers are parsed here, not by Python's ``tarfile``: it decodes every field of every
 header, and the pax header that each member of a pathgan shard carries, in Python; in a profile
-of one training worker that took as long as decoding the PNG (BENCHMARKS.md, "Shard formats").
-Only regular files, their names (ustar, pax or GNU long names) and sizes matter here; a header
-whose checksum is wrong or data that ends early is an error, as it is for ``tarfile``.
+of one training worker that took as long as decoding the PNG (BENCHMARKS.md, "One loader worker
+against its codec"). Only regular files, their names (ustar, pax or GNU long names) and sizes
+matter here; a header whose checksum is wrong or data that ends early is an error, as it is for
+``tarfile``.
 """
 
 import os
