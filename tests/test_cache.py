@@ -1,5 +1,5 @@
-"""The decoded-patch cache: rank shares, epochs, replay and resume, embeddings row for row,
-fallbacks in one line, corrupt samples, and two gloo ranks."""
+"""The decoded-patch cache: rank shares, epochs, replay and resume, embeddings and labels row
+for row, fallbacks in one line, corrupt samples, and two gloo ranks."""
 
 import hashlib
 import json
@@ -25,7 +25,7 @@ from pathgan.fileio import sha256_file
 from pathgan.images import hwc_to_chw
 from pathgan.training.augment import flip_rotate
 from pathgan.training.cache import ShareItem, build_cache, rank_shares
-from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.training.objective import EMBEDDINGS, IMAGES, LABELS
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 
@@ -125,6 +125,42 @@ def test_embeddings_travel_row_for_row_with_their_images(tmp_path, slide_shards)
             assert np.array_equal(embedding.numpy(), rows[known[fingerprint(image)]])
 
 
+def write_shards(folder, images: list[np.ndarray], metadata: list[bytes]) -> None:
+    """A one-shard set of these PNG images and metadata members, with its manifest."""
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "train-000000.tar"), encoder=False) as sink:
+        for index, (image, meta) in enumerate(zip(images, metadata, strict=True)):
+            data = encode_image(image, "png") if image is not None else b"corrupt bytes"
+            sink.write({"__key__": f"k{index}", "png": data, "json": meta})
+    labels = {}
+    for meta in metadata:
+        name = str(json.loads(meta).get("label"))
+        labels[name] = labels.get(name, 0) + 1
+    entry = {"name": "train-000000.tar", "split": "train", "samples": len(images),
+             "sha256": sha256_file(folder / "train-000000.tar")}
+    (folder / "manifest.json").write_text(json.dumps(
+        {"total_samples": len(images), "shards": [entry], "skipped": [], "labels": labels}))
+
+
+def test_labels_travel_row_for_row_with_their_images(tmp_path):
+    """Patch i is grey level 20 i; its label is "dermis" for even i, "epidermis" for odd i,
+    none for i = 5."""
+    labels = ["dermis", "epidermis"]
+    images = [np.full((224, 224, 3), 20 * i, dtype=np.uint8) for i in range(12)]
+    metadata = [json.dumps({"label": labels[i % 2] if i != 5 else None}).encode()
+                for i in range(12)]
+    write_shards(tmp_path / "labelled", images, metadata)
+    cache = cache_for(tmp_path / "labelled", "data.cache=host", "train.batch_size=4",
+                      inputs=(IMAGES, LABELS))
+    seen = 0
+    for batch in cache:
+        for image, label in zip(batch[IMAGES], batch[LABELS], strict=True):
+            i = int(image[0, 0, 0]) // 20
+            assert int(label) == (-1 if i == 5 else i % 2), i
+            seen += 1
+    assert seen == 12
+
+
 def test_device_on_a_cpu_falls_back_to_host_memory_in_one_line(slide_shards, capsys):
     cache = cache_for(slide_shards, "data.cache=device", "train.batch_size=8")
     assert cache is not None and cache.tensors[IMAGES].device.type == "cpu"
@@ -140,20 +176,12 @@ def test_a_cache_that_cannot_fit_streams_instead_in_one_line(slide_shards, capsy
 
 
 def test_corrupt_samples_are_skipped_and_counted_while_filling(tmp_path):
-    shards = tmp_path / "corrupt"
-    shards.mkdir()
-    with wds.TarWriter(str(shards / "train-000000.tar"), encoder=False) as sink:
-        for index in range(9):
-            image = np.full((224, 224, 3), index * 25, dtype=np.uint8)
-            data = encode_image(image, "png") if index != 4 else b"corrupt bytes"
-            sink.write({"__key__": f"k{index}", "png": data, "json": b"{}"})
-    entry = {"name": "train-000000.tar", "split": "train", "samples": 9,
-             "sha256": sha256_file(shards / "train-000000.tar")}
-    (shards / "manifest.json").write_text(json.dumps(
-        {"total_samples": 9, "shards": [entry], "skipped": []}))
+    images = [np.full((224, 224, 3), index * 25, dtype=np.uint8) if index != 4 else None
+              for index in range(9)]
+    write_shards(tmp_path / "corrupt", images, [b"{}"] * 9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cache = cache_for(shards, "data.cache=host", "train.batch_size=4")
+        cache = cache_for(tmp_path / "corrupt", "data.cache=host", "train.batch_size=4")
     assert any("skipping corrupt sample k4" in str(w.message) for w in caught)
     assert cache.skipped_samples == 1 and len(cache.valid) == 8
     assert cache.batches_per_epoch == 2

@@ -298,6 +298,11 @@ class ShardSamples(torch.utils.data.Dataset):
         handle.seek(offset)
         return handle.read(size)
 
+    def member(self, index: int, extension: str) -> bytes | None:
+        """Item ``index``'s member of that extension (e.g. its ``json`` metadata), or None."""
+        shard, _, members = self.items[index]
+        return self._read(shard, *members[extension]) if extension in members else None
+
     def _decode(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
         shard, key, members = self.items[index]
         raw = {"__key__": key}

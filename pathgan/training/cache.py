@@ -11,7 +11,9 @@ permutation drawn per epoch from the seed, the epoch and the rank: no decoding, 
 host-to-device copy with the device cache, and no Python per sample in a step. The same seed
 replays the same batches, and a run resumed at step ``s`` continues epoch ``s //
 batches_per_epoch`` of the same permutation where it stopped. The real embeddings of a run
-that uses them travel in the same cache, row for row with their images.
+that uses them, and the class of each patch when a run asks for ``LABELS`` (the index of its
+metadata's label among the manifest's sorted label names, -1 for none), travel in the same
+cache, row for row with their images.
 
 Rank shares are disjoint and cover the split: its samples in shard order, cut into one run per
 rank (lengths differ by one at most; a rank reads only the shards its run touches). Every rank
@@ -23,6 +25,7 @@ At CAMELYON16 scale (a million 224-px patches, 150 GB of uint8) an 8-GPU node ho
 per GPU; memory figures per GPU count are in BENCHMARKS.md ("Scale-out").
 """
 
+import json
 import os
 import sys
 import warnings
@@ -40,7 +43,7 @@ from pathgan.data.format import load_manifest
 from pathgan.data.reading import ShardSamples, collate_samples, index_shard
 from pathgan.errors import PathganError
 from pathgan.images import IMAGE_SIZE
-from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.training.objective import EMBEDDINGS, IMAGES, LABELS
 
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 CACHE_MODES = ("auto", "device", "host", "off")
@@ -276,6 +279,22 @@ def fill_images(images: torch.Tensor, reader: ShareReader, workers: int, progres
     return filled, skipped
 
 
+def class_names(manifest: dict) -> list[str]:
+    """The classes of a shard set: its manifest's label names, sorted (unlabelled left out)."""
+    return sorted(name for name in manifest.get("labels") or {} if name != "None")
+
+
+def share_labels(reader: ShareReader, names: list[str]) -> torch.Tensor:
+    """Each slot's class: the index in ``names`` of its metadata's ``label``, -1 for none."""
+    index = {name: position for position, name in enumerate(names)}
+    labels = []
+    for slot in range(len(reader.keys)):
+        metadata = reader.dataset.member(slot, "json")
+        label = json.loads(metadata).get("label") if metadata else None
+        labels.append(index.get(str(label), -1) if label is not None else -1)
+    return torch.tensor(labels, dtype=torch.int64)
+
+
 def share_embeddings(shards_dir: Path, encoder_id: str, reader: ShareReader
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The precomputed embedding of every slot (float32 rows, zeros where missing) and which
@@ -302,7 +321,8 @@ def build_cache(config, inputs: set[str], accelerator, encoder_id: str | None,
     if config.data.cache == "off" or IMAGES not in inputs:
         return None
     shards_dir = Path(config.data.shards)
-    shards = [s for s in load_manifest(shards_dir)["shards"] if s["split"] == config.data.split]
+    manifest = load_manifest(shards_dir)
+    shards = [s for s in manifest["shards"] if s["split"] == config.data.split]
     world, rank = accelerator.num_processes, accelerator.process_index
     per_rank = config.train.batch_size // world
     shares = rank_shares([s["samples"] for s in shards], world)
@@ -318,7 +338,10 @@ def build_cache(config, inputs: set[str], accelerator, encoder_id: str | None,
     present = torch.ones(len(reader.keys), dtype=torch.bool)
     if EMBEDDINGS in inputs:
         extra[EMBEDDINGS], present = share_embeddings(shards_dir, encoder_id, reader)
-    need = cache_bytes(len(reader.keys), extra[EMBEDDINGS].shape[1] if extra else 0)
+    if LABELS in inputs:
+        extra[LABELS] = share_labels(reader, class_names(manifest))
+    need = cache_bytes(len(reader.keys), extra[EMBEDDINGS].shape[1] if EMBEDDINGS in extra
+                       else 0)
     placement = choose_place(config.data.cache, need, accelerator.device,
                              config.data.cache_fraction,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -21,6 +21,7 @@ from pathgan.training.augment import DiffAugment
 
 IMAGES = "images"
 EMBEDDINGS = "embeddings"
+LABELS = "labels"  # each real sample's class index (the decoded-patch cache carries them)
 FEATURES = (IMAGES, EMBEDDINGS)
 
 
