@@ -365,10 +365,11 @@ def counting_step(*args, **kwargs):
 
 loop.train_step = counting_step
 reads = {}
+run_root = sys.argv[-1].partition("=")[2]  # the last argument is run.dir=PATH
 for fused in ("auto", "off"):
     counts.clear()
     loop.train(load_config(sys.argv[1], [*sys.argv[2:], f"train.fused_adam={fused}",
-                                         f"run.dir={sys.argv[-1]}-{fused}"]))
+                                         f"run.dir={run_root}-{fused}"]))
     reads[fused] = list(counts)
 print(json.dumps(reads))
 """
