@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pathgan.data import pipeline
-from pathgan.data.pack import PackOptions, pack
+from pathgan.shards import stream as stream_module
+from pathgan.shards.pack import PackOptions, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_data import SLIDE, cut_slide  # noqa: E402
@@ -34,12 +34,12 @@ from rates import images_per_second  # noqa: E402
 
 
 def torch_stack(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
-    """The way batches were stacked before (pipeline.Batches up to this benchmark)."""
+    """The way batches were stacked before (stream_module.Batches up to this benchmark)."""
     out = torch.empty((len(samples), *samples[0].shape), dtype=samples[0].dtype, pin_memory=pin)
     return torch.stack(samples, out=out)
 
 
-WAYS = {"torch_stack": torch_stack, "numpy": pipeline.stack_samples}
+WAYS = {"torch_stack": torch_stack, "numpy": stream_module.stack_samples}
 
 
 @dataclass
@@ -67,8 +67,8 @@ def stream_rate(shards: Path, stack, batch_size: int, workers: int,
     """(images/s, ms of stacking per batch) of the training stream after 3 batches of warm-up,
     stacking with ``stack``."""
     timed = Timed(stack)
-    pipeline.stack_samples = timed  # what pipeline.Batches calls
-    stream = pipeline.make_image_stream(shards, batch_size=batch_size, num_workers=workers,
+    stream_module.stack_samples = timed  # what stream_module.Batches calls
+    stream = stream_module.make_image_stream(shards, batch_size=batch_size, num_workers=workers,
                                         as_uint8=True, shuffle_buffer=4 * batch_size)
     try:
         rate = images_per_second(stream, batches, warmup=3, windows=1,
@@ -76,7 +76,7 @@ def stream_rate(shards: Path, stack, batch_size: int, workers: int,
         return rate, timed.seconds / timed.calls * 1000
     finally:
         stream.close()
-        pipeline.stack_samples = WAYS["numpy"]
+        stream_module.stack_samples = WAYS["numpy"]
 
 
 def packed_slide(scratch: Path) -> Path:

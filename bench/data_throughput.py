@@ -33,9 +33,9 @@ import psutil
 import torch
 from PIL import Image
 
-from pathgan.data.format import image_member, load_manifest, shard_paths
-from pathgan.data.pipeline import make_image_stream
-from pathgan.data.reading import ShardSamples, collate_samples, index_shard, tar_samples
+from pathgan.shards.format import image_member, load_manifest, shard_paths
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard, tar_samples
+from pathgan.shards.stream import make_image_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rates import images_per_second  # noqa: E402
@@ -53,7 +53,7 @@ def write_patch_folder(root: Path, patch_size: int) -> int:
     """The slide's tissue patches as ``patch_size`` PNG files, ImageFolder layout."""
     import tiffslide
 
-    from pathgan.data.slides import patch_windows
+    from pathgan.shards.slides import patch_windows
 
     slide = tiffslide.TiffSlide(SLIDE)
     windows, _, _ = patch_windows(slide, [patch_size], patch_size, overlap=0.75, min_tissue=0.3)
@@ -204,7 +204,7 @@ def imagefolder_vs_shards(args, scratch: Path) -> tuple[dict, Path]:
     figures and the shard set packed for them."""
     from torchvision import datasets, transforms
 
-    from pathgan.data.pack import PackOptions, pack
+    from pathgan.shards.pack import PackOptions, pack
 
     folder, shards = scratch / "folder", scratch / "shards"
     count = write_patch_folder(folder, args.patch_size)

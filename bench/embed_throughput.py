@@ -77,7 +77,7 @@ def make_shards(directory: Path, images: int, per_shard: int) -> None:
     import webdataset as wds
     from PIL import Image
 
-    from pathgan.fileio import sha256_file
+    from pathgan.core.fileio import sha256_file
 
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,8 +104,8 @@ def plain_loop(shards_dir: Path, encoder, device, limit: int | None) -> tuple[in
     import torch
     import webdataset as wds
 
-    from pathgan.data.format import decode_sample, shard_paths
-    from pathgan.images import hwc_to_chw, uint8_to_signed
+    from pathgan.core.images import hwc_to_chw, uint8_to_signed
+    from pathgan.shards.format import decode_sample, shard_paths
 
     count, started = 0, time.perf_counter()
     for path in shard_paths(shards_dir):
@@ -125,8 +125,8 @@ def measure(name: str, encoder, shards_dir: Path, args, device) -> dict:
 
     import torch
 
-    from pathgan.data.embeddings import embeddings_dir
     from pathgan.embed import embed_shards
+    from pathgan.shards.embedding_files import embeddings_dir
 
     with torch.no_grad():  # warm up both shapes (TensorFlow traces, cuDNN picks kernels)
         encoder(torch.zeros(1, 3, 224, 224, device=device))

@@ -129,9 +129,9 @@ export PYTHONPATH=$WORK/site:$PYTHONPATH  # the wheels, if any were needed
 
 echo "gpu_check: $( ((DRY_RUN)) && echo 'CPU dry run' || echo 'GPU run'), $PYTHON, commit $COMMIT"
 install_missing_wheels
-step setup "$LIMIT_SETUP" "$PYTHON" -c "import pathgan.cli, pathgan.data.pipeline, \
-pathgan.data.convert, pathgan.training.loop, pathgan.training.cache, pathgan.evaluation, \
-pathgan.sampling, pathgan.embed, timm, pytest
+step setup "$LIMIT_SETUP" "$PYTHON" -c "import pathgan.cli, pathgan.shards.stream, \
+pathgan.shards.convert, pathgan.train.loop, pathgan.train.cache, pathgan.evaluation, \
+pathgan.sample, pathgan.embed, timm, pytest
 print('every module of the check imports')"
 step data "$LIMIT_DATA" "$PYTHON" bench/gpu_data.py --out "$WORK/data" "${DATA_ARGS[@]}"
 export PATHGAN_GPU_DATA=$WORK/data  # the tests use the shard set made by the data step

@@ -18,9 +18,9 @@ from pathlib import Path
 from PIL import Image
 
 from pathgan.cli import main as pathgan_cli
-from pathgan.data.format import MANIFEST
-from pathgan.data.pack import PackOptions, pack
-from pathgan.images import IMAGE_SIZE
+from pathgan.core.images import IMAGE_SIZE
+from pathgan.shards.format import MANIFEST
+from pathgan.shards.pack import PackOptions, pack
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"

@@ -48,7 +48,7 @@ def build_slide(args) -> Path:
     """The CAMELYON16-layout slide for these arguments, built once and cached."""
     import tiffslide
 
-    from pathgan.data.synthetic_slide import write_camelyon16_layout
+    from pathgan.shards.synthetic_slide import write_camelyon16_layout
 
     path = Path(args.cache) / f"camelyon16-layout-{args.width}x{args.height}-L{args.levels}.tif"
     if not path.is_file():
@@ -67,7 +67,7 @@ def plan_windows(slide_path: Path, args) -> tuple[list, dict]:
     """pathgan's tissue windows of the slide, and what the slide's tags say."""
     import tiffslide
 
-    from pathgan.data import slides
+    from pathgan.shards import slides
 
     with tiffslide.TiffSlide(slide_path) as slide:
         mpp, mpp_source = slides.slide_mpp(slide)
@@ -88,7 +88,7 @@ def reading_costs(slide_path: Path, windows: list, sample: int = 300) -> dict:
 
     import tiffslide
 
-    from pathgan.data import slides
+    from pathgan.shards import slides
 
     with tiffslide.TiffSlide(slide_path) as slide:
         mixed = random.Random(0).sample(windows, min(sample, len(windows)))
@@ -154,7 +154,7 @@ def pathgan_stages(slide_path: Path, args, work: Path) -> dict:
     import cProfile
     import pstats
 
-    from pathgan.data.pack import PackOptions, pack
+    from pathgan.shards.pack import PackOptions, pack
 
     options = PackOptions(patch_sizes=args.patch_sizes, target_mpp=args.target_mpp,
                           overlap=args.overlap, workers=1)
@@ -308,8 +308,8 @@ def measure_encodings(shards_dir: Path, count: int) -> list[dict]:
     """Encode and decode (with Pillow, as the training pipeline does) ``count`` patches."""
     from PIL import Image
 
-    from pathgan.data.format import decode_sample
-    from pathgan.data.reading import iter_tar_samples
+    from pathgan.shards.format import decode_sample
+    from pathgan.shards.reading import iter_tar_samples
 
     patches = []
     for shard in sorted(shards_dir.glob("*.tar")):

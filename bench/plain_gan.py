@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
-from pathgan.training.build import build_gan, to_device
-from pathgan.training.loop import make_optimizer
-from pathgan.training.objective import GANObjective
+from pathgan.train.build import build_gan, to_device
+from pathgan.train.loop import make_optimizer
+from pathgan.train.objective import GANObjective
 
 
 @dataclass

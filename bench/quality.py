@@ -11,7 +11,7 @@ Wasserstein distance on Laplacian pyramids (pixels; no downloaded weights).
   ``BCELoss``; no EMA, no augmentation. Sampled both with BatchNorm running statistics (eval
   mode) and with batch statistics (train mode, as the tutorial's grids are drawn); the better of
   the two is the baseline.
-- *pathgan*: ``pathgan.training.loop.train`` with ``configs/dcgan.yaml`` (widths, batch and
+- *pathgan*: ``pathgan.train.loop.train`` with ``configs/dcgan.yaml`` (widths, batch and
   steps set by the flags below, plus any ``--override``), sampling its exported generator.
 
 One JSON object out; ``swd_ratio`` is pathgan's SWD over the original's (lower is better; the
@@ -32,15 +32,15 @@ import torch
 from torch import nn
 
 from pathgan.config import load_config
-from pathgan.data.format import shard_paths
-from pathgan.data.pack import PackOptions, pack
-from pathgan.data.reading import ShardSamples, index_shard
+from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation import fake_features, make_state, real_features, select_real, swd_extractor
-from pathgan.images import save_image_grid, signed_to_uint8
-from pathgan.metrics import sliced_wasserstein_distance
+from pathgan.evaluation.metrics import sliced_wasserstein_distance
 from pathgan.models import Discriminator, Generator, noise_batch
 from pathgan.models.export import load_generator
-from pathgan.training.loop import train
+from pathgan.shards.format import shard_paths
+from pathgan.shards.pack import PackOptions, pack
+from pathgan.shards.reading import ShardSamples, index_shard
+from pathgan.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathgan.data.convert import convert
-from pathgan.data.format import decode_sample_image, shard_paths
-from pathgan.data.pack import PackOptions, pack
-from pathgan.data.reading import tar_samples
+from pathgan.shards.convert import convert
+from pathgan.shards.format import decode_sample_image, shard_paths
+from pathgan.shards.pack import PackOptions, pack
+from pathgan.shards.reading import tar_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import one_worker_vs_codec  # noqa: E402

@@ -1,7 +1,7 @@
 """Memory of reading a parquet patch table: pathgan's batch-wise reader vs a whole-table read.
 
 Writes parquet files of random 512 px JPEG patches (one row group per ``--group-rows`` rows),
-at two sizes, and reports pyarrow's peak allocation while :class:`pathgan.data.tables.PatchTable`
+at two sizes, and reports pyarrow's peak allocation while :class:`pathgan.shards.tables.PatchTable`
 yields every row (decoded and resized to 224), against ``pyarrow.parquet.read_table`` of the same
 file (the baseline: what holding a table in memory costs), with rows/s. One JSON object out::
 
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pathgan.data.tables import PatchTable, TableColumns
+from pathgan.shards.tables import PatchTable, TableColumns
 
 
 def write_table(path: Path, groups: int, group_rows: int) -> None:

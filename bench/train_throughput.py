@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from pathgan.config import load_config
-from pathgan.data.pack import PackOptions, pack
-from pathgan.data.pipeline import make_image_stream
 from pathgan.models import Discriminator, Generator
-from pathgan.training.logbook import read_metrics
-from pathgan.training.loop import train
+from pathgan.shards.pack import PackOptions, pack
+from pathgan.shards.stream import make_image_stream
+from pathgan.train.logbook import read_metrics
+from pathgan.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rates import images_per_second  # noqa: E402

@@ -62,10 +62,10 @@ pathgan_activate_venv "$ROOT"
 PYTHON=${PYTHON:-python}
 
 # --- this node's GPUs and precision -------------------------------------------------------------
-# pathgan decides (pathgan/training/precision.py: bf16 on compute capability >= 8.0, fp16 below,
+# pathgan decides (pathgan/train/precision.py: bf16 on compute capability >= 8.0, fp16 below,
 # no on CPU), so that this script and pathgan train never disagree. A failed probe stops here:
 # guessing "no GPU" would quietly train on the CPU of a GPU node.
-probe=$("$PYTHON" -m pathgan.training.precision 2>&1) \
+probe=$("$PYTHON" -m pathgan.train.precision 2>&1) \
     || die "cannot ask $PYTHON for this node's GPUs (is pathgan installed?): ${probe##*$'\n'}"
 read -r found_gpus auto_precision <<<"${probe##*$'\n'}"
 gpus=${PATHGAN_GPUS_PER_NODE:-$found_gpus}

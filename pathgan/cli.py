@@ -12,7 +12,7 @@ import sys
 
 import pathgan.commands
 from pathgan import __version__
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path
-from pathgan.training.augment import parse_policy
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path
+from pathgan.models.augment import parse_policy
 
 
 @dataclass

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pathgan.errors import PathganError
-from pathgan.fileio import read_json
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"

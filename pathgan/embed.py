@@ -1,7 +1,7 @@
 """``pathgan embed``: precompute encoder embeddings of a shard set, one file per shard.
 
-The files are those of :mod:`pathgan.data.embeddings`. Work is split by shard: worker ``w`` of
-``W`` takes shards ``w, w + W, ...`` of the manifest, where ``w = task_index * world_size +
+The files are those of :mod:`pathgan.shards.embedding_files`. Work is split by shard: worker
+``w`` of ``W`` takes shards ``w, w + W, ...`` of the manifest, where ``w = task_index * world_size +
 rank`` combines a SLURM array task (or ``--task-index``) with an ``accelerate launch``/
 ``torchrun`` rank, so no two workers write the same file. Finished, verified outputs are
 skipped; files are written under a temporary name and renamed.
@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathgan.data.embeddings import (
+from pathgan.core.devices import default_device
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import sha256_file
+from pathgan.core.images import uint8_to_signed
+from pathgan.shards.embedding_files import (
     as_encoder_id,
     check_embedding_file,
     embedding_path,
     embeddings_dir,
     write_embedding_file,
 )
-from pathgan.data.format import load_manifest
-from pathgan.data.reading import ShardSamples, collate_samples, index_shard
-from pathgan.devices import default_device
-from pathgan.errors import PathganError
-from pathgan.fileio import sha256_file
-from pathgan.images import uint8_to_signed
+from pathgan.shards.format import load_manifest
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_MAX_MISSING = 0.05

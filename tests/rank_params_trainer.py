@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from pathgan.cli import build_parser
 from pathgan.config import load_config
-from pathgan.training.loop import train
+from pathgan.train.loop import train
 
 
 def main() -> None:

@@ -18,14 +18,14 @@ from test_convert import ENCODER_ID, embed_with_fake_encoder
 from test_train import QUIET
 
 from pathgan.config import load_config
-from pathgan.data.format import decode_sample, encode_image, shard_paths
-from pathgan.data.reading import iter_tar_samples
-from pathgan.errors import PathganError
-from pathgan.fileio import sha256_file
-from pathgan.images import hwc_to_chw
-from pathgan.training.augment import flip_rotate
-from pathgan.training.cache import ShareItem, build_cache, rank_shares
-from pathgan.training.objective import EMBEDDINGS, IMAGES, LABELS
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import sha256_file
+from pathgan.core.images import hwc_to_chw
+from pathgan.models.augment import flip_rotate
+from pathgan.shards.format import decode_sample, encode_image, shard_paths
+from pathgan.shards.reading import iter_tar_samples
+from pathgan.train.cache import ShareItem, build_cache, rank_shares
+from pathgan.train.objective import EMBEDDINGS, IMAGES, LABELS
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 
@@ -214,8 +214,8 @@ import torch
 from accelerate import Accelerator
 
 from pathgan.config import load_config
-from pathgan.training.cache import build_cache
-from pathgan.training.objective import IMAGES
+from pathgan.train.cache import build_cache
+from pathgan.train.objective import IMAGES
 
 accelerator = Accelerator(cpu=True)
 config = load_config(sys.argv[1], sys.argv[3:])

@@ -11,7 +11,7 @@ from conftest import assert_same_weights, cli_command
 from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, SMOKE, run_training
 
-from pathgan.training.checkpoint import checkpoint_problem, commit_checkpoint, staging_dir
+from pathgan.train.checkpoint import checkpoint_problem, commit_checkpoint, staging_dir
 
 # torch.compile with the eager backend: the same OptimizedModule wrapper (and key prefix
 # `_orig_mod.`) as inductor, without minutes of C++ compilation on a CPU.
@@ -145,8 +145,8 @@ def test_an_explicit_damaged_checkpoint_is_refused(tmp_path, damage):
         (path / "model.safetensors").write_bytes(b"w")
     else:
         (path / "model.safetensors").unlink()
-    from pathgan.errors import PathganError
-    from pathgan.training.checkpoint import resolve_resume
+    from pathgan.core.errors import PathganError
+    from pathgan.train.checkpoint import resolve_resume
 
     with pytest.raises(PathganError, match="damaged checkpoint"):
         resolve_resume(tmp_path, str(path))

@@ -9,15 +9,15 @@ import pytest
 import webdataset as wds
 from conftest import run_cli
 
-from pathgan.data.embeddings import (
+from pathgan.core.fileio import sha256_file
+from pathgan.shards.embedding_files import (
     check_embedding_file,
     embedding_path,
     read_embedding_file,
     write_embedding_file,
 )
-from pathgan.data.format import decode_sample, encode_image, load_manifest, shard_paths
-from pathgan.data.reading import iter_tar_samples, shard_keys
-from pathgan.fileio import sha256_file
+from pathgan.shards.format import decode_sample, encode_image, load_manifest, shard_paths
+from pathgan.shards.reading import iter_tar_samples, shard_keys
 
 ENCODER_ID = "test-encoder"
 

@@ -12,8 +12,8 @@ from conftest import REPO
 
 from pathgan.cli import build_parser
 from pathgan.config import Config, load_config
+from pathgan.core.errors import PathganError
 from pathgan.encoders import is_encoder_id, parse_spec
-from pathgan.errors import PathganError
 
 README = (REPO / "README.md").read_text()
 

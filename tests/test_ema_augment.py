@@ -1,11 +1,11 @@
-"""The EMA generator's warm-up and DiffAugment (pathgan.training.ema, .augment)."""
+"""The EMA generator's warm-up and DiffAugment (pathgan.train.ema, .augment)."""
 
 import pytest
 import torch
 
 from pathgan.models import Generator
-from pathgan.training.augment import DiffAugment, cutout, parse_policy, translation
-from pathgan.training.ema import GeneratorEMA
+from pathgan.models.augment import DiffAugment, cutout, parse_policy, translation
+from pathgan.train.ema import GeneratorEMA
 
 
 def trained_copy(generator: Generator, seed: int) -> Generator:

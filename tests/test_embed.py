@@ -15,18 +15,18 @@ from PIL import Image
 
 from pathgan import embed as embed_module
 from pathgan.cli import main as cli_main
-from pathgan.data.embeddings import (
+from pathgan.core.fileio import sha256_file
+from pathgan.core.images import hwc_to_chw, uint8_to_signed
+from pathgan.embed import assigned_shards, embed_shards, worker_assignment
+from pathgan.encoders import load_encoder
+from pathgan.shards.embedding_files import (
     embedding_path,
     read_embedding_file,
     read_embeddings,
     verify_embeddings,
 )
-from pathgan.data.format import decode_sample, load_manifest
-from pathgan.data.reading import shard_keys
-from pathgan.embed import assigned_shards, embed_shards, worker_assignment
-from pathgan.encoders import load_encoder
-from pathgan.fileio import sha256_file
-from pathgan.images import hwc_to_chw, uint8_to_signed
+from pathgan.shards.format import decode_sample, load_manifest
+from pathgan.shards.reading import shard_keys
 
 try:
     from tinymodels import make_tiny_path_foundation

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
 
 from pathgan.config import load_config
-from pathgan.data.embeddings import embedding_path, read_embedding_file, read_embeddings
-from pathgan.data.format import decode_sample, shard_paths
-from pathgan.data.reading import iter_tar_samples
-from pathgan.images import hwc_to_chw, uint8_to_signed
-from pathgan.training.build import build_gan
-from pathgan.training.logbook import read_metrics
+from pathgan.core.images import hwc_to_chw, uint8_to_signed
+from pathgan.shards.embedding_files import embedding_path, read_embedding_file, read_embeddings
+from pathgan.shards.format import decode_sample, shard_paths
+from pathgan.shards.reading import iter_tar_samples
+from pathgan.train.build import build_gan
+from pathgan.train.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "embgan-smoke.yaml"
 TIMM = "timm:vit_tiny_patch16_224:random"
@@ -194,7 +194,7 @@ def test_the_encoder_runs_in_the_precision_of_the_real_embeddings(tmp_path, embe
 
 def test_the_encoder_ignores_the_trainers_autocast():
     from pathgan.encoders import load_encoder
-    from pathgan.training.objective import GANObjective
+    from pathgan.train.objective import GANObjective
 
     encoder = load_encoder(TIMM, device="cpu")
     objective = GANObjective({"embeddings": torch.nn.Identity()}, {"embeddings": 1.0}, encoder)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from pathgan.core.errors import PathganError
 from pathgan.encoders import is_encoder_id, load_encoder, parse_spec, resolve_encoder_id
 from pathgan.encoders.path_foundation import import_tensorflow
-from pathgan.errors import PathganError
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache, make_tiny_path_foundation

@@ -131,7 +131,7 @@ def test_inception_without_weights_is_one_clear_line(tiny_run, slide_shards, tmp
 
 
 def test_default_encoder_comes_from_the_runs(tmp_path):
-    from pathgan.errors import PathganError
+    from pathgan.core.errors import PathganError
     from pathgan.evaluation import DEFAULT_ENCODER, default_encoder_spec
 
     plain, emb, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"

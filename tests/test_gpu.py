@@ -27,12 +27,12 @@ from safetensors.torch import load_file
 from test_train import QUIET, initial_generator_weight
 
 from pathgan.config import load_config
-from pathgan.data.format import decode_sample, shard_paths
-from pathgan.data.reading import iter_tar_samples
+from pathgan.core.images import hwc_to_chw, uint8_to_signed
 from pathgan.encoders import load_encoder
-from pathgan.images import hwc_to_chw, uint8_to_signed
 from pathgan.models import noise_batch
-from pathgan.training.logbook import read_metrics
+from pathgan.shards.format import decode_sample, shard_paths
+from pathgan.shards.reading import iter_tar_samples
+from pathgan.train.logbook import read_metrics
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_data  # noqa: E402
@@ -280,7 +280,7 @@ import torch
 
 torch.compile = functools.partial(torch.compile, backend=sys.argv[1])
 from pathgan.config import load_config
-from pathgan.training import loop
+from pathgan.train import loop
 
 step = loop.train_step
 calls = [0]

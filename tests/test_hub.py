@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pathgan.config import config_to_dict, load_config
-from pathgan.errors import PathganError
-from pathgan.training.logbook import read_metrics
+from pathgan.core.errors import PathganError
+from pathgan.train.logbook import read_metrics
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache
@@ -294,8 +294,8 @@ def test_a_failed_upload_is_one_line(tiny_run, capsys, monkeypatch, problem, mes
 
 
 def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
-    from pathgan.hub import public_config
-    from pathgan.model_card import RunFacts, recipe_rows
+    from pathgan.publish.model_card import RunFacts, recipe_rows
+    from pathgan.publish.push import public_config
 
     config = config_to_dict(load_config(REPO / "configs" / "embgan-smoke.yaml", [
         "model.encoder=path-foundation:/data/models/pf", "model.hybrid=true"]))
@@ -313,7 +313,7 @@ def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
 
 
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):
-    from pathgan.hub import check_no_local_paths
+    from pathgan.publish.push import check_no_local_paths
 
     (tmp_path / "README.md").write_text("trained on /data/secret/slides\n")
     check_no_local_paths(tmp_path, ["/data/other"])
@@ -418,8 +418,8 @@ def patch_table(tmp_path):
 
 
 def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
-    from pathgan.data.pack_worker import read_patch_image
-    from pathgan.data.tables import PatchTable, TableColumns
+    from pathgan.shards.pack_worker import read_patch_image
+    from pathgan.shards.tables import PatchTable, TableColumns
 
     root, images, sizes, embeddings = patch_table
     table = PatchTable(str(root), TableColumns(label="label", group="slide", embedding="emb"))
@@ -442,7 +442,7 @@ def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
 
 
 def test_raw_bytes_columns_and_a_corrupt_row(tmp_path):
-    from pathgan.data.tables import PatchTable, TableColumns
+    from pathgan.shards.tables import PatchTable, TableColumns
 
     images = [_encoded(64, 64, 0, image_format="JPEG"), b"not an image", _encoded(32, 32, 1)]
     path = tmp_path / "raw.parquet"
@@ -458,7 +458,7 @@ def test_raw_bytes_columns_and_a_corrupt_row(tmp_path):
 
 @pytest.mark.usefixtures("offline_hub")
 def test_a_hub_data_set_from_the_local_cache(patch_table):
-    from pathgan.data.tables import PatchTable, TableColumns
+    from pathgan.shards.tables import PatchTable, TableColumns
 
     root, *_ = patch_table
     cache = _hub_cache()
@@ -479,7 +479,7 @@ def test_table_errors_are_one_line(patch_table, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pathgan.data.tables import PatchTable, TableColumns
+    from pathgan.shards.tables import PatchTable, TableColumns
 
     root, *_ = patch_table
     (tmp_path / "empty").mkdir()

@@ -1,9 +1,9 @@
-"""The statistics of pathgan.metrics on synthetic feature sets (no images, no models)."""
+"""The statistics of pathgan.evaluation.metrics on synthetic feature sets (no images, no models)."""
 
 import pytest
 import torch
 
-from pathgan.metrics import (
+from pathgan.evaluation.metrics import (
     compare_features,
     frechet_distance,
     kernel_inception_distance,
@@ -77,7 +77,7 @@ def test_compare_features_keys_and_shape_checks(real):
 def test_frechet_distance_agrees_with_torchmetrics():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from pathgan.metrics import _Precomputed
+    from pathgan.evaluation.metrics import _Precomputed
 
     real, fake = gaussian(200, seed=5), gaussian(150, seed=6, shift=0.3) * 1.5
     metric = FrechetInceptionDistance(feature=_Precomputed(DIM)).set_dtype(torch.float64)

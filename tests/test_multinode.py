@@ -13,7 +13,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_train import SMOKE, initial_generator_weight
 
-from pathgan.training.logbook import read_metrics
+from pathgan.train.logbook import read_metrics
 
 pytestmark = pytest.mark.slow  # two launchers, two training processes
 

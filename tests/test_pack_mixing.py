@@ -4,8 +4,8 @@ import json
 
 from conftest import run_cli
 
-from pathgan.data.format import load_manifest, shard_paths
-from pathgan.data.reading import iter_tar_samples
+from pathgan.shards.format import load_manifest, shard_paths
+from pathgan.shards.reading import iter_tar_samples
 
 
 def shard_metadata(shards_dir) -> list[list[dict]]:

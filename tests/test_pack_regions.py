@@ -11,13 +11,13 @@ import tiffslide
 from conftest import run_cli
 from PIL import Image
 
-import pathgan.data.pack as pack_module
-from pathgan.data import slides
-from pathgan.data.format import load_manifest, shard_paths
-from pathgan.data.inspect import verify_shards
-from pathgan.data.pack import PackOptions, pack
-from pathgan.data.reading import iter_tar_samples
-from pathgan.data.synthetic_slide import CAMELYON16_MPP, write_camelyon16_layout
+import pathgan.shards.pack as pack_module
+from pathgan.shards import slides
+from pathgan.shards.format import load_manifest, shard_paths
+from pathgan.shards.inspect import verify_shards
+from pathgan.shards.pack import PackOptions, pack
+from pathgan.shards.reading import iter_tar_samples
+from pathgan.shards.synthetic_slide import CAMELYON16_MPP, write_camelyon16_layout
 
 
 @pytest.fixture(scope="module")

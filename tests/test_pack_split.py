@@ -9,9 +9,9 @@ from pathlib import Path
 import tiffslide
 from conftest import REPO, run_cli
 
-from pathgan.data.format import load_manifest, shard_paths
-from pathgan.data.pack import PackOptions, discover_sources
-from pathgan.data.reading import iter_tar_samples
+from pathgan.shards.format import load_manifest, shard_paths
+from pathgan.shards.pack import PackOptions, discover_sources
+from pathgan.shards.reading import iter_tar_samples
 
 
 def membership(shards_dir: Path) -> dict[str, str]:

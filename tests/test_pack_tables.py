@@ -14,18 +14,18 @@ from conftest import REPO, run_cli
 from PIL import Image
 from test_train import QUIET
 
-from pathgan.data.embeddings import (
+from pathgan.core.errors import PathganError
+from pathgan.core.images import uint8_to_signed
+from pathgan.encoders import load_encoder
+from pathgan.shards.embedding_files import (
     embedding_path,
     read_embedding_file,
     read_embeddings,
     verify_embeddings,
 )
-from pathgan.data.format import decode_sample, load_manifest, shard_paths
-from pathgan.data.pack_worker import read_patch_image
-from pathgan.data.reading import iter_tar_samples
-from pathgan.encoders import load_encoder
-from pathgan.errors import PathganError
-from pathgan.images import uint8_to_signed
+from pathgan.shards.format import decode_sample, load_manifest, shard_paths
+from pathgan.shards.pack_worker import read_patch_image
+from pathgan.shards.reading import iter_tar_samples
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache, make_tiny_path_foundation
@@ -328,7 +328,7 @@ def test_unsupported_encodings_and_table_options_without_a_table(tmp_path, capsy
 
 def test_units_of_any_size_and_any_worker_count_give_the_same_bytes(packed, table, tmp_path,
                                                                     monkeypatch):
-    from pathgan.data import pack_worker
+    from pathgan.shards import pack_worker
 
     monkeypatch.setattr(pack_worker, "TABLE_ROWS_PER_UNIT", 4)  # units start inside row groups
     out = tmp_path / "small-units"
@@ -412,7 +412,7 @@ def test_rows_without_a_group_take_their_files_group(table_parts, tmp_path):
 
 
 def test_read_units_join_small_row_groups_and_cut_big_ones_in_a_few():
-    from pathgan.data.pack_worker import table_units
+    from pathgan.shards.pack_worker import table_units
 
     assert table_units([0, 100, 200, 300, 400]).tolist() == [0, 300]  # Hub files: 100-row groups
     one_group = table_units([0, 1_000_000])  # pyarrow's default: one group for the whole file

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from pathgan.data.format import decode_sample, shard_paths
-from pathgan.data.pipeline import ShardOrder, make_image_stream, stack_samples
-from pathgan.data.reading import iter_tar_samples
-from pathgan.errors import PathganError
-from pathgan.images import hwc_to_chw
+from pathgan.core.errors import PathganError
+from pathgan.core.images import hwc_to_chw
+from pathgan.shards.format import decode_sample, shard_paths
+from pathgan.shards.reading import iter_tar_samples
+from pathgan.shards.stream import ShardOrder, make_image_stream, stack_samples
 
 SHARD_SAMPLES = 30  # and a shuffle buffer of the same size, the ratio of a real shard set
 
@@ -165,7 +165,7 @@ def test_some_unreadable_shards_are_skipped_not_fatal(tmp_path, slide_shards):
 SPAWN_SCRIPT = """
 import multiprocessing
 import sys
-from pathgan.data.pipeline import make_image_stream
+from pathgan.shards.stream import make_image_stream
 
 if __name__ == "__main__":
     multiprocessing.set_start_method("spawn", force=True)  # macOS's and Python 3.14's default

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from pathgan.training import loop
-from pathgan.training.precision import resolve_mixed_precision
+from pathgan.train import loop
+from pathgan.train.precision import resolve_mixed_precision
 
 
 def _fake_gpus(monkeypatch, *capabilities):

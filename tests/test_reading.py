@@ -7,7 +7,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from pathgan.data.reading import TarFormatError, index_shard, tar_samples
+from pathgan.shards.reading import TarFormatError, index_shard, tar_samples
 
 LONG = "slide-" + "x" * 120  # a key longer than a ustar name field (100 bytes)
 

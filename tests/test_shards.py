@@ -13,10 +13,10 @@ import torch
 from conftest import cli_command, run_cli
 from PIL import Image
 
-from pathgan.data.format import load_manifest, shard_paths
-from pathgan.data.inspect import verify_shards
-from pathgan.data.pipeline import make_image_stream
-from pathgan.data.reading import iter_tar_samples, shard_keys
+from pathgan.shards.format import load_manifest, shard_paths
+from pathgan.shards.inspect import verify_shards
+from pathgan.shards.reading import iter_tar_samples, shard_keys
+from pathgan.shards.stream import make_image_stream
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -173,8 +173,8 @@ def test_truncated_tar_fails_verify_and_is_skipped_by_the_pipeline(tmp_path, sli
 def test_corrupt_sample_is_skipped_by_the_pipeline(tmp_path):
     import webdataset as wds
 
-    from pathgan.data.format import encode_image
-    from pathgan.fileio import sha256_file
+    from pathgan.core.fileio import sha256_file
+    from pathgan.shards.format import encode_image
 
     out = tmp_path / "corrupt"
     out.mkdir()

@@ -1,10 +1,11 @@
-"""SWD on Laplacian pyramids (pathgan.metrics) against a direct reference written here."""
+"""SWD on Laplacian pyramids (pathgan.evaluation.metrics) against a direct reference written
+here."""
 
 import numpy as np
 import pytest
 import torch
 
-from pathgan.metrics import (
+from pathgan.evaluation.metrics import (
     SWD_NEIGHBOURHOOD,
     laplacian_descriptors,
     neighbourhood_centres,

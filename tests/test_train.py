@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
-from pathgan.training.logbook import read_metrics
+from pathgan.train.logbook import read_metrics
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -93,7 +93,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
         select_real,
         swd_extractor,
     )
-    from pathgan.metrics import sliced_wasserstein_distance
+    from pathgan.evaluation.metrics import sliced_wasserstein_distance
     from pathgan.models.export import load_generator
 
     exported, config = load_generator(smoke_run, "cpu")
@@ -142,7 +142,7 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(smoke_run, slide_shards):
 
 
 def test_a_checkpoint_is_replaced_whole(tmp_path):
-    from pathgan.training.checkpoint import (
+    from pathgan.train.checkpoint import (
         commit_checkpoint,
         list_checkpoints,
         prune_checkpoints,
@@ -227,7 +227,7 @@ import os
 import sys
 from safetensors.torch import save_file
 from pathgan.config import load_config
-from pathgan.training.loop import train
+from pathgan.train.loop import train
 
 config = load_config(sys.argv[1], sys.argv[2:])
 result = train(config)
@@ -293,7 +293,7 @@ NAN_SCRIPT = """
 import sys
 import torch
 from pathgan.cli import main
-from pathgan.training.objective import GANObjective
+from pathgan.train.objective import GANObjective
 
 def nan_loss(self, real, fake):
     return torch.tensor(float("nan"), requires_grad=True), {}
@@ -334,7 +334,7 @@ import sys
 import threading
 import torch
 from pathgan.config import load_config
-from pathgan.training import loop
+from pathgan.train import loop
 
 # Every way Python code reads a tensor's value on the host (each waits for the device).
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
@@ -431,7 +431,7 @@ def test_missing_config_and_shards_are_one_line_errors(tmp_path):
 
 
 def test_channels_last_keeps_the_projection_of_z_contiguous():
-    from pathgan.training.build import to_device
+    from pathgan.train.build import to_device
 
     generator = to_device(Generator(nz=16, ngf=4), torch.device("cpu"), channels_last=True)
     weights = {name: p for name, p in generator.named_parameters() if p.ndim == 4}
@@ -440,7 +440,7 @@ def test_channels_last_keeps_the_projection_of_z_contiguous():
 
 
 def test_too_few_samples_per_rank_for_batchnorm_is_said_in_one_line():
-    from pathgan.training.loop import batchnorm_batch_warning
+    from pathgan.train.loop import batchnorm_batch_warning
 
     networks = [Generator(ngf=4), Discriminator(ndf=4)]
     reference = load_config(SMOKE, ["train.batch_size=128"])

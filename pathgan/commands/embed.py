@@ -7,7 +7,7 @@ complete, aligned embedding file.
 
 import sys
 
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 
 DESCRIPTION = """\
 Compute embeddings of a shard set with a frozen encoder, one file per shard under
@@ -77,7 +77,7 @@ def run(args) -> int:
 
 
 def run_verify(shards_dir: str, encoder: str) -> int:
-    from pathgan.data.embeddings import verify_embeddings
+    from pathgan.shards.embedding_files import verify_embeddings
 
     report = verify_embeddings(shards_dir, encoder)
     for problem in report["problems"]:

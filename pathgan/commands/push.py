@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathgan.hub import push
+    from pathgan.publish.push import push
 
     where = push(args.run_dir, args.repo, private=args.private, revision=args.revision,
                  best=args.best, eval_path=args.eval, dry_run=args.dry_run)

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run_sample(args) -> int:
-    from pathgan.sampling import sample
+    from pathgan.sample import sample
 
     out = sample(args.generator, args.n, args.out, image_format=args.format,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
@@ -34,8 +34,8 @@ def run_sample(args) -> int:
 
 
 def run_arch(args) -> int:
-    from pathgan.architecture import write_architecture
     from pathgan.config import load_config
+    from pathgan.train.architecture import write_architecture
 
     for path in write_architecture(load_config(args.config, args.overrides), args.out):
         print(f"wrote {path}")

@@ -2,7 +2,7 @@
 
 import os
 
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 
 
 def _sizes(text: str) -> list[int]:
@@ -125,8 +125,8 @@ def register(subparsers) -> None:
 
 
 def run_pack(args) -> int:
-    from pathgan.data.inspect import summary_lines
-    from pathgan.data.pack import PackOptions, pack
+    from pathgan.shards.inspect import summary_lines
+    from pathgan.shards.pack import PackOptions, pack
 
     options = PackOptions(
         patch_sizes=_sizes(args.patch_sizes),
@@ -163,8 +163,8 @@ def run_pack(args) -> int:
 
 
 def run_convert(args) -> int:
-    from pathgan.data.convert import convert
-    from pathgan.data.inspect import summary_lines
+    from pathgan.shards.convert import convert
+    from pathgan.shards.inspect import summary_lines
 
     manifest = convert(args.src, args.out, "npy" if args.format == "raw" else args.format,
                        jpeg_quality=args.jpeg_quality, workers=args.workers,
@@ -178,7 +178,7 @@ def run_convert(args) -> int:
 
 
 def run_verify(args) -> int:
-    from pathgan.data.inspect import verify_shards
+    from pathgan.shards.inspect import verify_shards
 
     problems = verify_shards(args.shards_dir)
     for problem in problems:
@@ -191,8 +191,8 @@ def run_verify(args) -> int:
 
 
 def run_show(args) -> int:
-    from pathgan.data.format import load_manifest
-    from pathgan.data.inspect import save_samples_grid, summary_lines
+    from pathgan.shards.format import load_manifest
+    from pathgan.shards.inspect import save_samples_grid, summary_lines
 
     for line in summary_lines(load_manifest(args.shards_dir)):
         print(line)
@@ -202,7 +202,7 @@ def run_show(args) -> int:
 
 
 def run_merge(args) -> int:
-    from pathgan.data.merge import merge
+    from pathgan.shards.merge import merge
 
     merge(args.out_dir, if_complete=args.if_complete)
     return 0

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from pathgan.config import load_config
-    from pathgan.training.loop import train
+    from pathgan.train.loop import train
 
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     if not result.preempted and os.environ.get("RANK", "0") == "0":

@@ -22,8 +22,8 @@ from pathgan.encoders.tensorflow_runtime import protect_from_triton_clash
 # Before anything else can import triton: with TensorFlow already imported, that would crash.
 protect_from_triton_clash()
 
+from pathgan.core.errors import PathganError  # noqa: E402
 from pathgan.encoders.base import Encoder  # noqa: E402
-from pathgan.errors import PathganError  # noqa: E402
 
 __all__ = ["Encoder", "EncoderSpec", "is_encoder_id", "load_encoder", "parse_spec",
            "resolve_encoder_id"]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE, signed_to_unit
 from pathgan.encoders.base import Encoder, safe_id_part
 from pathgan.encoders.tensorflow_runtime import (
     import_tensorflow,
@@ -29,8 +31,6 @@ from pathgan.encoders.tensorflow_runtime import (
     resolve_device,
     tensorflow_setup,
 )
-from pathgan.errors import PathganError
-from pathgan.images import IMAGE_SIZE, signed_to_unit
 
 REPO_ID = "google/path-foundation"
 REPO_URL = f"https://huggingface.co/{REPO_ID}"
@@ -71,7 +71,7 @@ def resolve(location: str | None = None, revision: str | None = None,
         _check_layout(folder)
         weights = local_revision(folder)
     else:
-        from pathgan.hub import hub_snapshot
+        from pathgan.publish.push import hub_snapshot
 
         folder = hub_snapshot(REPO_ID, revision=revision, token=token)
         _check_layout(folder)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pathgan.devices import default_device
-from pathgan.errors import PathganError
+from pathgan.core.devices import default_device
+from pathgan.core.errors import PathganError
 
 #: inter-op pool size of a rank's TensorFlow on a shared CPU: a ViT forward is a chain of ops
 CPU_INTER_OP_THREADS = 2
@@ -139,7 +139,7 @@ def configure_tensorflow(tf, device: torch.device | None, local_rank: int | None
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """A concrete torch device (default: :func:`~pathgan.devices.default_device`; ``cuda`` ->
+    """A concrete torch device (default: :func:`~pathgan.core.devices.default_device`; ``cuda`` ->
     ``cuda:N``, the current one)."""
     device = default_device(device)
     if device.type == "cuda" and device.index is None:

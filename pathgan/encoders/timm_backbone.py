@@ -12,10 +12,10 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from pathgan.devices import default_device
+from pathgan.core.devices import default_device
+from pathgan.core.errors import PathganError
+from pathgan.core.images import signed_to_unit
 from pathgan.encoders.base import Encoder, safe_id_part
-from pathgan.errors import PathganError
-from pathgan.images import signed_to_unit
 
 RANDOM_SEED = 0
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -2,7 +2,7 @@
 
 Used by ``pathgan eval`` (:mod:`~pathgan.evaluation.job`) and by the training loop every
 ``eval.every`` steps (:class:`~pathgan.evaluation.evaluator.InLoopEvaluator`). The metric math
-is :mod:`pathgan.metrics`; here, in the order the work flows:
+is :mod:`pathgan.evaluation.metrics`; here, in the order the work flows:
 
 - :mod:`~pathgan.evaluation.ranks`: which rank does which samples, gathering their rows,
   broadcasting rank 0's figures;

@@ -1,4 +1,5 @@
-"""Scoring: two feature sets -> the statistics of :mod:`pathgan.metrics`, the same on every rank.
+"""Scoring: two feature sets -> the statistics of :mod:`pathgan.evaluation.metrics`, the same on
+every rank.
 
 :func:`score_features` computes (on rank 0, then broadcast) the figures that ``pathgan eval``
 reports (:mod:`pathgan.evaluation.report`) and the training loop logs; it writes nothing.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 from pathgan.evaluation.features import (
     DEFAULT_BATCH_SIZE,
     ENCODER,
@@ -56,7 +57,7 @@ def score_features(real: dict, fake: dict, state, *, k: int, subsets: int, subse
     (non-finite figures as None)."""
     result, error = None, None
     if state.is_main_process:
-        from pathgan.metrics import (
+        from pathgan.evaluation.metrics import (
             compare_features,
             frechet_distance,
             sliced_wasserstein_distance,

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathgan.data.reading import collate_samples
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE, signed_to_uint8, uint8_to_signed
 from pathgan.evaluation.ranks import gather_rows, progress_bar, rank_slice
-from pathgan.images import IMAGE_SIZE, signed_to_uint8, uint8_to_signed
 from pathgan.models import generated_batches, noise_batch
+from pathgan.shards.reading import collate_samples
 
 MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
 DEFAULT_BATCH_SIZE = 64
@@ -56,7 +56,11 @@ def encoder_extractor(encoder) -> Extractor:
 
 def swd_extractor(n: int, seed: int = 0) -> Extractor:
     """Laplacian-pyramid descriptors of every image, for the SWD of a set of ``n`` images."""
-    from pathgan.metrics import descriptors_per_image, laplacian_descriptors, swd_descriptor_dim
+    from pathgan.evaluation.metrics import (
+        descriptors_per_image,
+        laplacian_descriptors,
+        swd_descriptor_dim,
+    )
 
     per_image = descriptors_per_image(n)
     return Extractor(
@@ -106,7 +110,7 @@ def inception_extractor(weights: str | Path | None = None, device=None) -> Extra
 # -- the real side -----------------------------------------------------------------------------
 def real_split(shards_dir: str | Path) -> str:
     """``val`` when the shard set has validation samples, else ``train``."""
-    from pathgan.data.format import load_manifest
+    from pathgan.shards.format import load_manifest
 
     shards = load_manifest(shards_dir)["shards"]
     has_val = any(s["split"] == "val" and s["samples"] > 0 for s in shards)
@@ -120,7 +124,7 @@ class RealSet:
     shards_dir: Path
     split: str
     keys: list[str]
-    dataset: object  # pathgan.data.reading.ShardSamples over exactly these keys, in this order
+    dataset: object  # pathgan.shards.reading.ShardSamples over exactly these keys, in this order
     available: int  # samples in the split
     note: str = ""
     source: dict = field(default_factory=dict)  # extractor name -> "embeddings" | "images"
@@ -133,8 +137,8 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
                 split: str | None = None) -> RealSet:
     """Draw ``min(n, available)`` real samples of ``split`` (default: :func:`real_split`) with a
     seeded generator, kept in shard order."""
-    from pathgan.data.format import load_manifest
-    from pathgan.data.reading import ShardSamples, index_shard
+    from pathgan.shards.format import load_manifest
+    from pathgan.shards.reading import ShardSamples, index_shard
 
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
@@ -169,7 +173,7 @@ def _precomputed(real: RealSet, encoder) -> torch.Tensor | None:
     """Rows of precomputed embeddings for ``real``'s keys, or None when they do not all exist
     or were computed in another precision than the encoder's (the generated side would then
     differ from the real one by rounding alone)."""
-    from pathgan.data.embeddings import read_embeddings, stored_precision
+    from pathgan.shards.embedding_files import read_embeddings, stored_precision
 
     try:
         if stored_precision(real.shards_dir, encoder.encoder_id, real.split) != encoder.precision:

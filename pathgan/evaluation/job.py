@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import timestamp
+from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation.evaluator import (
     DEFAULT_ENCODER,
     eval_encoder_spec,
@@ -34,8 +36,6 @@ from pathgan.evaluation.features import (
 )
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
-from pathgan.fileio import timestamp
-from pathgan.images import save_image_grid, signed_to_uint8
 from pathgan.models import generate, noise_batch
 from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
 
@@ -72,7 +72,7 @@ def default_encoder_spec(run_dirs: list[Path]) -> str:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    from pathgan.training.logbook import METRICS, read_metrics
+    from pathgan.train.logbook import METRICS, read_metrics
 
     rows = read_metrics(run_dir / METRICS)
     return rows[-1]["step"] if rows else None
@@ -106,7 +106,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     """Evaluate runs against ``n`` real samples of ``real_shards``; write ``eval.json``,
     ``report.md`` and grids into ``out_dir`` (rank 0). Returns the eval.json dict (every rank).
     """
-    from pathgan.hub import resolve_generator
+    from pathgan.publish.push import resolve_generator
 
     state = make_state()
     sources = [resolve_generator(run) for run in run_dirs]

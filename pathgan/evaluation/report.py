@@ -3,8 +3,8 @@ summaries. Nothing here computes a figure (:mod:`pathgan.evaluation.evaluator` d
 
 from pathlib import Path
 
+from pathgan.core.fileio import atomic_path, write_json
 from pathgan.evaluation.evaluator import INCEPTION_KEY
-from pathgan.fileio import atomic_path, write_json
 
 
 def write_report(result: dict, out_dir: Path) -> None:

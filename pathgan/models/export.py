@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, read_json, write_json
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path, read_json, write_json
 from pathgan.models.dcgan import Generator
 
 GENERATOR_WEIGHTS = "generator.safetensors"

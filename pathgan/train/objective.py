@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pathgan.training.augment import DiffAugment
+from pathgan.models.augment import DiffAugment
 
 IMAGES = "images"
 EMBEDDINGS = "embeddings"

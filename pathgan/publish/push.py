@@ -8,7 +8,7 @@
   the usual cache, token and ``HF_HUB_OFFLINE``) and is pinned to the commit it resolved to.
 - :func:`push`: the folder a model repo gets (the exported generator, the training config without
   local paths, ``eval.json``, a sample grid, the loss plot and a model card written by
-  :mod:`pathgan.model_card`), uploaded with ``HfApi.upload_folder``, or written for review.
+  :mod:`pathgan.publish.model_card`), uploaded with ``HfApi.upload_folder``, or written for review.
 
 The token comes from ``hf auth login`` or ``HF_TOKEN`` and is handed to ``HfApi`` only: it is
 never printed or written.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, write_json
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path, write_json
 
 HUB_SPEC = re.compile(r"hf-hub:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -131,7 +131,7 @@ def resolve_generator(spec: str | Path) -> GeneratorSource:
 # -- the folder a repo gets --------------------------------------------------------------------
 def public_config(config: dict) -> tuple[dict, list[str]]:
     """The training config without local paths, and comment lines saying what was changed."""
-    from pathgan.model_card import public_encoder_spec
+    from pathgan.publish.model_card import public_encoder_spec
 
     public = {section: dict(values) for section, values in config.items()}
     notes = []
@@ -149,7 +149,7 @@ def public_config(config: dict) -> tuple[dict, list[str]]:
 
 def public_eval(result: dict, entry: dict) -> dict:
     """``eval.json`` reduced to this generator's figures, without local paths or file names."""
-    from pathgan.model_card import public_encoder_spec
+    from pathgan.publish.model_card import public_encoder_spec
 
     def without(mapping: dict, kind: str) -> dict:
         return {k: v for k, v in mapping.items() if k not in EVAL_LOCAL_KEYS[kind]}
@@ -173,8 +173,8 @@ def _write_config(config: dict, path: Path) -> None:
 
 def write_repo_folder(facts, folder: Path, repo_id: str, revision: str | None = None) -> list[str]:
     """Write every file the repo gets into ``folder``; returns their names."""
-    from pathgan.model_card import public_encoder_spec, render_card
     from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
+    from pathgan.publish.model_card import public_encoder_spec, render_card
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(facts.generator_dir / GENERATOR_WEIGHTS, folder / GENERATOR_WEIGHTS)
@@ -264,7 +264,7 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False,
          dry_run: str | Path | None = None) -> str:
     """Upload a run's generator with its model card; with ``dry_run`` write the folder there
     instead and upload nothing. Returns the commit URL, or the dry-run folder."""
-    from pathgan.model_card import read_run_facts
+    from pathgan.publish.model_card import read_run_facts
 
     if not REPO_ID.fullmatch(repo_id):
         raise PathganError(f"--repo {repo_id!r} is not of the form ORG/NAME")

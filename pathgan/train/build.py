@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
-from pathgan.training.augment import DiffAugment
-from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.models.augment import DiffAugment
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 
 
 @dataclass

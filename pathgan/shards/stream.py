@@ -42,16 +42,16 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pathgan.data.format import decode_image, load_manifest, shard_paths
-from pathgan.data.reading import (
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE, uint8_to_signed
+from pathgan.shards.format import decode_image, load_manifest, shard_paths
+from pathgan.shards.reading import (
     ImageRef,
     MemberReader,
     as_chw,
     image_batch_buffer,
     image_refs,
 )
-from pathgan.errors import PathganError
-from pathgan.images import IMAGE_SIZE, uint8_to_signed
 
 #: failures in a row (unreadable shards, corrupt samples) after which a rank's stream stops
 MAX_CONSECUTIVE_FAILURES = 100
@@ -137,7 +137,7 @@ class WorkerShuffle:
 
 
 def index_shards(failures: FailureCounter):
-    """Shard urls -> where each sample's image lies (:class:`~pathgan.data.reading.ImageRef`),
+    """Shard urls -> where each sample's image lies (:class:`~pathgan.shards.reading.ImageRef`),
     from the tar headers alone. The shuffle buffer then holds these references, not the bytes:
     a buffer of encoded images (118 MB per worker for 1000 PNG patches) cost 12% of a worker's
     time in memory traffic, and every image is now read just before it is decoded. An
@@ -355,7 +355,7 @@ class BackgroundBatches:
 class ImageStream:
     """An endless stream of batches cut into epochs of ``batches_per_epoch`` batches.
 
-    Iterating an ``ImageStream`` yields one epoch (a :class:`pathgan.training.data.RealStream`).
+    Iterating an ``ImageStream`` yields one epoch (a :class:`pathgan.train.real_data.RealStream`).
     The worker processes and their shuffle buffers live across epochs: restarting them each
     epoch would refill every buffer.
     """

@@ -2,7 +2,7 @@
 
 What the loop logs besides the losses: means of per-step figures (:class:`WindowStats`) and, for
 an embedding discriminator, how far fake embeddings are from real ones (:class:`EmbeddingGap`).
-The comparisons of ``pathgan eval`` are :mod:`pathgan.metrics`; these are cheaper running
+The comparisons of ``pathgan eval`` are :mod:`pathgan.evaluation.metrics`; these are cheaper running
 figures, reduced across ranks only when a log line is written.
 """
 

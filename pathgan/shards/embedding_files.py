@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pathgan.data.format import load_manifest
-from pathgan.data.reading import shard_keys
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, timestamp
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path, timestamp
+from pathgan.shards.format import load_manifest
+from pathgan.shards.reading import shard_keys
 
 FORMAT = "pathgan-embeddings/1"
 EMBEDDINGS_DIR = "embeddings"

@@ -23,9 +23,9 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from pathgan.data.format import IMAGE_EXTENSIONS, decode_sample_image
-from pathgan.errors import PathganError
-from pathgan.images import IMAGE_SIZE, hwc_to_chw
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE, hwc_to_chw
+from pathgan.shards.format import IMAGE_EXTENSIONS, decode_sample_image
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")

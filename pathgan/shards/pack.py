@@ -57,9 +57,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pathgan.data import slides
-from pathgan.data.embeddings import embedding_path, embeddings_dir, write_embedding_file
-from pathgan.data.format import (
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import read_json, sha256_file, write_json
+from pathgan.core.images import IMAGE_SIZE, uint8_to_signed
+from pathgan.shards import slides
+from pathgan.shards.embedding_files import embedding_path, embeddings_dir, write_embedding_file
+from pathgan.shards.format import (
     MANIFEST,
     SHARD_NAME,
     SPLITS,
@@ -68,7 +71,7 @@ from pathgan.data.format import (
     shard_name,
     shard_writer,
 )
-from pathgan.data.pack_worker import (
+from pathgan.shards.pack_worker import (
     PLAN_FIELDS,
     PackOptions,
     Source,
@@ -81,10 +84,7 @@ from pathgan.data.pack_worker import (
     spool_is_complete,
     spool_unit,
 )
-from pathgan.data.tables import PatchTable, TableRow, spread_rows
-from pathgan.errors import PathganError
-from pathgan.fileio import read_json, sha256_file, write_json
-from pathgan.images import IMAGE_SIZE, uint8_to_signed
+from pathgan.shards.tables import PatchTable, TableRow, spread_rows
 
 __all__ = ["PackOptions", "pack"]
 

@@ -23,8 +23,8 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, read_json, sha256_file, timestamp
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path, read_json, sha256_file, timestamp
 
 MANIFEST = "manifest.json"
 SHARDS_FORMAT = "pathgan-shards/1"  # the manifest's "format"

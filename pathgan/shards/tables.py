@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pathgan.data.format import IMAGE_SIDE, safe_key_part
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
+from pathgan.shards.format import IMAGE_SIDE, safe_key_part
 
 DATASET_SPEC = re.compile(r"hf-dataset:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 DEFAULT_BATCH_ROWS = 256
@@ -163,13 +163,13 @@ def decode_patch(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> 224x224x3 uint8, resized like pack's patch images, and the
     original (width, height)."""
     # Imported here: pack_worker reads tables, and this module must load without it.
-    from pathgan.data.pack_worker import read_patch_image
+    from pathgan.shards.pack_worker import read_patch_image
 
     return read_patch_image(io.BytesIO(data), IMAGE_SIDE)
 
 
 def _skip_reason(error: Exception) -> str:
-    from pathgan.data.pack_worker import reason  # pack's wording of why an input was skipped
+    from pathgan.shards.pack_worker import reason  # pack's wording of why an input was skipped
 
     # PIL names an in-memory file by its address: left out, so that reasons are reproducible.
     return re.sub(r" at 0x[0-9a-fA-F]+", "", reason(error))

@@ -23,14 +23,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pathgan.data.embeddings import (
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import read_json, write_json
+from pathgan.shards.embedding_files import (
     EMBEDDINGS_DIR,
     embedding_path,
     embeddings_dir,
     read_embedding_file,
     write_embedding_file,
 )
-from pathgan.data.format import (
+from pathgan.shards.format import (
     MANIFEST,
     SHARD_NAME,
     SPLITS,
@@ -38,9 +40,7 @@ from pathgan.data.format import (
     make_manifest,
     shard_name,
 )
-from pathgan.data.pack import warn_small_validation
-from pathgan.errors import PathganError
-from pathgan.fileio import read_json, write_json
+from pathgan.shards.pack import warn_small_validation
 
 PARTS_DIR = "parts"
 LOCK_TRIES = 600  # one a second: how long a task waits for another task's merge

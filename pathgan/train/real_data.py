@@ -1,8 +1,8 @@
 """Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
-``{IMAGES: uint8 (B, 3, 224, 224)}`` from the patch cache (:mod:`pathgan.training.cache`,
+``{IMAGES: uint8 (B, 3, 224, 224)}`` from the patch cache (:mod:`pathgan.train.cache`,
 with the embeddings of the same samples when the run uses them) or the shard pipeline
-(:class:`~pathgan.data.pipeline.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
+(:class:`~pathgan.shards.stream.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
 embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
 both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
 objective's discriminators need (``GANObjective.real_inputs``). Both streams are
@@ -19,16 +19,15 @@ import numpy as np
 import torch
 
 from pathgan.config import Config
-from pathgan.data.embeddings import (
+from pathgan.core.errors import PathganError
+from pathgan.shards.embedding_files import (
     embedded_encoders,
     embeddings_dir,
     read_embeddings,
     stored_precision,
 )
-from pathgan.data.pipeline import make_image_stream
-from pathgan.errors import PathganError
-from pathgan.training.cache import build_cache
-from pathgan.training.objective import EMBEDDINGS, IMAGES
+from pathgan.shards.stream import make_image_stream
+from pathgan.train.objective import EMBEDDINGS, IMAGES
 
 
 class RealStream(Protocol):
@@ -153,7 +152,7 @@ def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str)
 def build_real_data(config: Config, inputs: set[str], accelerator, encoder_id: str | None,
                     start_step: int) -> RealData:
     """The real ``inputs`` an objective needs (``GANObjective.real_inputs``): from the patch
-    cache when ``data.cache`` and memory allow (:mod:`pathgan.training.cache`), else streamed
+    cache when ``data.cache`` and memory allow (:mod:`pathgan.train.cache`), else streamed
     from the shards. ``start_step``: the step the run starts (or resumes) at."""
     cache = build_cache(config, inputs, accelerator, encoder_id, start_step)
     if cache is not None:

@@ -14,8 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
-from pathgan.errors import PathganError
-from pathgan.fileio import fsync_dir, fsync_file, read_json, sha256_file, write_json
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import fsync_dir, fsync_file, read_json, sha256_file, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 COMPLETE = "COMPLETE"

@@ -38,12 +38,12 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from pathgan.data.embeddings import embedding_path, read_embedding_file
-from pathgan.data.format import load_manifest
-from pathgan.data.reading import ShardSamples, collate_samples, index_shard
-from pathgan.errors import PathganError
-from pathgan.images import IMAGE_SIZE
-from pathgan.training.objective import EMBEDDINGS, IMAGES, LABELS
+from pathgan.core.errors import PathganError
+from pathgan.core.images import IMAGE_SIZE
+from pathgan.shards.embedding_files import embedding_path, read_embedding_file
+from pathgan.shards.format import load_manifest
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
+from pathgan.train.objective import EMBEDDINGS, IMAGES, LABELS
 
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 CACHE_MODES = ("auto", "device", "host", "off")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pathgan.fileio import atomic_path
-from pathgan.images import save_image_grid, signed_to_uint8
-from pathgan.plots import plot_losses
+from pathgan.core.fileio import atomic_path
+from pathgan.core.images import save_image_grid, signed_to_uint8
+from pathgan.core.plots import plot_losses
 
 METRICS = "metrics.jsonl"
 

@@ -35,12 +35,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from pathgan.data import annotations as annotation_io
-from pathgan.data import slides
-from pathgan.data.format import encode_image, safe_key_part
-from pathgan.data.tables import TableColumns, TableFile
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path
+from pathgan.shards import annotations as annotation_io
+from pathgan.shards import slides
+from pathgan.shards.format import encode_image, safe_key_part
+from pathgan.shards.tables import TableColumns, TableFile
 
 IMAGES_PER_UNIT = 64
 # A unit of table rows has at least this many rows (small row groups are joined), so that

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pathgan.fileio import atomic_path
+from pathgan.core.fileio import atomic_path
 
 CAMELYON16_MPP = 0.243  # µm/px at level 0, as in CAMELYON16's Radboud and Utrecht slides
 TILE = 512

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from pathgan.data.format import decode_sample, load_manifest
-from pathgan.data.reading import ShardSamples, index_shard, iter_tar_samples
-from pathgan.errors import PathganError
-from pathgan.fileio import sha256_file
-from pathgan.images import save_image_grid
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import sha256_file
+from pathgan.core.images import save_image_grid
+from pathgan.shards.format import decode_sample, load_manifest
+from pathgan.shards.reading import ShardSamples, index_shard, iter_tar_samples
 
 
 def verify_shards(shards_dir: str | Path) -> list[str]:

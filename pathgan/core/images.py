@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pathgan.data.format import IMAGE_SIDE
-from pathgan.fileio import atomic_path
+from pathgan.core.fileio import atomic_path
+from pathgan.shards.format import IMAGE_SIDE
 
 IMAGE_SIZE = IMAGE_SIDE  # one definition, in the torch-free shard format
 

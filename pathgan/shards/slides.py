@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pathgan.errors import PathganError
+from pathgan.core.errors import PathganError
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
 TIFF_EXTENSIONS = (".tif", ".tiff")

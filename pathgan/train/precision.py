@@ -5,7 +5,7 @@ A100, H100, L40, RTX 30xx ...), fp16 with loss scaling on older GPUs (V100 is 7.
 fp32 on the CPU. ``torch.cuda.is_bf16_supported()`` is not asked: it counts emulation and says
 True on 7.x GPUs, where bf16 runs slowly and the fp16 path would never be chosen.
 
-``python -m pathgan.training.precision`` prints this machine's GPU count and ``auto``'s choice;
+``python -m pathgan.train.precision`` prints this machine's GPU count and ``auto``'s choice;
 launch/train.sh asks it rather than deciding itself.
 """
 

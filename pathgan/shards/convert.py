@@ -26,14 +26,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pathgan.data.embeddings import (
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import read_json, sha256_file, write_json
+from pathgan.shards.embedding_files import (
     EMBEDDINGS_DIR,
     embedded_encoders,
     embedding_path,
     read_embedding_file,
     write_embedding_file,
 )
-from pathgan.data.format import (
+from pathgan.shards.format import (
     IMAGE_EXTENSIONS,
     MANIFEST,
     decode_sample_image,
@@ -43,9 +45,7 @@ from pathgan.data.format import (
     shard_entry,
     shard_writer,
 )
-from pathgan.data.reading import TarFormatError, tar_samples
-from pathgan.errors import PathganError
-from pathgan.fileio import read_json, sha256_file, write_json
+from pathgan.shards.reading import TarFormatError, tar_samples
 
 RECORDS_DIR = ".convert"
 #: manifest keys that make_manifest computes or takes by name; the others are carried as they are

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
-from pathgan.fileio import atomic_path
-from pathgan.images import IMAGE_SIZE
-from pathgan.plots import plt
-from pathgan.training.build import build_gan
-from pathgan.training.objective import IMAGES
+from pathgan.core.fileio import atomic_path
+from pathgan.core.images import IMAGE_SIZE
+from pathgan.core.plots import plt
+from pathgan.train.build import build_gan
+from pathgan.train.objective import IMAGES
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
                nn.Linear, nn.Dropout)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from pathgan.errors import PathganError
-from pathgan.fileio import read_json
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import read_json
 from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
-from pathgan.training.checkpoint import BEST_DIR, PREEMPTED_MARKER, list_checkpoints
-from pathgan.training.logbook import METRICS, read_metrics
+from pathgan.train.checkpoint import BEST_DIR, PREEMPTED_MARKER, list_checkpoints
+from pathgan.train.logbook import METRICS, read_metrics
 
 #: Numbers of an evaluation that count samples or steps rather than score the generator.
 BOOKKEEPING = ("step", "n", "n_real")

@@ -7,9 +7,9 @@ and checkpoints at step boundaries; the epoch is derived from the step. A step n
 host wait for the device: an update whose loss is not finite is skipped on the device (and still
 counts as a step), and the host reads the skips, the statistics and every rank's preemption flag
 at log lines only (every ``log.every`` steps), where the run may stop. What differs between
-the GANs lives in :class:`~pathgan.training.objective.GANObjective`; where real samples come
-from lives in :mod:`pathgan.training.data`; what is measured along the way in
-:mod:`pathgan.training.statistics`.
+the GANs lives in :class:`~pathgan.train.objective.GANObjective`; where real samples come
+from lives in :mod:`pathgan.train.real_data`; what is measured along the way in
+:mod:`pathgan.train.statistics`.
 """
 
 import contextlib
@@ -26,22 +26,22 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict, save_config
-from pathgan.errors import PathganError
-from pathgan.fileio import write_json
-from pathgan.images import uint8_to_signed
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import write_json
+from pathgan.core.images import uint8_to_signed
 from pathgan.models import generate, noise_batch
+from pathgan.models.augment import flip_rotate
 from pathgan.models.export import export_generator, generator_config
 from pathgan.models.generation import calibrate_batchnorm
-from pathgan.training import checkpoint as ckpt
-from pathgan.training.augment import flip_rotate
-from pathgan.training.build import GAN, build_gan, set_encoder_precision, to_device
-from pathgan.training.data import build_real_data, resolve_encoder_precision
-from pathgan.training.ema import GeneratorEMA
-from pathgan.training.logbook import Logbook
-from pathgan.training.objective import EMBEDDINGS, IMAGES, GANObjective
-from pathgan.training.precision import resolve_mixed_precision
-from pathgan.training.signals import PreemptionFlag
-from pathgan.training.statistics import EmbeddingGap, SkippedUpdates, WindowStats
+from pathgan.train import checkpoint as ckpt
+from pathgan.train.build import GAN, build_gan, set_encoder_precision, to_device
+from pathgan.train.ema import GeneratorEMA
+from pathgan.train.logbook import Logbook
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.precision import resolve_mixed_precision
+from pathgan.train.real_data import build_real_data, resolve_encoder_precision
+from pathgan.train.signals import PreemptionFlag
+from pathgan.train.statistics import EmbeddingGap, SkippedUpdates, WindowStats
 
 
 @dataclass
@@ -209,7 +209,7 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     Nothing here makes the host wait for the device (a test counts host reads), so the CPU
     queues the next step while the device runs this one: whether a loss is finite is all-reduced
     on the device and a non-finite update is skipped there, every rank skipping the same ones.
-    The loop reads what was skipped at log lines (:class:`~pathgan.training.statistics.
+    The loop reads what was skipped at log lines (:class:`~pathgan.train.statistics.
     SkippedUpdates`).
     """
     real = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}

@@ -1,7 +1,7 @@
 """Synthetic patches from a trained generator, as PNG files or WebDataset shards.
 
 What ``pathgan sample`` runs. The generator is a run folder or a Hub repo
-(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.hub.resolve_generator`); what made the
+(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.publish.push.resolve_generator`); what made the
 patches is recorded with them, a Hub generator pinned to its commit: in ``sample.json`` beside
 PNG files, in ``manifest.json`` and every sample's metadata for shards.
 
@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pathgan.data.format import (
+from pathgan.core.devices import default_device
+from pathgan.core.errors import PathganError
+from pathgan.core.fileio import atomic_path, timestamp, write_json
+from pathgan.core.images import signed_to_uint8
+from pathgan.models import generated_batches, noise_batch
+from pathgan.models.export import load_generator
+from pathgan.publish.push import resolve_generator
+from pathgan.shards.format import (
     MANIFEST,
     encode_image,
     make_manifest,
@@ -25,13 +32,6 @@ from pathgan.data.format import (
     shard_name,
     shard_writer,
 )
-from pathgan.devices import default_device
-from pathgan.errors import PathganError
-from pathgan.fileio import atomic_path, timestamp, write_json
-from pathgan.hub import resolve_generator
-from pathgan.images import signed_to_uint8
-from pathgan.models import generated_batches, noise_batch
-from pathgan.models.export import load_generator
 
 SAMPLE_RECORD = "sample.json"  # beside PNG files: what made them (shards: the manifest)
 

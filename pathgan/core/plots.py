@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pathgan.fileio import atomic_path  # noqa: E402
+from pathgan.core.fileio import atomic_path  # noqa: E402
 
 
 def plot_losses(metrics: list[dict], out_path: str | Path, title: str = "") -> bool:
