@@ -27,6 +27,7 @@ from pathgan.shards.embedding_files import (
     stored_precision,
 )
 from pathgan.shards.stream import make_image_stream
+from pathgan.train.cache import build_cache
 from pathgan.train.objective import EMBEDDINGS, IMAGES
 
 
