@@ -18,8 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from pathgan.cli import main as pathgan_cli
-from pathgan.core.images import IMAGE_SIZE
-from pathgan.shards.format import MANIFEST
+from pathgan.shards.format import IMAGE_SIDE, MANIFEST
 from pathgan.shards.pack import PackOptions, pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +35,9 @@ def cut_slide(slide: Path, out_dir: Path, stride: int) -> int:
     width, height = pixels.size
     staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     count = 0
-    for y in range(0, height - IMAGE_SIZE + 1, stride):
-        for x in range(0, width - IMAGE_SIZE + 1, stride):
-            patch = pixels.crop((x, y, x + IMAGE_SIZE, y + IMAGE_SIZE))
+    for y in range(0, height - IMAGE_SIDE + 1, stride):
+        for x in range(0, width - IMAGE_SIDE + 1, stride):
+            patch = pixels.crop((x, y, x + IMAGE_SIDE, y + IMAGE_SIDE))
             patch.save(staging / f"patch-x{x:05d}-y{y:05d}.png", compress_level=1)
             count += 1
     staging.rename(out_dir)  # a folder of patches is there whole or not at all

@@ -138,12 +138,12 @@ def plain_stages(slide_path: Path, windows: list, sample: int = 200) -> dict:
 
 # pathgan's steps, by the function that does each (pstats: file name, function name).
 PATHGAN_STEPS = {
-    "tissue_detection": ("pack_worker.py", "plan_slide"),
+    "tissue_detection": ("plan.py", "plan_slide"),
     "tile_decoding": ("slides.py", "_decode"),
     "resize": ("slides.py", "resize_patch"),
     "encoding": ("format.py", "encode_image"),
-    "spooling_all": ("pack_worker.py", "spool_unit"),
-    "shard_assembly": ("pack.py", "write_shards"),
+    "spooling_all": ("spool.py", "spool_unit"),
+    "shard_assembly": ("pack.py", "assemble_shards"),
     "whole_pack": ("pack.py", "pack"),
 }
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pathgan.config import Config
-from pathgan.train.build import build_gan, to_device
+from pathgan.core.devices import switch_on
+from pathgan.train.build import build_networks, to_device
 from pathgan.train.loop import make_optimizer
 from pathgan.train.objective import GANObjective
 
@@ -36,11 +37,11 @@ class PlainGAN:
         ``train.compile`` uses). ``encoder_precision`` (fp32, bf16, fp16) is the precision of a
         timm encoder, which runs in its own precision whatever the autocast around it."""
         torch.manual_seed(config.run.seed)
-        gan = build_gan(config, device)
+        gan = build_networks(config, device)
         if encoder_precision is not None:
             gan.encoder.set_precision(encoder_precision)
-        generator = to_device(gan.generator, device, config.train.channels_last)
-        discriminators = {k: to_device(d, device, config.train.channels_last)
+        generator = to_device(gan.generator, device, switch_on(config.train.channels_last))
+        discriminators = {k: to_device(d, device, switch_on(config.train.channels_last))
                           for k, d in gan.discriminators.items()}
         g_optimizer = make_optimizer([generator], config, device)
         d_optimizer = make_optimizer(discriminators.values(), config, device)
@@ -66,11 +67,11 @@ class PlainGAN:
         discriminators = [p for d in self.objective.discriminators.values()
                           for p in d.parameters()]
         with self.autocast():
-            fake = self.objective.fake_features(self.generator(noise))
+            fake = self.objective.fake_views(self.generator(noise))
             d_loss, _ = self.objective.d_loss(real, fake)
         d_gradients = torch.autograd.grad(d_loss, discriminators)
         with self.autocast():
-            g_loss, _ = self.objective.g_loss(self.objective.fake_features(self.generator(noise)))
+            g_loss, _ = self.objective.g_loss(self.objective.fake_views(self.generator(noise)))
         g_gradients = torch.autograd.grad(g_loss, list(self.generator.parameters()))
         return d_loss.detach(), g_loss.detach(), d_gradients, g_gradients
 
@@ -78,7 +79,7 @@ class PlainGAN:
              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One D update and one G update; returns (D loss, G loss), not synchronised."""
         with self.autocast():
-            fake = self.objective.fake_features(self.generator(noise))
+            fake = self.objective.fake_views(self.generator(noise))
             d_loss, _ = self.objective.d_loss(real, fake)
         self.d_optimizer.zero_grad(set_to_none=True)
         d_loss.backward()

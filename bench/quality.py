@@ -36,7 +36,7 @@ from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation import fake_features, make_state, real_features, select_real, swd_extractor
 from pathgan.evaluation.metrics import sliced_wasserstein_distance
 from pathgan.models import Discriminator, Generator, noise_batch
-from pathgan.models.export import load_generator
+from pathgan.runs import load_generator
 from pathgan.shards.format import shard_paths
 from pathgan.shards.pack import PackOptions, pack
 from pathgan.shards.reading import ShardSamples, index_shard

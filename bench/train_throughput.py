@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 from pathgan.config import load_config
 from pathgan.models import Discriminator, Generator
+from pathgan.runs import RunDir
 from pathgan.shards.pack import PackOptions, pack
 from pathgan.shards.stream import make_image_stream
-from pathgan.train.logbook import read_metrics
 from pathgan.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,23 +50,23 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # what a user gets: auto precision, auto compile, channels_last, fused Adam
     # 'no' quoted: unquoted, YAML reads it as false, which the config turns into 'off'
-    "fp32": ["train.mixed_precision='no'", "train.channels_last=false", "train.compile=off"],
-    "bf16": ["train.mixed_precision=bf16", "train.channels_last=false", "train.compile=off"],
-    "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "fp32": ["train.mixed_precision='no'", "train.channels_last=off", "train.compile=off"],
+    "bf16": ["train.mixed_precision=bf16", "train.channels_last=off", "train.compile=off"],
+    "bf16-channels-last": ["train.mixed_precision=bf16", "train.channels_last=on",
                            "train.compile=off"],
-    "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=on",
                                    "train.compile=on"],
-    "fp32-contiguous": ["train.channels_last=false"],
+    "fp32-contiguous": ["train.channels_last=off"],
     # with the decoded-patch cache on the device, and streaming instead: uncompiled...
-    "bf16-channels-last-cache": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "bf16-channels-last-cache": ["train.mixed_precision=bf16", "train.channels_last=on",
                                  "train.compile=off", "data.cache=device"],
-    "bf16-channels-last-stream": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "bf16-channels-last-stream": ["train.mixed_precision=bf16", "train.channels_last=on",
                                   "train.compile=off", "data.cache=off"],
     # ... and the GPU defaults (compiled)
-    "bf16-channels-last-compile-cache": ["train.mixed_precision=bf16", "train.channels_last=true",
+    "bf16-channels-last-compile-cache": ["train.mixed_precision=bf16", "train.channels_last=on",
                                          "train.compile=on", "data.cache=device"],
     "bf16-channels-last-compile-stream": ["train.mixed_precision=bf16",
-                                          "train.channels_last=true", "train.compile=on",
+                                          "train.channels_last=on", "train.compile=on",
                                           "data.cache=off"],
     # the CPU defaults with the cache in host memory, and streaming instead
     "cache-host": ["data.cache=host"],
@@ -170,7 +170,7 @@ def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
         f"data.num_workers={args.workers}", *VARIANTS[variant],
     ]
     train(load_config(REPO / "configs" / "dcgan.yaml", overrides))
-    rows = read_metrics(scratch / variant / "metrics.jsonl")
+    rows = RunDir(scratch / variant).read_metrics()
     # Windows end every window_steps; the first warmup_steps belong to warm-up.
     timed = [row for row in rows if row["step"] > args.warmup_steps]
     return {"images_per_s": round(statistics.median(r["images_per_s"] for r in timed), 2),

@@ -1,20 +1,49 @@
 """Typed run configuration: YAML files, ``key=value`` overrides, validation up front.
 
-Every value has a type and a default here; a YAML file or an override that names an unknown key
-or gives a value of the wrong type or range is a one-line :class:`PathganError`.
+Every value has a type and a default here, and what it may be is declared beside it: a choice
+is a ``Literal`` (on/off switches that can follow the machine are :data:`Switch`: ``auto``,
+``on`` or ``off``), a range an ``Annotated`` :class:`Rule`. A YAML file or an override that names
+an unknown key or gives a value of the wrong type, choice or range is a one-line
+:class:`PathganError`; :meth:`Config.validate` checks every declaration, then the few rules that
+tie keys together.
 """
 
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path
 from pathgan.models.augment import parse_policy
+
+#: A performance switch: ``auto`` is on where there is CUDA (``core.devices.switch_on``).
+#: Config files that say true/false (``channels_last`` was a boolean) still load as on/off.
+Switch = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value must satisfy, and the one-line error when it does not (``{key}`` and
+    ``{value}`` are filled in)."""
+
+    holds: Callable[[typing.Any], bool]
+    error: str
+
+
+POSITIVE = Rule(lambda value: value > 0, "{key} must be positive, not {value}")
+NOT_NEGATIVE = Rule(lambda value: value >= 0, "{key} cannot be negative, not {value}")
+FRACTION = Rule(lambda value: 0.0 <= value < 1.0, "{key} must be in [0, 1), not {value}")
+COUNT_OR_NEVER = Rule(lambda value: value >= 0,
+                      "data.num_workers and eval.every cannot be negative")
+EMA_HORIZON = Rule(lambda value: value > 0, "train.ema_kimg and train.ema_rampup must be positive "
+                   "(ema_rampup: null for no warm-up)")
+Positive = Annotated[int, POSITIVE]
 
 
 @dataclass
@@ -27,16 +56,16 @@ class RunConfig:
 @dataclass
 class DataConfig:
     shards: str = "shards/camelyon16"  # a shard set made by `pathgan shards pack`
-    split: str = "train"
-    num_workers: int = 4  # loader processes per rank
+    split: Literal["train", "val"] = "train"
+    num_workers: Annotated[int, COUNT_OR_NEVER] = 4  # loader processes per rank
     shuffle_buffer: int = 1000
     # unreadable shards or corrupt samples in a row after which a rank's stream stops
-    max_consecutive_failures: int = 100
-    # decoded patches held for the whole run: auto | device | host | off (auto: on the GPU
-    # when the rank's share fits in cache_fraction of its free memory, else in host memory
-    # when it fits there, else streamed)
-    cache: str = "auto"
-    cache_fraction: float = 0.3
+    max_consecutive_failures: Positive = 100
+    # decoded patches held for the whole run (auto: on the GPU when the rank's share fits in
+    # cache_fraction of its free memory, else in host memory when it fits there, else streamed)
+    cache: Literal["auto", "device", "host", "off"] = "auto"
+    cache_fraction: Annotated[float, Rule(lambda value: 0.0 < value <= 1.0,
+                                          "{key} must be in (0, 1], not {value}")] = 0.3
     # real patches flipped and turned by multiples of 90 degrees on the device, at random
     # (tissue has no up or left); off for the reference recipe
     flip_rotate: bool = False
@@ -44,21 +73,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "dcgan"  # dcgan | embgan
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
+    kind: Literal["dcgan", "embgan"] = "dcgan"
+    nz: Positive = 100
+    ngf: Positive = 64
+    ndf: Positive = 64
     channels: int = 3
-    image_size: int = 224
+    image_size: Annotated[int, Rule(lambda value: value == 224,
+                                    "{key}: only 224 is supported (the shards are 224)")] = 224
     # Embedding GAN
     encoder: str | None = None  # an encoder spec, e.g. path-foundation or timm:NAME:random
     # The encoder's precision in training: auto = that of the precomputed real embeddings
     # (fp32 when real images are encoded in the loop); any other value must match them.
-    encoder_precision: str = "auto"
+    encoder_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     disc_hidden: list[int] = field(default_factory=lambda: [512, 256])
-    disc_dropout: float = 0.0
+    disc_dropout: Annotated[float, FRACTION] = 0.0
     spectral_norm: bool = False
-    minibatch_std: int = 4  # group size of the embedding discriminator's batch-spread feature
+    # group size of the embedding discriminator's batch-spread feature (0: none)
+    minibatch_std: Annotated[int, Rule(lambda value: value >= 0, "{key} must be 0 (off) or a "
+                                       "group size, not {value}")] = 4
     hybrid: bool = False  # add the DCGAN pixel discriminator to the embedding one
     pixel_weight: float = 1.0  # weight of the pixel discriminator's loss in the hybrid
     embedding_weight: float = 1.0
@@ -66,36 +98,38 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128  # global: split across ranks
-    epochs: int = 10
+    batch_size: Positive = 128  # global: split across ranks
+    epochs: Positive = 10
     # stop after this many optimizer steps (overrides epochs); 0 exports the initial generator
-    max_steps: int | None = None
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16 (auto: bf16 where supported)
-    channels_last: bool = True
-    compile: str = "auto"  # auto | on | off (auto: on with CUDA)
-    # auto | on | off (auto: fused on CUDA and CPU, which skips a non-finite update on the
-    # device; off: foreach Adam, whose skip reads a flag on the host every step)
-    fused_adam: str = "auto"
+    max_steps: Annotated[int, NOT_NEGATIVE] | None = None
+    lr: Annotated[float, POSITIVE] = 2e-4
+    beta1: Annotated[float, FRACTION] = 0.5
+    beta2: Annotated[float, FRACTION] = 0.999
+    # auto: bf16 where the GPU computes in it, fp16 on older GPUs, no (fp32) on the CPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    channels_last: Switch = "on"  # convolution weights and images in channels-last layout
+    compile: Switch = "auto"  # torch.compile of G and D
+    # fused Adam, which skips a non-finite update on the device (auto: on CUDA and the CPU);
+    # off: foreach Adam, whose skip reads a flag on the host every step
+    fused_adam: Switch = "auto"
     ema: bool = False
-    ema_kimg: float = 10.0  # EMA half-life in thousands of images
-    ema_rampup: float | None = 0.05  # warm-up: half-life <= this x images seen (null: none)
+    ema_kimg: Annotated[float, EMA_HORIZON] = 10.0  # EMA half-life in thousands of images
+    # warm-up: half-life <= this x images seen (null: none)
+    ema_rampup: Annotated[float, EMA_HORIZON] | None = 0.05
     # DiffAugment before every discriminator (and the encoder): any of color,translation,cutout
     # (comma-separated); null or "" for none
     augment: str | None = None
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA) instead of per-rank statistics
-    nonfinite: str = "skip"  # skip | stop: what to do when a loss is NaN or infinite
+    nonfinite: Literal["skip", "stop"] = "skip"  # what to do when a loss is NaN or infinite
     # stop after this many steps in a row with a skipped update (checked at log lines)
-    max_nonfinite: int = 20
+    max_nonfinite: Positive = 20
 
 
 @dataclass
 class LogConfig:
-    every: int = 10  # steps between metric lines
-    sample_every: int = 200  # steps between sample grids
-    num_samples: int = 64  # images in a grid (a fixed noise batch)
+    every: Positive = 10  # steps between metric lines
+    sample_every: Positive = 200  # steps between sample grids
+    num_samples: Positive = 64  # images in a grid (a fixed noise batch)
     wandb: bool = True  # log to Weights & Biases (WANDB_MODE=offline/disabled work too)
     project: str = "pathgan"
     entity: str | None = None
@@ -104,14 +138,15 @@ class LogConfig:
 
 @dataclass
 class CkptConfig:
-    every: int = 500  # steps between checkpoints (and one at the end)
-    keep: int = 3  # checkpoints kept, newest first
+    every: Positive = 500  # steps between checkpoints (and one at the end)
+    keep: Positive = 3  # checkpoints kept, newest first
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between in-loop evaluations (0: never)
-    n: int = 256  # samples per side
+    every: Annotated[int, COUNT_OR_NEVER] = 0  # steps between in-loop evaluations (0: never)
+    # samples per side; k-NN precision/recall needs k + 1 = 4 samples a side
+    n: Annotated[int, Rule(lambda value: value >= 4, "{key} must be at least 4, not {value}")] = 256
     encoder: str | None = None  # defaults to model.encoder, else timm:vit_small_patch16_224
 
 
@@ -126,64 +161,38 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        choices = {
-            "model.kind": (self.model.kind, ("dcgan", "embgan")),
-            "train.mixed_precision": (self.train.mixed_precision, ("auto", "no", "fp16", "bf16")),
-            "train.compile": (self.train.compile, ("auto", "on", "off")),
-            "train.fused_adam": (self.train.fused_adam, ("auto", "on", "off")),
-            "train.nonfinite": (self.train.nonfinite, ("skip", "stop")),
-            "data.split": (self.data.split, ("train", "val")),
-            "data.cache": (self.data.cache, ("auto", "device", "host", "off")),
-            "model.encoder_precision": (self.model.encoder_precision,
-                                        ("auto", "fp32", "bf16", "fp16")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise PathganError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-        positive = {
-            "model.nz": self.model.nz, "model.ngf": self.model.ngf, "model.ndf": self.model.ndf,
-            "train.batch_size": self.train.batch_size, "train.epochs": self.train.epochs,
-            "train.lr": self.train.lr, "log.every": self.log.every,
-            "log.sample_every": self.log.sample_every, "log.num_samples": self.log.num_samples,
-            "ckpt.every": self.ckpt.every, "ckpt.keep": self.ckpt.keep,
-            "train.max_nonfinite": self.train.max_nonfinite,
-            "data.max_consecutive_failures": self.data.max_consecutive_failures,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise PathganError(f"{key} must be positive, not {value}")
-        if self.train.max_steps is not None and self.train.max_steps < 0:
-            raise PathganError(f"train.max_steps cannot be negative, not {self.train.max_steps}")
-        if self.eval.n < 4:  # k-NN precision/recall needs k + 1 = 4 samples a side
-            raise PathganError(f"eval.n must be at least 4, not {self.eval.n}")
-        if not 0.0 < self.data.cache_fraction <= 1.0:
-            raise PathganError(f"data.cache_fraction must be in (0, 1], not "
-                               f"{self.data.cache_fraction}")
-        if self.data.num_workers < 0 or self.eval.every < 0:
-            raise PathganError("data.num_workers and eval.every cannot be negative")
-        for key, value in {"train.beta1": self.train.beta1, "train.beta2": self.train.beta2,
-                           "model.disc_dropout": self.model.disc_dropout}.items():
-            if not 0.0 <= value < 1.0:
-                raise PathganError(f"{key} must be in [0, 1), not {value}")
-        if self.model.image_size != 224:
-            raise PathganError("model.image_size: only 224 is supported (the shards are 224)")
-        if self.model.minibatch_std < 0:
-            raise PathganError(f"model.minibatch_std must be 0 (off) or a group size, not "
-                               f"{self.model.minibatch_std}")
+        """Every key against its declaration, then the rules that tie keys together."""
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            hints = typing.get_type_hints(type(values), include_extras=True)
+            for name, kind in hints.items():
+                _check(getattr(values, name), kind, f"{section.name}.{name}")
         if self.model.kind == "embgan" and not self.model.encoder:
             raise PathganError("model.encoder is required when model.kind is embgan")
         if self.model.hybrid and self.model.kind != "embgan":
             raise PathganError("model.hybrid adds a pixel discriminator to the Embedding GAN: "
                                "it needs model.kind embgan")
-        if self.train.ema_kimg <= 0 or (self.train.ema_rampup is not None
-                                        and self.train.ema_rampup <= 0):
-            raise PathganError("train.ema_kimg and train.ema_rampup must be positive "
-                               "(ema_rampup: null for no warm-up)")
         try:
             parse_policy(self.train.augment or "")
         except ValueError as error:
             raise PathganError(f"train.augment: {error}") from None
         return self
+
+
+def _check(value, kind, key: str) -> None:
+    """``value`` against what its declared type allows: a Literal's choices, a Rule's range."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is not None:
+            (inner,) = [a for a in args if a is not type(None)]
+            _check(value, inner, key)
+    elif origin is Annotated:
+        _check(value, args[0], key)
+        for rule in args[1:]:
+            if not rule.holds(value):
+                raise PathganError(rule.error.format(key=key, value=value))
+    elif origin is Literal and value not in args:
+        raise PathganError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -197,13 +206,18 @@ def _type_name(kind) -> str:
 
 
 def _coerce(value, kind, key: str):
-    """Check ``value`` against a dataclass field type; ints pass as floats, not vice versa."""
+    """``value`` as a dataclass field's type (its declaration without ``Annotated`` rules); ints
+    pass as floats, not vice versa."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is Literal:  # the choice is checked by validate()
+        if isinstance(value, bool):
+            return "on" if value else "off"  # YAML reads on/off as booleans; so did old configs
+        return str(value) if isinstance(value, (int, float)) else value
     if origin is list:
         if not isinstance(value, list):
             raise PathganError(f"{key}: expected a list, got {value!r}")

@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
+
 from pathgan.core.errors import PathganError
-from pathgan.core.fileio import read_json
+from pathgan.runs import EvalDir, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
@@ -39,9 +41,7 @@ SIZES = {
 def path_foundation_available() -> bool:
     """True when Path Foundation is already in the local Hugging Face cache (no network)."""
     try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download("google/path-foundation", local_files_only=True)
+        huggingface_hub.snapshot_download("google/path-foundation", local_files_only=True)
     except Exception:
         return False
     return importlib.util.find_spec("tensorflow") is not None  # the optional extra
@@ -82,6 +82,7 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     print(f"pathgan demo in {out_dir}\nencoder: {encoder_spec} ({why})", flush=True)
     shards, runs = out_dir / "shards", out_dir / "runs"
     untrained, dcgan, embgan = runs / "untrained", runs / "dcgan", runs / "embgan"
+    evaluation = EvalDir(out_dir / "eval")
     widths = [f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}", "data.num_workers=1"]
     common = ["log.wandb=true", *widths]
     dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}"]
@@ -113,18 +114,18 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
             f"ckpt.every={sizes.embgan_steps}", *common]),
         "eval": run_stage("Evaluation: untrained vs trained generators", [
             "eval", untrained, dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
-            "--encoder", encoder_spec, "--out", out_dir / "eval"]),
+            "--encoder", encoder_spec, "--out", evaluation.path]),
     }
-    print_learning(read_json(out_dir / "eval" / "eval.json"), encoder_spec)
+    print_learning(evaluation.read_result(), encoder_spec)
     print("\n== Where to look")
     for label, path in [
         ("training patches grid", out_dir / "training-patches.png"),
-        ("DCGAN samples", dcgan / "samples"), ("DCGAN loss plot", dcgan / "loss.png"),
-        ("Embedding GAN samples", embgan / "samples"),
-        ("Embedding GAN loss plot", embgan / "loss.png"),
-        ("evaluation report (grids side by side)", out_dir / "eval" / "report.md"),
-        ("evaluation figures", out_dir / "eval" / "eval.json"),
-        ("W&B offline runs (wandb sync DIR to upload)", runs / "*" / "wandb"),
+        ("DCGAN samples", RunDir(dcgan).samples_dir), ("DCGAN loss plot", RunDir(dcgan).loss_plot),
+        ("Embedding GAN samples", RunDir(embgan).samples_dir),
+        ("Embedding GAN loss plot", RunDir(embgan).loss_plot),
+        ("evaluation report (grids side by side)", evaluation.report_path),
+        ("evaluation figures", evaluation.result_path),
+        ("W&B offline runs (wandb sync DIR to upload)", RunDir(runs / "*").wandb_dir),
     ]:
         print(f"  {label:45s} {path}")
     print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pathgan.core.devices import default_device
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import sha256_file
 from pathgan.core.images import uint8_to_signed
+from pathgan.encoders import load_encoder
 from pathgan.shards.embedding_files import (
     as_encoder_id,
     check_embedding_file,
@@ -222,8 +224,6 @@ def _pending_shards(shards_dir: Path, mine: list[dict], encoder_id: str, log
 
 
 def _load(spec: str, device, precision: str, log):
-    from pathgan.encoders import load_encoder
-
     encoder = load_encoder(spec, device=device, precision=precision)
     if precision != "fp32" and not hasattr(encoder, "set_precision"):
         log(f"pathgan embed: {spec} runs in float32 (TensorFlow); --precision {precision} "
@@ -246,8 +246,6 @@ def _ready_encoder(job: EmbedJob):
 def _run(job: EmbedJob) -> Embedded:
     """Embed every sample of the job's shards; each shard's file is written as soon as its last
     sample is back (corrupt samples listed as missing)."""
-    from tqdm.auto import tqdm
-
     dataset = ShardSamples([(item.path, item.entries) for item in job.shards])
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=job.batch_size, shuffle=False, num_workers=job.num_workers,

@@ -1,7 +1,7 @@
 """Synthetic patches from a trained generator, as PNG files or WebDataset shards.
 
 What ``pathgan sample`` runs. The generator is a run folder or a Hub repo
-(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.publish.push.resolve_generator`); what made the
+(``hf-hub:ORG/NAME[@REVISION]``, see :func:`pathgan.core.hub.resolve_generator`); what made the
 patches is recorded with them, a Hub generator pinned to its commit: in ``sample.json`` beside
 PNG files, in ``manifest.json`` and every sample's metadata for shards.
 
@@ -15,15 +15,16 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pathgan.core.devices import default_device
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, timestamp, write_json
+from pathgan.core.hub import resolve_generator
 from pathgan.core.images import signed_to_uint8
 from pathgan.models import generated_batches, noise_batch
-from pathgan.models.export import load_generator
-from pathgan.publish.push import resolve_generator
+from pathgan.runs import GENERATOR_FILES, load_generator
 from pathgan.shards.format import (
     MANIFEST,
     encode_image,
@@ -51,8 +52,6 @@ def indexed_images(batches):
 
 
 def write_pngs(batches, out_dir: Path, progress) -> None:
-    from PIL import Image
-
     for index, image in indexed_images(batches):
         with atomic_path(out_dir / f"sample_{index:07d}.png") as temporary:
             Image.fromarray(image).save(temporary, format="PNG")
@@ -73,7 +72,7 @@ def write_sample_shard(path: Path, images, generator: str, seed: int, progress) 
     return shard_entry(path, "train", count)
 
 
-def write_shards(batches, out_dir: Path, generator: str, seed: int, per_shard: int,
+def write_sample_shards(batches, out_dir: Path, generator: str, seed: int, per_shard: int,
                  progress) -> list[dict]:
     images, shards = indexed_images(batches), []
     while (first := next(images, None)) is not None:
@@ -92,7 +91,7 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             raise PathganError(f"{flag} must be positive, not {value}")
     out_dir = Path(out_dir)
     device = default_device(device)
-    source = resolve_generator(generator_spec)
+    source = resolve_generator(generator_spec, GENERATOR_FILES)
     generator, config = load_generator(source.folder, device)
     # What made these patches: a Hub generator is pinned to the commit that was downloaded.
     origin = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
@@ -105,6 +104,6 @@ def sample(generator_spec: str | Path, count: int, out_dir: str | Path,
             write_pngs(batches, out_dir, progress)
             write_json(out_dir / SAMPLE_RECORD, {"created": created, "count": count, **origin})
             return out_dir
-        shards = write_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
+        shards = write_sample_shards(batches, out_dir, source.pinned, seed, per_shard, progress)
     write_json(out_dir / MANIFEST, make_manifest(shards, origin, created=created, synthetic=True))
     return out_dir

@@ -11,7 +11,8 @@ from conftest import assert_same_weights, cli_command
 from safetensors.torch import load_file
 from test_train import DDP_SCRIPT, QUIET, SMOKE, run_training
 
-from pathgan.train.checkpoint import checkpoint_problem, commit_checkpoint, staging_dir
+from pathgan.runs import RunDir, staging_dir
+from pathgan.train.checkpoint import checkpoint_problem, commit_checkpoint
 
 # torch.compile with the eager backend: the same OptimizedModule wrapper (and key prefix
 # `_orig_mod.`) as inductor, without minutes of C++ compilation on a CPU.
@@ -26,7 +27,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"checkpoint-{step:06d}"
+    return RunDir(run_dir).checkpoint_dir(step)
 
 
 def assert_weights(exported: dict, saved_dir: Path) -> None:
@@ -149,4 +150,4 @@ def test_an_explicit_damaged_checkpoint_is_refused(tmp_path, damage):
     from pathgan.train.checkpoint import resolve_resume
 
     with pytest.raises(PathganError, match="damaged checkpoint"):
-        resolve_resume(tmp_path, str(path))
+        resolve_resume(RunDir(tmp_path), str(path))

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import re
+import typing
 from pathlib import Path
 
 from conftest import REPO
@@ -22,6 +23,25 @@ def test_every_config_key_is_in_the_reference():
     for section in dataclasses.fields(Config):
         for field in dataclasses.fields(section.type):
             assert f"`{section.name}.{field.name}`" in README, f"{section.name}.{field.name}"
+
+
+def _reference_row(key: str) -> list[str]:
+    """The cells of a key's row in the README's configuration reference."""
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{key}` |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def test_every_declared_choice_and_its_default_are_in_the_reference():
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.type)
+        for field in dataclasses.fields(section.type):
+            if typing.get_origin(hints[field.name]) is not typing.Literal:
+                continue
+            key = f"{section.name}.{field.name}"
+            _, default, meaning = _reference_row(key)
+            assert default == f"`{field.default}`", key
+            for choice in typing.get_args(hints[field.name]):
+                assert f"`{choice}`" in default + meaning, f"{key}: {choice}"
 
 
 def _subparser(parser, *names):

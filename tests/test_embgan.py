@@ -14,11 +14,11 @@ from test_train import DDP_SCRIPT, QUIET, initial_generator_weight
 
 from pathgan.config import load_config
 from pathgan.core.images import hwc_to_chw, uint8_to_signed
+from pathgan.runs import RunDir
 from pathgan.shards.embedding_files import embedding_path, read_embedding_file, read_embeddings
 from pathgan.shards.format import decode_sample, shard_paths
 from pathgan.shards.reading import iter_tar_samples
-from pathgan.train.build import build_gan
-from pathgan.train.logbook import read_metrics
+from pathgan.train.build import build_gan, build_networks
 
 SMOKE = REPO / "configs" / "embgan-smoke.yaml"
 TIMM = "timm:vit_tiny_patch16_224:random"
@@ -52,7 +52,7 @@ def test_smoke_run_end_to_end(tmp_path, embedded_shards):
     run_dir = tmp_path / "embgan"
     train_embgan(shards, run_dir, "train.max_steps=6", "log.every=2", "log.sample_every=6",
                  "ckpt.every=6")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert [row["step"] for row in rows] == [2, 4, 6]
     for row in rows:
         assert row["emb_mean_dist"] > 0 and 0 <= row["D(x)"] <= 1
@@ -64,12 +64,13 @@ def test_smoke_run_end_to_end(tmp_path, embedded_shards):
 
 
 def one_generator_step(config):
-    """Build the Embedding GAN from a config and take one generator step (no Accelerate)."""
-    gan = build_gan(config, torch.device("cpu"))
+    """Build the Embedding GAN's networks from a config and take one generator step (no
+    Accelerate, no data)."""
+    gan = build_networks(config, torch.device("cpu"))
     objective = gan.objective(gan.discriminators)
     encoder_before = {k: v.clone() for k, v in gan.encoder.state_dict().items()}
     optimizer = torch.optim.Adam(gan.generator.parameters(), lr=1e-3)
-    fake = objective.fake_features(gan.generator(torch.randn(4, config.model.nz)))
+    fake = objective.fake_views(gan.generator(torch.randn(4, config.model.nz)))
     loss, _ = objective.g_loss(fake)
     loss.backward()
     optimizer.step()
@@ -103,8 +104,8 @@ def test_hybrid_objective_has_both_discriminators():
 
 def test_in_loop_embedding_of_a_real_patch_matches_the_precomputed_one(embedded_shards):
     shards, encoder_id = embedded_shards
-    gan = build_gan(load_config(SMOKE), torch.device("cpu"))
-    assert gan.encoder_id == encoder_id
+    gan = build_gan(load_config(SMOKE, [f"data.shards={shards}"]), torch.device("cpu"))
+    assert gan.encoder_id == encoder_id and gan.encoder.precision == "fp32"  # the stored one
     shard = shard_paths(shards)[0]
     samples = [decode_sample({"__key__": key, **members})
                for key, members in iter_tar_samples(shard)][:6]
@@ -165,11 +166,25 @@ def test_tensorflow_bridged_encoder_trains_in_the_loop(tmp_path, slide_shards):
     run_dir = tmp_path / "tf"
     train_embgan(shards, run_dir, f"model.encoder={spec}", "train.max_steps=3",
                  "log.every=1", "log.wandb=false")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert len(rows) == 3 and all(isinstance(row["Loss_G"], float) for row in rows)
     # The generator moved: its exported weights differ from a fresh initialisation.
     trained = load_file(run_dir / "generator.safetensors")["main.0.weight"]
     assert not torch.equal(trained, initial_generator_weight())
+
+
+def test_build_gan_readies_the_encoder_for_the_shard_set(embedded_shards):
+    from pathgan.core.errors import PathganError
+
+    shards, _ = embedded_shards
+    with pytest.raises(PathganError, match="were computed in fp32"):
+        build_gan(load_config(SMOKE, [f"data.shards={shards}", "model.encoder_precision=bf16"]),
+                  torch.device("cpu"))
+    # Real images encoded in the loop (augmentation): no stored precision to follow.
+    augmented = build_gan(load_config(SMOKE, ["data.shards=/nowhere", "train.augment=color",
+                                              "model.encoder_precision=bf16"]),
+                          torch.device("cpu"))
+    assert augmented.encoder.precision == "bf16" and augmented.real_inputs == {"images"}
 
 
 @pytest.mark.slow
@@ -201,7 +216,7 @@ def test_the_encoder_ignores_the_trainers_autocast():
     images = torch.rand(2, 3, 224, 224) * 2 - 1
     expected = encoder(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = objective.fake_features(images)["embeddings"]
+        inside = objective.fake_views(images)["embeddings"]
     assert inside.dtype == torch.float32 and torch.equal(inside, expected)
 
 
@@ -211,7 +226,7 @@ def test_augmented_embedding_gan_encodes_real_images_in_the_loop(tmp_path, embed
     result = train_embgan(shards, tmp_path / "augmented", "train.max_steps=2", "log.wandb=false",
                           "train.augment=color,translation,cutout")
     assert "runs in fp32; real samples: images" in result.stdout + result.stderr
-    assert [row["step"] for row in read_metrics(tmp_path / "augmented" / "metrics.jsonl")] == [2]
+    assert [row["step"] for row in RunDir(tmp_path / "augmented").read_metrics()] == [2]
 
 
 def test_the_embedding_discriminator_starts_with_informative_logits():

@@ -105,7 +105,7 @@ def test_precomputed_embeddings_are_used(single, tiny_run, slide_shards, tmp_pat
 @pytest.mark.slow
 def test_in_loop_evaluator_matches_pathgan_eval(single, tiny_run, slide_shards):
     from pathgan.evaluation import InLoopEvaluator
-    from pathgan.models.export import load_generator
+    from pathgan.runs import load_generator
 
     generator, _ = load_generator(tiny_run)
     generator.train()

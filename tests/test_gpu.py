@@ -30,9 +30,9 @@ from pathgan.config import load_config
 from pathgan.core.images import hwc_to_chw, uint8_to_signed
 from pathgan.encoders import load_encoder
 from pathgan.models import noise_batch
+from pathgan.runs import RunDir
 from pathgan.shards.format import decode_sample, shard_paths
 from pathgan.shards.reading import iter_tar_samples
-from pathgan.train.logbook import read_metrics
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_data  # noqa: E402
@@ -139,7 +139,7 @@ def test_mixed_precision_training_reaches_finite_losses_and_changes_g(runs, name
     run = runs[name]
     assert run.returncode == 0, failure(run.log)
     assert "non-finite" not in run.log
-    rows = read_metrics(run.dir / "metrics.jsonl")
+    rows = RunDir(run.dir).read_metrics()
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert all(math.isfinite(row["Loss_D"]) and math.isfinite(row["Loss_G"]) for row in rows)
     # The exported generator (the EMA copy where train.ema is on) has moved from its start.

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pathgan.config import config_to_dict, load_config
 from pathgan.core.errors import PathganError
-from pathgan.train.logbook import read_metrics
+from pathgan.runs import RunDir
 
 try:
     from tinymodels import TINY_COMMIT, install_in_hf_cache
@@ -111,7 +111,7 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
         assert row in sections[f"`pathgan eval` at step {entry['step']}"], row
 
     best = json.loads((tiny_run / "best" / "best.json").read_text())
-    in_loop = [row for row in read_metrics(tiny_run / "metrics.jsonl") if "eval/fd" in row][-1]
+    in_loop = [row for row in RunDir(tiny_run).read_metrics() if "eval/fd" in row][-1]
     figures = {k: in_loop[f"eval/{k}"] for k in ("fd", "kid_mean", "kid_std", "precision",
                                                  "recall")}
     counts = f"n = {in_loop['eval/n']} generated, {best['n_real']} real (train split)"
@@ -297,11 +297,11 @@ def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
     from pathgan.publish.model_card import RunFacts, recipe_rows
     from pathgan.publish.push import public_config
 
-    config = config_to_dict(load_config(REPO / "configs" / "embgan-smoke.yaml", [
-        "model.encoder=path-foundation:/data/models/pf", "model.hybrid=true"]))
+    config = load_config(REPO / "configs" / "embgan-smoke.yaml", [
+        "model.encoder=path-foundation:/data/models/pf", "model.hybrid=true"])
     public, notes = public_config(config)
     assert public["model"]["encoder"] == "path-foundation" and len(notes) == 3
-    assert config["model"]["encoder"] == "path-foundation:/data/models/pf"  # not modified
+    assert config.model.encoder == "path-foundation:/data/models/pf"  # not modified
     facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8}, 1234, 10, None, None,
                      "path-foundation--0123456789ab--unit01")
     recipe = dict(recipe_rows(facts))
@@ -309,7 +309,7 @@ def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
     assert ("`Linear` layers [64, 32] on the embeddings of the frozen encoder `path-foundation` "
             "(id `path-foundation--0123456789ab--unit01`)") in recipe["discriminator"]
     assert "/data/models" not in str(recipe)
-    assert recipe["images seen"] == f"{10 * config['train']['batch_size']} (steps x global batch)"
+    assert recipe["images seen"] == f"{10 * config.train.batch_size} (steps x global batch)"
 
 
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):
@@ -418,7 +418,7 @@ def patch_table(tmp_path):
 
 
 def test_table_rows_are_patches_resized_like_pack(patch_table, tmp_path):
-    from pathgan.shards.pack_worker import read_patch_image
+    from pathgan.shards.patches import read_patch_image
     from pathgan.shards.tables import PatchTable, TableColumns
 
     root, images, sizes, embeddings = patch_table

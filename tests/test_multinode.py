@@ -13,7 +13,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_train import SMOKE, initial_generator_weight
 
-from pathgan.train.logbook import read_metrics
+from pathgan.runs import RunDir
 
 pytestmark = pytest.mark.slow  # two launchers, two training processes
 
@@ -73,4 +73,4 @@ def test_two_nodes_on_localhost_end_with_identical_parameters(tmp_path, slide_sh
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert not torch.equal(ranks[0]["generator.main.0.weight"], initial_generator_weight())
-    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")][-1] == STEPS
+    assert [row["step"] for row in RunDir(run_dir).read_metrics()][-1] == STEPS

@@ -10,8 +10,9 @@ import tiffslide
 from conftest import REPO, run_cli
 
 from pathgan.shards.format import load_manifest, shard_paths
-from pathgan.shards.pack import PackOptions, discover_sources
+from pathgan.shards.options import PackOptions
 from pathgan.shards.reading import iter_tar_samples
+from pathgan.shards.sources import discover_sources
 
 
 def membership(shards_dir: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from pathgan.shards.embedding_files import (
     verify_embeddings,
 )
 from pathgan.shards.format import decode_sample, load_manifest, shard_paths
-from pathgan.shards.pack_worker import read_patch_image
+from pathgan.shards.patches import read_patch_image
 from pathgan.shards.reading import iter_tar_samples
 
 try:
@@ -328,9 +328,9 @@ def test_unsupported_encodings_and_table_options_without_a_table(tmp_path, capsy
 
 def test_units_of_any_size_and_any_worker_count_give_the_same_bytes(packed, table, tmp_path,
                                                                     monkeypatch):
-    from pathgan.shards import pack_worker
+    from pathgan.shards import plan
 
-    monkeypatch.setattr(pack_worker, "TABLE_ROWS_PER_UNIT", 4)  # units start inside row groups
+    monkeypatch.setattr(plan, "TABLE_ROWS_PER_UNIT", 4)  # units start inside row groups
     out = tmp_path / "small-units"
     assert run_cli("shards", "pack", table, "--out", out, *COLUMNS, "--embedding-column", "emb",
                    "--encoder", ENCODER, "--val-fraction", "0.3", "--max-count", "8",
@@ -412,7 +412,7 @@ def test_rows_without_a_group_take_their_files_group(table_parts, tmp_path):
 
 
 def test_read_units_join_small_row_groups_and_cut_big_ones_in_a_few():
-    from pathgan.shards.pack_worker import table_units
+    from pathgan.shards.plan import table_units
 
     assert table_units([0, 100, 200, 300, 400]).tolist() == [0, 300]  # Hub files: 100-row groups
     one_group = table_units([0, 1_000_000])  # pyarrow's default: one group for the whole file

@@ -107,3 +107,46 @@ def test_train_sh_stops_when_python_cannot_answer(tmp_path):
     assert result.returncode == 2
     assert "cannot ask" in result.stderr
     assert not (tmp_path / "accelerate-args").exists()
+
+
+def _d_gradients(one_region: bool, cache_enabled: bool = False) -> list[torch.Tensor]:
+    """D's weight gradients after a discriminator loss on a real and a fake batch in bf16
+    autocast on the CPU: in one autocast region (train_step), or one region per forward."""
+    from pathgan.models import Discriminator
+    from pathgan.train.objective import bce_logits
+
+    torch.manual_seed(0)
+    discriminator = Discriminator(ndf=4)
+    real, fake = torch.randn(2, 4, 3, 224, 224)
+
+    def region():
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+
+    if one_region:
+        with region():
+            loss = bce_logits(discriminator(real), 1.0) + bce_logits(discriminator(fake), 0.0)
+    else:
+        with region():
+            real_logits = discriminator(real)
+        with region():
+            fake_logits = discriminator(fake)
+        loss = bce_logits(real_logits, 1.0) + bce_logits(fake_logits, 0.0)
+    loss.backward()
+    return [p.grad for p in discriminator.parameters()]
+
+
+def test_d_passes_in_one_autocast_region_cast_their_own_weights(monkeypatch, tmp_path):
+    """train_step runs D on real and fake images in one autocast region; a cached cast would
+    make both passes share one bf16 copy of D's weights and sum their gradients in bf16."""
+    from pathgan.config import load_config
+
+    handlers = []
+    monkeypatch.setattr(loop, "Accelerator", lambda **kwargs: handlers.extend(
+        kwargs["kwargs_handlers"]))
+    loop.make_accelerator(load_config(REPO / "configs" / "dcgan-smoke.yaml"), tmp_path)
+    (autocast,) = [h for h in handlers if type(h).__name__ == "AutocastKwargs"]
+    assert autocast.cache_enabled is False
+    separate = _d_gradients(one_region=False)
+    assert all(torch.equal(a, b) for a, b in zip(separate, _d_gradients(True), strict=True))
+    cached = _d_gradients(one_region=True, cache_enabled=True)
+    assert not all(torch.equal(a, b) for a, b in zip(separate, cached, strict=True))

@@ -15,8 +15,9 @@ from conftest import REPO, assert_same_weights, cli_command, run_cli
 from safetensors.torch import load_file
 
 from pathgan.config import load_config
+from pathgan.core.errors import PathganError
 from pathgan.models import Discriminator, Generator
-from pathgan.train.logbook import read_metrics
+from pathgan.runs import RunDir
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -62,7 +63,7 @@ def smoke_run(tmp_path_factory, slide_shards) -> Path:
 
 @pytest.mark.slow
 def test_smoke_run_writes_everything(smoke_run):
-    rows = read_metrics(smoke_run / "metrics.jsonl")
+    rows = RunDir(smoke_run).read_metrics()
     assert [row["step"] for row in rows] == list(range(2, 21, 2))
     for row in rows:
         for key in ("Loss_D", "Loss_G", "D(x)", "D(G(z))", "images_per_s", "step_time"):
@@ -94,7 +95,7 @@ def test_the_exported_ema_generator_is_never_worse_than_the_raw_one(smoke_run, s
         swd_extractor,
     )
     from pathgan.evaluation.metrics import sliced_wasserstein_distance
-    from pathgan.models.export import load_generator
+    from pathgan.runs import load_generator
 
     exported, config = load_generator(smoke_run, "cpu")
     raw = Generator(nz=config["nz"], ngf=config["ngf"])
@@ -142,12 +143,8 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(smoke_run, slide_shards):
 
 
 def test_a_checkpoint_is_replaced_whole(tmp_path):
-    from pathgan.train.checkpoint import (
-        commit_checkpoint,
-        list_checkpoints,
-        prune_checkpoints,
-        staging_dir,
-    )
+    from pathgan.runs import staging_dir
+    from pathgan.train.checkpoint import commit_checkpoint, prune_checkpoints
 
     path = tmp_path / "checkpoints" / "checkpoint-000005"
     path.mkdir(parents=True)
@@ -156,11 +153,11 @@ def test_a_checkpoint_is_replaced_whole(tmp_path):
     staging = staging_dir(path)
     staging.mkdir()
     (staging / "model.safetensors").write_text("new")
-    assert list_checkpoints(tmp_path) == [path]  # a staging folder is never a checkpoint
+    assert RunDir(tmp_path).checkpoints() == [path]  # a staging folder is never a checkpoint
     commit_checkpoint(staging, path, 5)
     assert (path / "model.safetensors").read_text() == "new" and (path / "COMPLETE").is_file()
     (tmp_path / "checkpoints" / "checkpoint-000009.partial").mkdir()  # a killed save
-    prune_checkpoints(tmp_path, keep=3)
+    prune_checkpoints(RunDir(tmp_path), keep=3)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-000005"]
 
 
@@ -194,7 +191,7 @@ def test_killed_run_resumes_with_identical_weights(tmp_path, slide_shards):
     # And training goes on from there: metrics continue after step 5 without duplicates.
     run_training(slide_shards, run_dir, "train.max_steps=8", "log.wandb=false",
                  "train.ema=false", "log.every=1", resume="latest")
-    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")]
+    steps = [row["step"] for row in RunDir(run_dir).read_metrics()]
     assert steps == list(range(1, 9))
 
 
@@ -205,7 +202,7 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
         train_command(slide_shards, run_dir, "train.max_steps=1000", "log.every=1",
                       "ckpt.every=1000"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=QUIET)
-    wait_for(lambda: len(read_metrics(run_dir / "metrics.jsonl")) >= 3, process)
+    wait_for(lambda: len(RunDir(run_dir).read_metrics()) >= 3, process)
     process.send_signal(signal.SIGUSR1)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 0
@@ -219,7 +216,7 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, slide_shards):
     # Both processes logged to the same W&B run (offline-run-<time>-<id>).
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({p.name.rsplit("-", 1)[1] for p in wandb_runs}) == 1
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step + 3
+    assert RunDir(run_dir).read_metrics()[-1]["step"] == step + 3
 
 
 DDP_SCRIPT = """
@@ -263,7 +260,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert not torch.equal(ranks[0]["generator.main.0.weight"], initial_generator_weight())
-    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
+    assert [row["step"] for row in RunDir(run_dir).read_metrics()] == [2, 4, 6]
 
 
 @pytest.mark.slow
@@ -271,7 +268,7 @@ def test_in_loop_evaluation_is_logged_and_keeps_the_best_generator(tmp_path, sli
     run_dir = tmp_path / "evaluated"
     run_training(slide_shards, run_dir, "train.max_steps=4", "log.wandb=false", "eval.every=2",
                  "eval.n=8", "eval.encoder=timm:mobilenetv3_small_050:random")
-    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval/fd" in row]
+    rows = [row for row in RunDir(run_dir).read_metrics() if "eval/fd" in row]
     assert [row["step"] for row in rows] == [2, 4]
     assert all(row["eval/fd"] >= 0 and row["eval/n"] == 8 for row in rows)
     best = json.loads((run_dir / "best" / "best.json").read_text())
@@ -285,7 +282,7 @@ def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
     run_dir = tmp_path / "bf16"
     run_training(slide_shards, run_dir, "train.mixed_precision=bf16", "train.max_steps=4",
                  "log.wandb=false", "log.every=1")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert len(rows) == 4 and all(isinstance(row["Loss_D"], float) for row in rows)
 
 
@@ -323,7 +320,7 @@ def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step, li
     assert f"({expected_step} in a row)" in errors[0]
     assert result.stdout.count("non-finite loss") == lines
     assert (run_dir / "checkpoints" / f"checkpoint-{expected_step:06d}" / "COMPLETE").is_file()
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDir(run_dir).read_metrics()
     assert [row["skipped_updates_d"] for row in rows] == [2] * lines
     assert all(row["skipped_updates_g"] == 0 for row in rows)
 
@@ -417,7 +414,34 @@ def test_yaml_words_on_the_command_line_keep_their_meaning():
     config = load_config(SMOKE, ["train.mixed_precision=no", "train.compile=off",
                                  "train.ema=no", "train.channels_last=on"])
     assert config.train.mixed_precision == "no" and config.train.compile == "off"
-    assert config.train.ema is False and config.train.channels_last is True
+    assert config.train.ema is False and config.train.channels_last == "on"
+
+
+def test_configs_with_boolean_switches_still_load(tmp_path):
+    # channels_last was a boolean before the switches had one vocabulary (auto | on | off);
+    # run folders saved then say true, and YAML reads an unquoted on/off as a boolean too.
+    saved = tmp_path / "config.yaml"
+    saved.write_text("train:\n  channels_last: true\n  compile: false\n  fused_adam: on\n")
+    config = load_config(saved)
+    assert (config.train.channels_last, config.train.compile, config.train.fused_adam) == (
+        "on", "off", "on")
+
+
+def test_every_declared_choice_is_enforced():
+    import dataclasses
+    import typing
+
+    from pathgan.config import Config
+
+    choices = [(f"{section.name}.{name}", kind)
+               for section in dataclasses.fields(Config)
+               for name, kind in typing.get_type_hints(section.type).items()
+               if typing.get_origin(kind) is typing.Literal]
+    assert len(choices) >= 8
+    for key, kind in choices:
+        with pytest.raises(PathganError, match=f"^{key}: 'nonsense' is not one of "
+                                               f"{', '.join(typing.get_args(kind))}$"):
+            load_config(SMOKE, [f"{key}=nonsense"])
 
 
 def test_missing_config_and_shards_are_one_line_errors(tmp_path):

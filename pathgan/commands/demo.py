@@ -16,6 +16,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.demo import run_demo
 
     run_demo(args.out, args.size, args.encoder)

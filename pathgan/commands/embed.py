@@ -5,6 +5,7 @@ array task, or an ``accelerate launch`` rank); the second exits 0 only when ever
 complete, aligned embedding file.
 """
 
+import argparse
 import sys
 
 from pathgan.core.errors import PathganError
@@ -21,8 +22,6 @@ each task does (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT)."""
 
 
 def register(subparsers) -> None:
-    import argparse
-
     parser = subparsers.add_parser(
         "embed", help="precompute encoder embeddings of a shard set (or verify them)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,7 +61,8 @@ def _split_target(target: list[str]) -> tuple[bool, str]:
 def run(args) -> int:
     verify, shards_dir = _split_target(args.target)
     if verify:
-        return run_verify(shards_dir, args.encoder)
+        return run_verify_embeddings(shards_dir, args.encoder)
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.embed import embed_shards, format_summary
 
     summary = embed_shards(
@@ -76,7 +76,8 @@ def run(args) -> int:
     return 0
 
 
-def run_verify(shards_dir: str, encoder: str) -> int:
+def run_verify_embeddings(shards_dir: str, encoder: str) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.embedding_files import verify_embeddings
 
     report = verify_embeddings(shards_dir, encoder)

@@ -1,5 +1,7 @@
 """``pathgan eval RUN_DIR [RUN_DIR ...] --real SHARDS_DIR -n N``: score runs on real patches."""
 
+import argparse
+
 DESCRIPTION = """\
 Generate N patches from each run's exported generator and compare them with N real patches
 (the shard set's val split, else train) in a frozen encoder's embedding space: Fréchet distance,
@@ -11,8 +13,6 @@ Under `accelerate launch -m pathgan eval ...` the work is split across processes
 
 
 def register(subparsers) -> None:
-    import argparse
-
     parser = subparsers.add_parser(
         "eval", help="score runs: FD, KID, precision/recall in an encoder's space",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.evaluation.job import evaluate_runs
 
     evaluate_runs(args.runs, args.real, args.n, encoder_spec=args.encoder, out_dir=args.out,

@@ -1,5 +1,7 @@
 """``pathgan push RUN_DIR --repo ORG/NAME``: share a trained generator on the Hugging Face Hub."""
 
+import argparse
+
 DESCRIPTION = """\
 Upload a run's exported generator (generator.safetensors + generator.json) to a Hugging Face
 model repo, with the training config (local paths left out), the newest eval.json of
@@ -9,8 +11,6 @@ HF_TOKEN. --dry-run DIR writes the folder it would upload into DIR and uploads n
 
 
 def register(subparsers) -> None:
-    import argparse
-
     parser = subparsers.add_parser(
         "push", help="share a trained generator on the Hugging Face Hub, with a model card",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,6 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.publish.push import push
 
     where = push(args.run_dir, args.repo, private=args.private, revision=args.revision,

@@ -1,4 +1,4 @@
-"""``pathgan sample`` and ``pathgan arch``."""
+"""``pathgan sample GENERATOR -n N --out DIR``: patches from a trained generator."""
 
 
 def register(subparsers) -> None:
@@ -16,27 +16,13 @@ def register(subparsers) -> None:
     sample.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     sample.set_defaults(handler=run_sample)
 
-    arch = subparsers.add_parser("arch", help="draw a config's networks and tabulate layers")
-    arch.add_argument("--config", required=True)
-    arch.add_argument("--out", required=True, help="output folder")
-    arch.add_argument("overrides", nargs="*", metavar="key=value")
-    arch.set_defaults(handler=run_arch)
-
 
 def run_sample(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.sample import sample
 
     out = sample(args.generator, args.n, args.out, image_format=args.format,
                  batch_size=args.batch_size, seed=args.seed, device=args.device,
                  per_shard=args.per_shard)
     print(f"wrote {args.n} patches to {out}")
-    return 0
-
-
-def run_arch(args) -> int:
-    from pathgan.config import load_config
-    from pathgan.train.architecture import write_architecture
-
-    for path in write_architecture(load_config(args.config, args.overrides), args.out):
-        print(f"wrote {path}")
     return 0

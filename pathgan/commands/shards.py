@@ -125,6 +125,7 @@ def register(subparsers) -> None:
 
 
 def run_pack(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.inspect import summary_lines
     from pathgan.shards.pack import PackOptions, pack
 
@@ -178,6 +179,7 @@ def run_convert(args) -> int:
 
 
 def run_verify(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.inspect import verify_shards
 
     problems = verify_shards(args.shards_dir)
@@ -191,6 +193,7 @@ def run_verify(args) -> int:
 
 
 def run_show(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.format import load_manifest
     from pathgan.shards.inspect import save_samples_grid, summary_lines
 
@@ -202,6 +205,7 @@ def run_show(args) -> int:
 
 
 def run_merge(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.merge import merge
 
     merge(args.out_dir, if_complete=args.if_complete)

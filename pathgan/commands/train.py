@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.config import load_config
     from pathgan.train.loop import train
 

@@ -13,3 +13,9 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def switch_on(value: str) -> bool:
+    """An ``auto | on | off`` switch of the config (``train.compile``, ``train.channels_last``,
+    ``train.fused_adam``): ``auto`` is on where there is CUDA."""
+    return value == "on" or (value == "auto" and torch.cuda.is_available())

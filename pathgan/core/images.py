@@ -10,9 +10,6 @@ import torch
 from PIL import Image
 
 from pathgan.core.fileio import atomic_path
-from pathgan.shards.format import IMAGE_SIDE
-
-IMAGE_SIZE = IMAGE_SIDE  # one definition, in the torch-free shard format
 
 
 def uint8_to_signed(images: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pathgan.encoders.tensorflow_runtime import protect_from_triton_clash
 protect_from_triton_clash()
 
 from pathgan.core.errors import PathganError  # noqa: E402
+from pathgan.encoders import path_foundation, timm_backbone  # noqa: E402
 from pathgan.encoders.base import Encoder  # noqa: E402
 
 __all__ = ["Encoder", "EncoderSpec", "is_encoder_id", "load_encoder", "parse_spec",
@@ -77,16 +78,12 @@ def load_encoder(spec: str, device=None, *, precision: str | None = None,
     """
     parsed = parse_spec(spec)
     if parsed.kind == "path-foundation":
-        from pathgan.encoders.path_foundation import DEFAULT_CHUNK_SIZE, load_path_foundation
-
-        return load_path_foundation(
+        return path_foundation.load_path_foundation(
             parsed.location, device=device, revision=parsed.revision, token=token,
-            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, spec=parsed.text,
+            chunk_size=chunk_size or path_foundation.DEFAULT_CHUNK_SIZE, spec=parsed.text,
         )
-    from pathgan.encoders.timm_backbone import load_timm
-
-    return load_timm(parsed.name, pretrained=parsed.pretrained, device=device,
-                     precision=precision, spec=parsed.text, **model_kwargs)
+    return timm_backbone.load_timm(parsed.name, pretrained=parsed.pretrained, device=device,
+                                   precision=precision, spec=parsed.text, **model_kwargs)
 
 
 def resolve_encoder_id(spec: str) -> str:
@@ -97,7 +94,5 @@ def resolve_encoder_id(spec: str) -> str:
         return spec
     parsed = parse_spec(spec)
     if parsed.kind == "path-foundation":
-        from pathgan.encoders.path_foundation import resolve
-
-        return resolve(parsed.location, revision=parsed.revision)[1]
+        return path_foundation.resolve(parsed.location, revision=parsed.revision)[1]
     return load_encoder(spec, device="cpu").encoder_id

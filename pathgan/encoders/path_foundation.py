@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, signed_to_unit
+from pathgan.core.hub import hub_snapshot
+from pathgan.core.images import signed_to_unit
 from pathgan.encoders.base import Encoder, safe_id_part
 from pathgan.encoders.tensorflow_runtime import (
     import_tensorflow,
@@ -37,6 +38,7 @@ REPO_URL = f"https://huggingface.co/{REPO_ID}"
 SIGNATURE = "serving_default"
 OUTPUT_KEY = "output_0"
 PREPROCESSING = "unit01"
+INPUT_SIDE = 224  # its serving signature takes INPUT_SIDE x INPUT_SIDE RGB images
 DEFAULT_CHUNK_SIZE = 128
 #: TensorFlow aborts the process (not an exception) on a CPU buffer that is not 64-byte aligned
 _TF_ALIGN_BYTES = 64
@@ -71,8 +73,6 @@ def resolve(location: str | None = None, revision: str | None = None,
         _check_layout(folder)
         weights = local_revision(folder)
     else:
-        from pathgan.publish.push import hub_snapshot
-
         folder = hub_snapshot(REPO_ID, revision=revision, token=token)
         _check_layout(folder)
         commit = folder.name
@@ -115,7 +115,7 @@ class SavedModelBridge:
         self.signature = signature
         self.input_name = input_name
         self.chunk_size = max(1, int(chunk_size))
-        spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)
+        spec = tf.TensorSpec([None, INPUT_SIDE, INPUT_SIDE, 3], tf.float32)
 
         def _forward(images):
             return signature(**{input_name: images})[OUTPUT_KEY]
@@ -240,9 +240,9 @@ class PathFoundationEncoder(Encoder):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input(images)
-        if tuple(images.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        if tuple(images.shape[-2:]) != (INPUT_SIDE, INPUT_SIDE):
             raise ValueError(
-                f"Path Foundation takes {IMAGE_SIZE}x{IMAGE_SIZE} images, got {tuple(images.shape)}"
+                f"Path Foundation takes {INPUT_SIDE}x{INPUT_SIDE} images, got {tuple(images.shape)}"
             )
         unit_nhwc = signed_to_unit(images.float()).permute(0, 2, 3, 1).contiguous()
         return _SavedModelCall.apply(self.bridge, unit_nhwc)
@@ -281,6 +281,6 @@ def load_path_foundation(location: str | None = None, *, device=None, revision: 
     embed_dim = outputs[OUTPUT_KEY].shape[-1]
     bridge = SavedModelBridge(tf, model, signature, input_name, chunk_size)
     if embed_dim is None:
-        probe = torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE, 3)
+        probe = torch.zeros(1, INPUT_SIDE, INPUT_SIDE, 3)
         embed_dim = bridge.forward(probe).shape[-1]
     return PathFoundationEncoder(bridge, int(embed_dim), encoder_id, spec, device, str(folder))

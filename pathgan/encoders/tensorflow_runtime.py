@@ -179,7 +179,7 @@ def import_tensorflow(device: torch.device | str | None = None):
             with contextlib.suppress(ImportError):
                 import triton  # noqa: F401  (first, while that is safe: see the module doc)
         try:
-            import tensorflow as tf
+            import tensorflow as tf  # the optional [tensorflow] extra, after triton
         except ImportError as error:
             raise PathganError(
                 "Path Foundation needs TensorFlow: pip install 'pathgan[tensorflow]' "

@@ -11,6 +11,7 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from pathgan.core.devices import default_device
 from pathgan.core.errors import PathganError
@@ -46,7 +47,7 @@ def preprocessing_tag(mean, std, size: int) -> str:
 
 
 def _create(name: str, pretrained: bool, model_kwargs: dict):
-    import timm
+    import timm  # here: timm takes seconds to import (torchvision with it)
 
     try:
         if pretrained:
@@ -61,12 +62,6 @@ def _create(name: str, pretrained: bool, model_kwargs: dict):
             ) from error
         raise
     except Exception as error:
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
-
         repo = name.removeprefix("hf-hub:")
         if isinstance(error, GatedRepoError | RepositoryNotFoundError):
             raise PathganError(
@@ -123,7 +118,7 @@ class TimmEncoder(Encoder):
 def load_timm(name: str, *, pretrained: bool = True, device=None, precision: str | None = None,
               spec: str | None = None, **model_kwargs) -> TimmEncoder:
     """``timm.create_model(name)`` (``hf-hub:ORG/REPO`` too) wrapped as a :class:`TimmEncoder`."""
-    from timm.data import resolve_model_data_config
+    from timm.data import resolve_model_data_config  # here: timm is slow to import
 
     model = _create(name, pretrained, model_kwargs)
     config = resolve_model_data_config(model)

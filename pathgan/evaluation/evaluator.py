@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pathgan.core.errors import PathganError
+from pathgan.encoders import Encoder, load_encoder
 from pathgan.evaluation.features import (
     DEFAULT_BATCH_SIZE,
     ENCODER,
@@ -24,6 +25,11 @@ from pathgan.evaluation.features import (
     real_features,
     select_real,
     swd_extractor,
+)
+from pathgan.evaluation.metrics import (
+    compare_features,
+    frechet_distance,
+    sliced_wasserstein_distance,
 )
 from pathgan.evaluation.ranks import broadcast, make_state
 
@@ -39,8 +45,6 @@ def eval_encoder_spec(eval_encoder: str | None, model_encoder: str | None,
 
 def load_eval_encoder(spec_or_encoder, device, state):
     """The encoder of an evaluation: given, or loaded (downloaded once, by the main process)."""
-    from pathgan.encoders import Encoder, load_encoder
-
     if isinstance(spec_or_encoder, Encoder):
         return spec_or_encoder
     with state.main_process_first():  # one download into the cache, the others read it
@@ -57,12 +61,6 @@ def score_features(real: dict, fake: dict, state, *, k: int, subsets: int, subse
     (non-finite figures as None)."""
     result, error = None, None
     if state.is_main_process:
-        from pathgan.evaluation.metrics import (
-            compare_features,
-            frechet_distance,
-            sliced_wasserstein_distance,
-        )
-
         try:
             result = compare_features(real[ENCODER], fake[ENCODER], k=k, subsets=subsets,
                                       subset_size=subset_size, seed=seed)

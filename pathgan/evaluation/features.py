@@ -18,10 +18,17 @@ import numpy as np
 import torch
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, signed_to_uint8, uint8_to_signed
+from pathgan.core.images import signed_to_uint8, uint8_to_signed
+from pathgan.evaluation.metrics import (
+    descriptors_per_image,
+    laplacian_descriptors,
+    swd_descriptor_dim,
+)
 from pathgan.evaluation.ranks import gather_rows, progress_bar, rank_slice
 from pathgan.models import generated_batches, noise_batch
-from pathgan.shards.reading import collate_samples
+from pathgan.shards.embedding_files import read_embeddings, stored_precision
+from pathgan.shards.format import IMAGE_SIDE, load_manifest
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
 
 MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
 DEFAULT_BATCH_SIZE = 64
@@ -56,15 +63,9 @@ def encoder_extractor(encoder) -> Extractor:
 
 def swd_extractor(n: int, seed: int = 0) -> Extractor:
     """Laplacian-pyramid descriptors of every image, for the SWD of a set of ``n`` images."""
-    from pathgan.evaluation.metrics import (
-        descriptors_per_image,
-        laplacian_descriptors,
-        swd_descriptor_dim,
-    )
-
     per_image = descriptors_per_image(n)
     return Extractor(
-        SWD, swd_descriptor_dim(IMAGE_SIZE, per_image),
+        SWD, swd_descriptor_dim(IMAGE_SIDE, per_image),
         lambda images, indices: laplacian_descriptors(images, indices, per_image, seed),
         f"laplacian-pyramid-7x7-{per_image}-per-image")
 
@@ -95,6 +96,7 @@ def inception_extractor(weights: str | Path | None = None, device=None) -> Extra
         raise PathganError(f"{path} is not an Inception weights file ({type(error).__name__})"
                            ) from error
     try:
+        # here: torchmetrics is slow to import, and its Inception needs torch-fidelity
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         metric = FrechetInceptionDistance(feature=2048, normalize=False,
@@ -110,8 +112,6 @@ def inception_extractor(weights: str | Path | None = None, device=None) -> Extra
 # -- the real side -----------------------------------------------------------------------------
 def real_split(shards_dir: str | Path) -> str:
     """``val`` when the shard set has validation samples, else ``train``."""
-    from pathgan.shards.format import load_manifest
-
     shards = load_manifest(shards_dir)["shards"]
     has_val = any(s["split"] == "val" and s["samples"] > 0 for s in shards)
     return "val" if has_val else "train"
@@ -137,9 +137,6 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
                 split: str | None = None) -> RealSet:
     """Draw ``min(n, available)`` real samples of ``split`` (default: :func:`real_split`) with a
     seeded generator, kept in shard order."""
-    from pathgan.shards.format import load_manifest
-    from pathgan.shards.reading import ShardSamples, index_shard
-
     shards_dir = Path(shards_dir)
     manifest = load_manifest(shards_dir)
     note = ""
@@ -173,8 +170,6 @@ def _precomputed(real: RealSet, encoder) -> torch.Tensor | None:
     """Rows of precomputed embeddings for ``real``'s keys, or None when they do not all exist
     or were computed in another precision than the encoder's (the generated side would then
     differ from the real one by rounding alone)."""
-    from pathgan.shards.embedding_files import read_embeddings, stored_precision
-
     try:
         if stored_precision(real.shards_dir, encoder.encoder_id, real.split) != encoder.precision:
             return None

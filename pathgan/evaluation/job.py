@@ -16,6 +16,7 @@ import torch
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import timestamp
+from pathgan.core.hub import resolve_generator
 from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation.evaluator import (
     DEFAULT_ENCODER,
@@ -37,45 +38,27 @@ from pathgan.evaluation.features import (
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.models import generate, noise_batch
-from pathgan.models.export import GENERATOR_WEIGHTS, load_generator
+from pathgan.runs import GENERATOR_FILES, EvalDir, RunDir, load_generator, require_generator
 
 FORMAT = "pathgan-eval/1"
 GRID_COUNT = 64
-
-
-def _run_config(run_dir: Path) -> dict:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise PathganError(f"{path} is not valid YAML ({error})") from error
 
 
 def default_encoder_spec(run_dirs: list[Path]) -> str:
     """The encoder the runs name (``eval.encoder``, else ``model.encoder`` of their
     ``config.yaml``) when they agree, else :data:`DEFAULT_ENCODER` when none names one."""
     named = []
-    for run_dir in run_dirs:
-        config = _run_config(run_dir)
-        spec = eval_encoder_spec((config.get("eval") or {}).get("encoder"),
-                                 (config.get("model") or {}).get("encoder"), default=None)
+    for run in map(RunDir, run_dirs):
+        if not run.has_config():  # a best/ folder or a Hub generator
+            continue
+        config = run.read_config()
+        spec = eval_encoder_spec(config.eval.encoder, config.model.encoder, default=None)
         if spec and spec not in named:
             named.append(spec)
     if len(named) > 1:
         raise PathganError(f"the runs name different encoders ({', '.join(named)}): pass "
                            "--encoder SPEC so that they are compared in one space")
     return named[0] if named else DEFAULT_ENCODER
-
-
-def _last_step(run_dir: Path) -> int | None:
-    from pathgan.train.logbook import METRICS, read_metrics
-
-    rows = read_metrics(run_dir / METRICS)
-    return rows[-1]["step"] if rows else None
 
 
 def _names(sources) -> list[str]:
@@ -95,7 +78,7 @@ def default_out_dir(sources) -> Path:
     """``RUN_DIR/eval`` for one run folder; ``./eval-YYYYmmdd-HHMMSS`` when comparing several
     or for a Hub generator (never inside the Hugging Face cache)."""
     if len(sources) == 1 and sources[0].hub is None:
-        return sources[0].folder / "eval"
+        return RunDir(sources[0].folder).eval_dir
     return Path(f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
@@ -106,10 +89,8 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     """Evaluate runs against ``n`` real samples of ``real_shards``; write ``eval.json``,
     ``report.md`` and grids into ``out_dir`` (rank 0). Returns the eval.json dict (every rank).
     """
-    from pathgan.publish.push import resolve_generator
-
     state = make_state()
-    sources = [resolve_generator(run) for run in run_dirs]
+    sources = [resolve_generator(run, GENERATOR_FILES) for run in run_dirs]
     if not sources:
         raise PathganError("give at least one RUN_DIR")
     if n < k + 1:
@@ -132,10 +113,10 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
 
     real_rows = real_features(real, extractors, state, batch_size=batch_size,
                               num_workers=num_workers)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(sources)
+    out = EvalDir(out_dir if out_dir is not None else default_out_dir(sources))
     if state.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_image_grid(real_grid(real), out_dir / "real.png")
+        out.path.mkdir(parents=True, exist_ok=True)
+        save_image_grid(real_grid(real), out.path / EvalDir.REAL_GRID)
 
     runs = []
     for source, name in zip(sources, _names(sources), strict=True):
@@ -145,13 +126,13 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         scores = score_features(real_rows, fake_rows, state, k=k, subsets=subsets,
                                 subset_size=subset_size, seed=seed)
         entry = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
-                 "name": name, "step": _last_step(source.folder), **scores,
+                 "name": name, "step": RunDir(source.folder).last_logged_step(), **scores,
                  "encoder": encoder.encoder_id, "real_split": real.split}
         if inception:
             entry["inception_encoder"] = extractors[-1].id
         if state.is_main_process:
             entry.update(_write_run_figures(generator, model_config["nz"], min(GRID_COUNT, n),
-                                            seed, source.folder, name, out_dir))
+                                            seed, RunDir(source.folder), name, out))
             log_main(state, f"pathgan eval: {name}: " + summary_line(entry))
         runs.append(entry)
         del generator
@@ -163,7 +144,8 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         "encoder_spec": spec,
         "real": {"shards": str(real.shards_dir), "split": real.split,
                  "n": len(real_rows[ENCODER]), "available": real.available,
-                 "source": real.source.get(ENCODER), "note": real.note, "grid": "real.png"},
+                 "source": real.source.get(ENCODER), "note": real.note,
+                 "grid": EvalDir.REAL_GRID},
         "n": n,
         "seed": seed,
         "processes": state.num_processes,
@@ -172,11 +154,10 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         "runs": runs,
     }
     if state.is_main_process:
-        write_report(result, out_dir)
-        log_main(state, f"pathgan eval: wrote {out_dir / 'eval.json'} and "
-                        f"{out_dir / 'report.md'}")
+        write_report(result, out)
+        log_main(state, f"pathgan eval: wrote {out.result_path} and {out.report_path}")
     state.wait_for_everyone()
-    result["out_dir"] = str(out_dir)
+    result["out_dir"] = str(out.path)
     return result
 
 
@@ -185,9 +166,7 @@ def _check_generators(folders: list[Path]) -> None:
     for folder in folders:
         if not folder.is_dir():
             raise PathganError(f"{folder}: no such run folder")
-        if not (folder / GENERATOR_WEIGHTS).is_file():
-            raise PathganError(f"{folder} has no exported generator ({GENERATOR_WEIGHTS}); "
-                               "train it first or point at a finished run folder")
+        require_generator(folder)
 
 
 def real_grid(real: RealSet, count: int = GRID_COUNT) -> torch.Tensor:
@@ -196,15 +175,14 @@ def real_grid(real: RealSet, count: int = GRID_COUNT) -> torch.Tensor:
     return torch.stack([image for image in images if image is not None])
 
 
-def _write_run_figures(generator, nz: int, count: int, seed: int, run_dir: Path, name: str,
-                       out_dir: Path) -> dict:
-    """A grid of the run's first ``count`` samples and a copy of its loss plot, into ``out_dir``;
+def _write_run_figures(generator, nz: int, count: int, seed: int, run: RunDir, name: str,
+                       out: EvalDir) -> dict:
+    """A grid of the run's first ``count`` samples and a copy of its loss plot, into ``out``;
     the eval.json keys that name them."""
     images = generate(generator, noise_batch(count, nz, seed), batch_size=count)  # one batch
-    save_image_grid(signed_to_uint8(images).cpu(), out_dir / f"{name}-fake.png")
-    figures = {"fake_grid": f"{name}-fake.png"}
-    loss = run_dir / "loss.png"
-    if loss.is_file():
-        shutil.copyfile(loss, out_dir / f"{name}-loss.png")
-        figures["loss_plot"] = f"{name}-loss.png"
+    save_image_grid(signed_to_uint8(images).cpu(), out.path / EvalDir.fake_grid(name))
+    figures = {"fake_grid": EvalDir.fake_grid(name)}
+    if run.loss_plot.is_file():
+        shutil.copyfile(run.loss_plot, out.path / EvalDir.loss_plot(name))
+        figures["loss_plot"] = EvalDir.loss_plot(name)
     return figures

@@ -107,7 +107,7 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor,
     ~0 (can be slightly negative) for one distribution; grows as the sets differ. ``seed`` fixes
     the subset draw.
     """
-    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance  # here: slow to import
 
     real, fake = _check(real, fake)
     smaller = min(len(real), len(fake))

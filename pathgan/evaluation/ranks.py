@@ -10,13 +10,14 @@ import math
 import sys
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather
+from tqdm.auto import tqdm
 
 
 def make_state():
     """The process state (one process, or a rank of ``accelerate launch``). With no GPU the
     processes form a gloo group (``cpu=True``); inside a training job the existing state."""
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available())
 
 
@@ -33,8 +34,6 @@ def gather_rows(indices: torch.Tensor, rows: torch.Tensor, per_rank: int, state)
     padding and sort by index: ``(indices, rows)`` of the whole set, the same on every rank."""
     count = len(indices)
     if state.num_processes > 1:
-        from accelerate.utils import gather
-
         device = state.device
         padded_index = torch.full((per_rank,), -1, dtype=torch.long, device=device)
         padded_rows = torch.zeros((per_rank, rows.shape[1]), dtype=torch.float32, device=device)
@@ -51,8 +50,6 @@ def broadcast(value, state):
     """``value`` of rank 0, on every rank."""
     if state.num_processes == 1:
         return value
-    from accelerate.utils import broadcast_object_list
-
     return broadcast_object_list([value])[0]
 
 
@@ -64,8 +61,6 @@ def log_main(state, message: str) -> None:
 
 def progress_bar(state, total: int, description: str):
     """A progress bar of images, shown by the main process on a terminal only."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=description, unit="img", leave=False,
                 disable=not state.is_main_process or not sys.stderr.isatty())
 

@@ -1,16 +1,15 @@
 """What ``pathgan eval`` writes from its figures: ``eval.json``, ``report.md``, one-line
 summaries. Nothing here computes a figure (:mod:`pathgan.evaluation.evaluator` does)."""
 
-from pathlib import Path
-
 from pathgan.core.fileio import atomic_path, write_json
 from pathgan.evaluation.evaluator import INCEPTION_KEY
+from pathgan.runs import LOSS_PLOT, EvalDir
 
 
-def write_report(result: dict, out_dir: Path) -> None:
-    """``eval.json`` (the result as it is) and ``report.md`` into ``out_dir``."""
-    write_json(out_dir / "eval.json", result)
-    with atomic_path(out_dir / "report.md") as temporary:
+def write_report(result: dict, out: EvalDir) -> None:
+    """``eval.json`` (the result as it is) and ``report.md`` into an eval folder."""
+    write_json(out.result_path, result)
+    with atomic_path(out.report_path) as temporary:
         temporary.write_text(format_report(result))
 
 
@@ -72,7 +71,7 @@ def format_report(result: dict) -> str:
               "normalised by the real set's statistics; lower is better, 0 is the same "
               "distribution."]
     for run in result["runs"]:
-        loss = f"![loss]({run['loss_plot']})" if run.get("loss_plot") else "(no loss.png)"
+        loss = f"![loss]({run['loss_plot']})" if run.get("loss_plot") else f"(no {LOSS_PLOT})"
         lines += ["", f"## {run['name']}", "", f"`{run['run']}`: {summary_line(run)}", "",
                   "| real | generated | losses |", "|---|---|---|",
                   f"| ![real]({real['grid']}) | ![generated]({run.get('fake_grid', '')}) | "

@@ -1,5 +1,7 @@
-"""Network definitions, drawing images from a generator (:mod:`pathgan.models.generation`) and
-the exported generator's files (:mod:`pathgan.models.export`).
+"""The networks: the DCGAN generator and discriminators, the embedding discriminator, the
+differentiable augmentation in front of them (:mod:`pathgan.models.augment`), and drawing images
+from a generator (:mod:`pathgan.models.generation`). The exported generator's files are the run
+folder's (:mod:`pathgan.runs`).
 
 They know nothing of Accelerate, shard files or training."""
 

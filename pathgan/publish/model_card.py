@@ -13,16 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
+from pathgan.config import Config
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import read_json
-from pathgan.models.export import GENERATOR_CONFIG, GENERATOR_WEIGHTS
-from pathgan.train.checkpoint import BEST_DIR, PREEMPTED_MARKER, list_checkpoints
-from pathgan.train.logbook import METRICS, read_metrics
+from pathgan.encoders import parse_spec, resolve_encoder_id
+from pathgan.runs import (
+    BEST,
+    CONFIG,
+    GENERATOR_WEIGHTS,
+    LOSS_PLOT,
+    RunDir,
+    read_generator_config,
+)
+from pathgan.shards.format import MANIFEST, load_manifest
 
 #: Numbers of an evaluation that count samples or steps rather than score the generator.
 BOOKKEEPING = ("step", "n", "n_real")
-SAMPLE_GRIDS = "samples"  # the run's folder of step_*.png grids
+#: What the repo gets besides the run's own files: the card, and the newest sample grid.
+CARD, SAMPLE_GRID = "README.md", "samples.png"
 TAGS = ["pathgan", "gan", "histopathology", "digital-pathology", "h-and-e"]
 LICENSE_COMMENT = (
     "# license: fill in the licence of these weights (e.g. cc-by-4.0, apache-2.0 or other); "
@@ -48,7 +58,7 @@ class Evaluation:
 class RunFacts:
     """What the card says, all of it read from the run folder."""
 
-    config: dict  # the resolved training config, as the run saved it
+    config: Config  # the resolved training config, as the run saved it
     generator_dir: Path  # RUN_DIR, or RUN_DIR/best
     generator: dict  # generator.json
     generator_parameters: int
@@ -63,118 +73,91 @@ class RunFacts:
 
     @property
     def best(self) -> bool:
-        return self.generator_dir.name == BEST_DIR
+        return self.generator_dir.name == BEST
 
     @property
     def images_seen(self) -> int | None:
-        batch = self.config["train"]["batch_size"]  # global: split across the ranks
+        batch = self.config.train.batch_size  # global: split across the ranks
         return None if self.step is None else self.step * batch
 
 
 # -- reading the run ---------------------------------------------------------------------------
 def read_run_facts(run_dir: str | Path, best: bool = False,
                    eval_path: str | Path | None = None) -> RunFacts:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise PathganError(f"{run_dir} is not a pathgan run folder (no config.yaml)")
-    if (run_dir / PREEMPTED_MARKER).is_file() and not best:  # best/ is complete regardless
-        raise PathganError(f"{run_dir} was preempted before its end, so its exported generator "
+    run = RunDir(run_dir)
+    if not run.has_config():
+        raise PathganError(f"{run.path} is not a pathgan run folder (no {CONFIG})")
+    if run.preempted and not best:  # best/ is complete regardless
+        raise PathganError(f"{run.path} was preempted before its end, so its exported generator "
                            "is not its last: resume it with --resume latest first, or push --best")
-    generator_dir = run_dir / BEST_DIR if best else run_dir
+    generator_dir = run.best_dir if best else run.path
     if not (generator_dir / GENERATOR_WEIGHTS).is_file():
         what = "no best generator (eval.every was 0?)" if best else "no exported generator"
-        raise PathganError(f"{run_dir} has {what}: {generator_dir / GENERATOR_WEIGHTS} is missing")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    best_json = _best_json(run_dir)
-    fingerprint, patches = _shard_set_facts(config["data"])
-    generator = read_json(generator_dir / GENERATOR_CONFIG)
+        raise PathganError(f"{run.path} has {what}: {generator_dir / GENERATOR_WEIGHTS} is "
+                           "missing")
+    config = run.read_config()
+    best_record = run.read_best()
+    fingerprint, patches = _shard_set_facts(config)
+    generator = read_generator_config(generator_dir)
     facts = RunFacts(
         config=config,
         generator_dir=generator_dir,
         generator=generator,
         generator_parameters=_parameter_count(generator_dir / GENERATOR_WEIGHTS),
-        step=best_json.get("step") if best else _final_step(run_dir),
+        step=best_record.get("step") if best else run.final_step(),
         fingerprint=fingerprint,
         training_patches=patches,
         # recorded at export since the Hub work; older runs: resolved from the spec
         encoder_id=generator.get("encoder_id") or _training_encoder_id(config),
-        sample_grid=_newest_grid(run_dir),
-        loss_plot=run_dir / "loss.png" if (run_dir / "loss.png").is_file() else None,
+        sample_grid=run.newest_sample_grid(),
+        loss_plot=run.loss_plot if run.loss_plot.is_file() else None,
     )
-    facts.eval_file = _find_eval(run_dir, generator_dir, eval_path)
+    facts.eval_file = _find_eval(run, generator_dir, eval_path)
     if facts.eval_file:
         result, entry = facts.eval_file
         facts.evaluations.append(_from_eval_json(result, entry))
-    in_loop = _in_loop_evaluation(run_dir, best_json)
+    in_loop = _in_loop_evaluation(run, best_record)
     if in_loop:
         facts.evaluations.append(in_loop)
-    if best_json:
-        facts.evaluations.append(_from_entry("Best in-loop evaluation (the generator kept in "
-                                             "best/)", best_json))
+    if best_record:
+        facts.evaluations.append(_from_entry(f"Best in-loop evaluation (the generator kept in "
+                                             f"{BEST}/)", best_record))
     return facts
 
 
-def _final_step(run_dir: Path) -> int | None:
-    """The step of the exported generator: the training loop checkpoints at its very end."""
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        return int(read_json(checkpoints[-1] / "COMPLETE")["step"])
-    rows = read_metrics(run_dir / METRICS)
-    return rows[-1]["step"] if rows else None
-
-
 def _parameter_count(weights: Path) -> int:
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as tensors:  # reads the header, not the data
         names = tensors.keys()  # a safe_open handle is not iterable itself
         return sum(math.prod(tensors.get_slice(name).get_shape()) for name in names)
 
 
-def _shard_set_facts(data: dict) -> tuple[str | None, int | None]:
+def _shard_set_facts(config: Config) -> tuple[str | None, int | None]:
     """The manifest fingerprint and the size of the trained split, when the set is still there."""
-    manifest = Path(data["shards"]) / "manifest.json"
-    if not manifest.is_file():
+    if not (Path(config.data.shards) / MANIFEST).is_file():
         return None, None
-    content = read_json(manifest)
-    split = content.get("splits", {}).get(data.get("split", "train"), {})
+    content = load_manifest(config.data.shards)
+    split = content.get("splits", {}).get(config.data.split, {})
     return content.get("fingerprint"), split.get("samples")
 
 
-def _training_encoder_id(config: dict) -> str | None:
-    spec = config["model"].get("encoder")
-    if config["model"]["kind"] != "embgan" or not spec:
+def _training_encoder_id(config: Config) -> str | None:
+    spec = config.model.encoder
+    if config.model.kind != "embgan" or not spec:
         return None
-    from pathgan.encoders import resolve_encoder_id
-
     try:
         return resolve_encoder_id(spec)
     except PathganError:  # e.g. a Path Foundation copy that is gone: the card says so
         return None
 
 
-def _newest_grid(run_dir: Path) -> Path | None:
-    grids = sorted((run_dir / SAMPLE_GRIDS).glob("step_*.png"))  # zero-padded steps sort
-    return grids[-1] if grids else None
-
-
-def grid_step(grid: Path) -> int:
-    return int(grid.stem.removeprefix("step_"))
-
-
-def _best_json(run_dir: Path) -> dict:
-    path = run_dir / BEST_DIR / "best.json"
-    return read_json(path) if path.is_file() else {}
-
-
-def _find_eval(run_dir: Path, generator_dir: Path, eval_path) -> tuple[dict, dict] | None:
+def _find_eval(run: RunDir, generator_dir: Path, eval_path) -> tuple[dict, dict] | None:
     """The newest ``eval.json`` that scored this generator (``--eval`` or under the run)."""
     if eval_path is not None:
         candidates = [Path(eval_path)]
         if not candidates[0].is_file():
             raise PathganError(f"--eval {eval_path}: no such file")
     else:
-        found = {*run_dir.glob("*/eval.json"), *generator_dir.glob("*/eval.json")}
+        found = {*run.eval_results(), *RunDir(generator_dir).eval_results()}
         candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     target = generator_dir.resolve()
     for path in candidates:
@@ -221,10 +204,10 @@ def _from_eval_json(result: dict, entry: dict) -> Evaluation:
         "encoder"))
 
 
-def _in_loop_evaluation(run_dir: Path, best_json: dict) -> Evaluation | None:
+def _in_loop_evaluation(run: RunDir, best_record: dict) -> Evaluation | None:
     """The last ``eval/*`` row of metrics.jsonl. Its encoder id and real count are not logged
     per row; best.json, written by the same evaluator, records them."""
-    rows = [row for row in read_metrics(run_dir / METRICS)
+    rows = [row for row in run.read_metrics()
             if any(key.startswith("eval/") for key in row)]
     if not rows:
         return None
@@ -233,8 +216,9 @@ def _in_loop_evaluation(run_dir: Path, best_json: dict) -> Evaluation | None:
               if key.startswith("eval/")}
     figures = {key: value for key, value in values.items() if key not in BOOKKEEPING}
     return Evaluation("Last in-loop evaluation", last["step"], figures, n=values.get("n"),
-                      n_real=values.get("n_real", best_json.get("n_real")),
-                      encoder=best_json.get("encoder"), real_split=best_json.get("real_split"))
+                      n_real=values.get("n_real", best_record.get("n_real")),
+                      encoder=best_record.get("encoder"),
+                      real_split=best_record.get("real_split"))
 
 
 # -- writing the card --------------------------------------------------------------------------
@@ -277,45 +261,43 @@ def public_encoder_spec(spec: str | None) -> str | None:
     published Path Foundation, so it is written as ``path-foundation``."""
     if not spec:
         return spec
-    from pathgan.encoders import parse_spec
-
     return "path-foundation" if parse_spec(spec).location else spec
 
 
-def card_metadata(config: dict) -> str:
-    kind_tags = ["embedding-gan"] if config["model"]["kind"] == "embgan" else ["dcgan"]
+def card_metadata(config: Config) -> str:
+    kind_tags = ["embedding-gan"] if config.model.kind == "embgan" else ["dcgan"]
     metadata = {"library_name": "pathgan", "pipeline_tag": "unconditional-image-generation",
                 "tags": [*TAGS, *kind_tags]}
     return f"---\n{yaml.safe_dump(metadata, sort_keys=False)}{LICENSE_COMMENT}\n---\n"
 
 
-def _gan_title(model: dict) -> str:
-    if model["kind"] == "dcgan":
+def _gan_title(model) -> str:
+    if model.kind == "dcgan":
         return "DCGAN"
     return "Embedding GAN" + (" (hybrid: embedding and pixel discriminators)"
-                              if model["hybrid"] else "")
+                              if model.hybrid else "")
 
 
-def _discriminator_text(model: dict, encoder_id: str | None) -> str:
+def _discriminator_text(model, encoder_id: str | None) -> str:
     pixel = (f"`Conv2d` + `BatchNorm2d` + `LeakyReLU(0.2)` on pixels down to one logit, "
-             f"ndf {model['ndf']}")
-    if model["kind"] == "dcgan":
+             f"ndf {model.ndf}")
+    if model.kind == "dcgan":
         return pixel
     identity = f"id `{encoder_id}`" if encoder_id else "id not resolved here"
-    text = (f"`Linear` layers {model['disc_hidden']} on the embeddings of the frozen encoder "
-            f"`{public_encoder_spec(model['encoder'])}` ({identity}); dropout "
-            f"{model['disc_dropout']}, spectral norm {'on' if model['spectral_norm'] else 'off'}")
-    if model["hybrid"]:
+    text = (f"`Linear` layers {model.disc_hidden} on the embeddings of the frozen encoder "
+            f"`{public_encoder_spec(model.encoder)}` ({identity}); dropout "
+            f"{model.disc_dropout}, spectral norm {'on' if model.spectral_norm else 'off'}")
+    if model.hybrid:
         text += (f"; plus the pixel discriminator ({pixel}); loss weights: embedding "
-                 f"{model['embedding_weight']}, pixel {model['pixel_weight']}")
+                 f"{model.embedding_weight}, pixel {model.pixel_weight}")
     return text
 
 
 def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
-    model, train = facts.config["model"], facts.config["train"]
+    model, train = facts.config.model, facts.config.train
     ngf = facts.generator["ngf"]
-    ema = (f"on, half-life {train['ema_kimg']} kimg, warm-up {train['ema_rampup']} (the "
-           "exported generator is the EMA copy)" if train["ema"] else "off")
+    ema = (f"on, half-life {train.ema_kimg} kimg, warm-up {train.ema_rampup} (the "
+           "exported generator is the EMA copy)" if train.ema else "off")
     rows = [
         ("GAN", _gan_title(model)),
         ("objective", "non-saturating GAN loss: binary cross-entropy on discriminator logits"),
@@ -323,11 +305,11 @@ def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
                       f"nz {facts.generator['nz']}, ngf {ngf} ({16 * ngf} channels at 7x7 down "
                       f"to {ngf} at 112x112); {facts.generator_parameters:,} parameters"),
         ("discriminator", _discriminator_text(model, facts.encoder_id)),
-        ("batch", f"{train['batch_size']} (global, across all processes)"),
-        ("optimizer", f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})"),
-        ("mixed precision", str(train["mixed_precision"])),
+        ("batch", f"{train.batch_size} (global, across all processes)"),
+        ("optimizer", f"Adam, lr {train.lr}, betas ({train.beta1}, {train.beta2})"),
+        ("mixed precision", str(train.mixed_precision)),
         ("EMA", ema),
-        ("augmentation", f"DiffAugment: {train['augment']}" if train.get("augment") else "none"),
+        ("augmentation", f"DiffAugment: {train.augment}" if train.augment else "none"),
     ]
     step = "not recorded" if facts.step is None else str(facts.step)
     seen = "not recorded" if facts.images_seen is None else f"{facts.images_seen:,}"
@@ -340,7 +322,7 @@ def _data_text(facts: RunFacts) -> str:
         return ("Data set fingerprint: not recorded (the shard set named in the training "
                 "config is no longer there).")
     size = ("" if facts.training_patches is None else
-            f", {facts.training_patches:,} patches in its `{facts.config['data']['split']}` "
+            f", {facts.training_patches:,} patches in its `{facts.config.data.split}` "
             "split")
     return (f"Trained on a pathgan shard set with manifest fingerprint `{facts.fingerprint}`"
             f"{size}. Paths and file names of the data are not published.")
@@ -364,13 +346,13 @@ def sample_spec(repo_id: str, revision: str | None) -> str:
 def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> str:
     spec = sample_spec(repo_id, revision)
     lines = [card_metadata(facts.config), f"# {repo_id}", "",
-             f"The generator of a pathgan {_gan_title(facts.config['model'])}: 224x224 RGB H&E "
+             f"The generator of a pathgan {_gan_title(facts.config.model)}: 224x224 RGB H&E "
              "histopathology patches"
              + (" (the generator of its best in-loop evaluation)." if facts.best else "."), ""]
     if facts.sample_grid:
         which = " (the last generator of the run, not the best one)" if facts.best else ""
-        lines += ["![samples](samples.png)", "",
-                  f"Generated at step {grid_step(facts.sample_grid)} from the run's fixed "
+        lines += [f"![samples]({SAMPLE_GRID})", "",
+                  f"Generated at step {RunDir.grid_step(facts.sample_grid)} from the run's fixed "
                   f"noise{which}.", ""]
     lines += [
         "## How to sample", "",
@@ -384,7 +366,7 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         "```python",
         "import torch",
         "from huggingface_hub import snapshot_download",
-        "from pathgan.models.export import load_generator",
+        "from pathgan.runs import load_generator",
         "",
         f"generator, config = load_generator(snapshot_download(\"{repo_id}\""
         + (f", revision=\"{revision}\"" if revision else "") + "))",
@@ -392,7 +374,7 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         "```", "",
         "## Training recipe", "", "| | |", "|---|---|",
         *(f"| {name} | {value} |" for name, value in recipe_rows(facts)), "",
-        "The full resolved configuration is `config.yaml` (local paths left out).", "",
+        f"The full resolved configuration is `{CONFIG}` (local paths left out).", "",
         "## Data", "", _data_text(facts), "",
         "## Evaluation", "",
     ]
@@ -406,5 +388,5 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
                   "on n and on the feature space: compare them only at the same n, space and "
                   "real split.", ""]
     if facts.loss_plot:
-        lines += ["## Losses", "", "![losses](loss.png)", ""]
+        lines += ["## Losses", "", f"![losses]({LOSS_PLOT})", ""]
     return "\n".join(lines)

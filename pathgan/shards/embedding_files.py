@@ -22,6 +22,7 @@ import numpy as np
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, timestamp
+from pathgan.encoders import resolve_encoder_id
 from pathgan.shards.format import load_manifest
 from pathgan.shards.reading import shard_keys
 
@@ -48,8 +49,6 @@ def as_encoder_id(encoder) -> str:
     """The encoder id of an Encoder, an encoder spec, or an encoder id."""
     if hasattr(encoder, "encoder_id"):
         return encoder.encoder_id
-    from pathgan.encoders import resolve_encoder_id
-
     return resolve_encoder_id(str(encoder))
 
 

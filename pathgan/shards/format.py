@@ -46,7 +46,7 @@ def shard_writer(path: Path) -> Iterator:
 
     mtime=0 makes a shard byte-for-byte reproducible: a redone shard has the same sha256.
     """
-    import webdataset as wds
+    import webdataset as wds  # here: pack's workers import this module; webdataset imports torch
 
     with atomic_path(path) as temporary, open(temporary, "wb") as stream, \
             wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:

@@ -40,7 +40,7 @@ from pathgan.shards.format import (
     make_manifest,
     shard_name,
 )
-from pathgan.shards.pack import warn_small_validation
+from pathgan.shards.sources import warn_small_validation
 
 PARTS_DIR = "parts"
 LOCK_TRIES = 600  # one a second: how long a task waits for another task's merge

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, hwc_to_chw
-from pathgan.shards.format import IMAGE_EXTENSIONS, decode_sample_image
+from pathgan.core.images import hwc_to_chw
+from pathgan.shards.format import IMAGE_EXTENSIONS, IMAGE_SIDE, decode_sample_image
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -241,7 +241,7 @@ def image_batch_buffer(count: int) -> torch.Tensor:
     trainer runs in. Inside a DataLoader worker it lies in shared memory from the start, so
     handing it to the main process copies nothing (what torch's default collate does too).
     """
-    shape = (count, IMAGE_SIZE, IMAGE_SIZE, 3)
+    shape = (count, IMAGE_SIDE, IMAGE_SIDE, 3)
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
@@ -310,7 +310,7 @@ class ShardSamples(torch.utils.data.Dataset):
             if extension in IMAGE_EXTENSIONS:
                 raw[extension] = self._read(shard, offset, size)
         image = decode_sample_image(raw, out)
-        if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        if image.shape[:2] != (IMAGE_SIDE, IMAGE_SIDE):
             raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, not 224x224")
         return image
 

@@ -27,14 +27,14 @@ REGION_SIDE = 4096
 def open_slide(path: str | Path):
     """Open a slide with openslide when available, else tiffslide; raises on failure."""
     try:
-        import openslide
+        import openslide  # the optional [openslide] extra
 
         return openslide.OpenSlide(str(path))
     except ImportError:
         pass
     except Exception:  # openslide refuses some TIFFs that tiffslide reads
         pass
-    import tiffslide
+    import tiffslide  # here: 1.8 s to import; workers reading no slide skip it
 
     return tiffslide.TiffSlide(str(path))
 

@@ -43,8 +43,8 @@ import torch
 import webdataset as wds
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE, uint8_to_signed
-from pathgan.shards.format import decode_image, load_manifest, shard_paths
+from pathgan.core.images import uint8_to_signed
+from pathgan.shards.format import IMAGE_SIDE, decode_image, load_manifest, shard_paths
 from pathgan.shards.reading import (
     ImageRef,
     MemberReader,
@@ -165,7 +165,7 @@ class BatchRing:
 
     def __init__(self, workers: int, slots: int, size: int) -> None:
         context = multiprocessing.get_context("fork")
-        self.shape = (workers, slots, size, IMAGE_SIZE, IMAGE_SIZE, 3)
+        self.shape = (workers, slots, size, IMAGE_SIDE, IMAGE_SIDE, 3)
         self._memory = mmap.mmap(-1, int(np.prod(self.shape)))  # MAP_SHARED | MAP_ANONYMOUS
         self.pixels = torch.frombuffer(self._memory, dtype=torch.uint8).view(self.shape)
         self._free = [context.Semaphore(slots) for _ in range(workers)]

@@ -29,6 +29,7 @@ import numpy as np
 
 from pathgan.core.errors import PathganError
 from pathgan.shards.format import IMAGE_SIDE, safe_key_part
+from pathgan.shards.patches import read_patch_image, skip_reason
 
 DATASET_SPEC = re.compile(r"hf-dataset:(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 DEFAULT_BATCH_ROWS = 256
@@ -63,7 +64,7 @@ class TableRow:
 
 def _pyarrow():
     try:
-        import pyarrow
+        import pyarrow  # the optional [parquet] extra
         import pyarrow.parquet
     except ImportError as error:
         raise PathganError("reading parquet needs pyarrow: pip install 'pathgan[parquet]'"
@@ -78,6 +79,7 @@ def cached_dataset(spec: str) -> Path:
     if not match:
         raise PathganError(f"{spec!r} is not a Hub data set: use hf-dataset:ORG/NAME or "
                            "hf-dataset:ORG/NAME@REVISION")
+    # here: huggingface_hub takes 0.7 s to import, and the pack's workers import this module
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -162,17 +164,13 @@ def _image_bytes(value) -> bytes | None:
 def decode_patch(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded image bytes -> 224x224x3 uint8, resized like pack's patch images, and the
     original (width, height)."""
-    # Imported here: pack_worker reads tables, and this module must load without it.
-    from pathgan.shards.pack_worker import read_patch_image
-
     return read_patch_image(io.BytesIO(data), IMAGE_SIDE)
 
 
-def _skip_reason(error: Exception) -> str:
-    from pathgan.shards.pack_worker import reason  # pack's wording of why an input was skipped
-
-    # PIL names an in-memory file by its address: left out, so that reasons are reproducible.
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason(error))
+def _reason_without_address(error: Exception) -> str:
+    """:func:`skip_reason`, less the address PIL names an in-memory file by: reasons are then
+    reproducible."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", skip_reason(error))
 
 
 def _first_image(files: list[Path], column: str) -> tuple[Path, bytes] | None:
@@ -197,7 +195,8 @@ def _check_first_image(files: list[Path], column: str) -> None:
         decode_patch(data)
     except Exception as error:
         raise PathganError(f"unsupported image encoding in {path.name}, column {column!r}: its "
-                           f"first image cannot be decoded ({_skip_reason(error)})") from error
+                           f"first image cannot be decoded ({_reason_without_address(error)})"
+                           ) from error
 
 
 @dataclass(frozen=True)
@@ -276,7 +275,7 @@ class TableFile:
         try:
             row.image, row.original_size = decode_patch(data)
         except Exception as error:  # a corrupt image is handed on, counted by the caller
-            row.skipped = _skip_reason(error)
+            row.skipped = _reason_without_address(error)
         return row
 
 
@@ -307,7 +306,7 @@ class PatchTable:
                     self.num_rows += parquet_file.metadata.num_rows
             except _pyarrow().ArrowException as error:
                 raise PathganError(f"{path} is not a readable parquet file "
-                                   f"({_skip_reason(error)})") from error
+                                   f"({_reason_without_address(error)})") from error
         _check_first_image(paths, columns.image)
         self.files = [TableFile(path, columns, _file_key(path, self.root),
                                 path.relative_to(self.root).as_posix()) for path in paths]
@@ -333,3 +332,16 @@ def spread_rows(files: list[TableFile], count: int) -> list[TableRow]:
 
 def _file_key(path: Path, root: Path) -> str:
     return safe_key_part(str(path.relative_to(root).with_suffix("")))
+
+
+def row_groups(table_file: TableFile, group_column: str | None) -> tuple[np.ndarray, list[str]]:
+    """The split group of every row of a file, as codes into group names: the group column's
+    value, or the file's name (inside its table) without a group column or a value."""
+    if group_column is None:
+        return np.zeros(table_file.num_rows(), np.int32), [table_file.name]
+    codes, names = table_file.column_codes(group_column)
+    if (codes < 0).any():
+        if table_file.name not in names:
+            names = [*names, table_file.name]
+        codes = np.where(codes < 0, names.index(table_file.name), codes)
+    return codes, names

@@ -7,9 +7,9 @@ from torch import nn
 
 from pathgan.config import Config
 from pathgan.core.fileio import atomic_path
-from pathgan.core.images import IMAGE_SIZE
 from pathgan.core.plots import plt
-from pathgan.train.build import build_gan
+from pathgan.shards.format import IMAGE_SIDE
+from pathgan.train.build import build_networks
 from pathgan.train.objective import IMAGES
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
@@ -74,12 +74,12 @@ def write_architecture(config: Config, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # The encoder is not drawn (it is frozen and external); its embedding width is needed.
     model = config.model
-    gan = build_gan(config, torch.device("cpu"))
+    gan = build_networks(config, torch.device("cpu"))
     networks = {"generator": (gan.generator, torch.zeros(2, model.nz))}
-    for feature, discriminator in gan.discriminators.items():
-        example = (torch.zeros(2, model.channels, IMAGE_SIZE, IMAGE_SIZE) if feature == IMAGES
+    for view, discriminator in gan.discriminators.items():
+        example = (torch.zeros(2, model.channels, IMAGE_SIDE, IMAGE_SIDE) if view == IMAGES
                    else torch.zeros(2, gan.encoder.embed_dim))
-        networks[f"discriminator-{feature}"] = (discriminator, example)
+        networks[f"discriminator-{view}"] = (discriminator, example)
     written, markdown = [], ["# Architecture", ""]
     for name, (network, example) in networks.items():
         rows = layer_table(network, example)

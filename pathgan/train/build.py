@@ -1,4 +1,8 @@
-"""Config -> the networks of a GAN and its objective (no Accelerate, no data files)."""
+"""Config -> the networks of a GAN, its encoder ready to train with, and its objective.
+
+No Accelerate and no data here: of the shard set, only the precision its precomputed embeddings
+were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`).
+"""
 
 from dataclasses import dataclass
 
@@ -7,17 +11,19 @@ from torch import nn
 
 from pathgan.config import Config
 from pathgan.core.errors import PathganError
+from pathgan.encoders import Encoder, load_encoder
 from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
 from pathgan.models.augment import DiffAugment
+from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 
 
 @dataclass
 class GAN:
     generator: Generator
-    discriminators: dict[str, nn.Module]  # feature name -> discriminator
+    discriminators: dict[str, nn.Module]  # view name -> discriminator
     weights: dict[str, float]
-    encoder: nn.Module | None
+    encoder: Encoder | None
     augment: DiffAugment
 
     @property
@@ -27,6 +33,11 @@ class GAN:
     def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
         """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
+
+    @property
+    def real_inputs(self) -> set[str]:
+        """What the real data must provide (:attr:`GANObjective.real_inputs`)."""
+        return self.objective(self.discriminators).real_inputs
 
 
 def to_device(network: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -43,7 +54,44 @@ def to_device(network: nn.Module, device: torch.device, channels_last: bool) -> 
     return network
 
 
-def set_encoder_precision(encoder: nn.Module, precision: str) -> None:
+def require_embeddings(shards_dir: str, encoder_id: str) -> None:
+    """Refuse, in one line, a shard set without embeddings of ``encoder_id`` (those of another
+    encoder, or none): the first thing the Embedding GAN checks of its data."""
+    folder = embeddings_dir(shards_dir, encoder_id)
+    if folder.is_dir():
+        return
+    found = embedded_encoders(shards_dir)
+    if found:
+        raise PathganError(
+            f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
+            f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
+            "SPEC` with model.encoder's spec"
+        )
+    raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
+                       f"{shards_dir} --encoder SPEC` first")
+
+
+def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str) -> str:
+    """The precision the encoder runs in during training: that of the precomputed real
+    embeddings, so that real and fake embeddings are rounded alike (``model.encoder_precision``
+    may name it, but not differ from it); fp32 unless asked when real images are encoded in the
+    loop."""
+    requested = config.model.encoder_precision
+    if EMBEDDINGS not in inputs:
+        return "fp32" if requested == "auto" else requested
+    require_embeddings(config.data.shards, encoder_id)
+    stored = stored_precision(config.data.shards, encoder_id, config.data.split)
+    if requested not in ("auto", stored):
+        raise PathganError(
+            f"model.encoder_precision is {requested} but the real embeddings of {encoder_id} "
+            f"were computed in {stored}: the discriminator would learn the rounding difference. "
+            f"Set model.encoder_precision={stored}, or rerun `pathgan embed --precision "
+            f"{requested}`"
+        )
+    return stored
+
+
+def set_encoder_precision(encoder: Encoder, precision: str) -> None:
     """Run ``encoder`` in ``precision``; TensorFlow encoders only run in fp32."""
     if hasattr(encoder, "set_precision"):
         encoder.set_precision(precision)
@@ -52,7 +100,9 @@ def set_encoder_precision(encoder: nn.Module, precision: str) -> None:
                            f"{precision}: set model.encoder_precision=fp32")
 
 
-def build_gan(config: Config, device: torch.device) -> GAN:
+def build_networks(config: Config, device: torch.device) -> GAN:
+    """The networks a config describes; the Embedding GAN's encoder frozen on ``device``, in its
+    default precision (``pathgan arch`` draws them; training takes :func:`build_gan`)."""
     model = config.model
     generator = Generator(model.nz, model.ngf, model.channels)
     discriminators: dict[str, nn.Module] = {}
@@ -62,8 +112,6 @@ def build_gan(config: Config, device: torch.device) -> GAN:
         discriminators[IMAGES] = Discriminator(model.ndf, model.channels)
         weights[IMAGES] = model.pixel_weight if model.hybrid else 1.0
     if model.kind == "embgan":
-        from pathgan.encoders import load_encoder
-
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
         discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
@@ -72,3 +120,13 @@ def build_gan(config: Config, device: torch.device) -> GAN:
         )
         weights[EMBEDDINGS] = model.embedding_weight
     return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment or ""))
+
+
+def build_gan(config: Config, device: torch.device) -> GAN:
+    """The GAN to train: :func:`build_networks`, its encoder set to run in the precision of the
+    shard set's real embeddings (:func:`resolve_encoder_precision`)."""
+    gan = build_networks(config, device)
+    if gan.encoder is not None:
+        set_encoder_precision(gan.encoder,
+                              resolve_encoder_precision(config, gan.real_inputs, gan.encoder_id))
+    return gan

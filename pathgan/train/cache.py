@@ -39,13 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import IMAGE_SIZE
 from pathgan.shards.embedding_files import embedding_path, read_embedding_file
-from pathgan.shards.format import load_manifest
+from pathgan.shards.format import IMAGE_SIDE, load_manifest
 from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
 from pathgan.train.objective import EMBEDDINGS, IMAGES, LABELS
 
-IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+IMAGE_BYTES = IMAGE_SIDE * IMAGE_SIDE * 3
 CACHE_MODES = ("auto", "device", "host", "off")
 PLACES = ("off", "host", "device")  # in order of preference: ranks agree on the lowest
 FILL_BATCH = 64  # images per batch of the fill's loader
@@ -129,7 +128,7 @@ def place_images(requested: str, count: int, need: int, device: torch.device,
     """The images tensor of a share of ``count`` samples (``need`` bytes with what travels
     with them) where :func:`choose_place` puts it, falling back when the allocation fails."""
     ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    shape = (count, IMAGE_SIZE, IMAGE_SIZE, 3)
+    shape = (count, IMAGE_SIDE, IMAGE_SIDE, 3)
     placement = choose_place(requested, need, device, fraction, ranks_on_node)
     if placement.place == "device":
         images = allocate("device", shape, device)

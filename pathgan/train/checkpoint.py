@@ -1,8 +1,9 @@
-"""Checkpoint folders of a run: naming, finding the latest, pruning; the run folder's markers.
+"""Checkpoints of a run: what survives a restart, finding the one to resume, saving, pruning.
 
 A checkpoint is an ``accelerator.save_state`` folder (models, optimizers, the fp16 scaler, RNG
 states, and the objects registered for checkpointing: the step counter, the W&B run id, the
 EMA generator). Model weights are safetensors; nothing is unpickled from untrusted sources.
+Where checkpoints lie and what they are called is the run folder's (:mod:`pathgan.runs`).
 
 A checkpoint counts once its ``COMPLETE`` file exists. That file is written only after every
 other file and the folder are on disk (fsync), and it lists each file's size and sha256, so a
@@ -10,17 +11,12 @@ file truncated by a dying node is found on resume: ``--resume latest`` then fall
 newest intact checkpoint.
 """
 
-import re
 import shutil
 from pathlib import Path
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import fsync_dir, fsync_file, read_json, sha256_file, write_json
-
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
-COMPLETE = "COMPLETE"
-BEST_DIR = "best"  # the generator of the best in-loop evaluation, loadable like a run folder
-PREEMPTED_MARKER = "PREEMPTED"  # a run stopped by a signal before its end: resume it
+from pathgan.runs import COMPLETE, RunDir, replaced_dir
 
 
 class TrainState:
@@ -43,20 +39,6 @@ class TrainState:
         self.best_fd = state.get("best_fd")
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"checkpoint-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a folder counts once its marker exists)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)
-             and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """None when every file ``COMPLETE`` lists is there with its size and sha256; else what is
     wrong. (Checkpoints written before files were listed are taken as they are.)"""
@@ -75,7 +57,7 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
+def resolve_resume(run: RunDir, resume: str | None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from, and a warning line for each damaged one passed over.
 
     ``latest``: the newest *intact* checkpoint, or None (a fresh start) when there is none at
@@ -92,20 +74,15 @@ def resolve_resume(run_dir: Path, resume: str | None) -> tuple[Path | None, list
             raise PathganError(f"--resume {resume}: damaged checkpoint: {problem}")
         return path, []
     warnings = []
-    for path in reversed(list_checkpoints(run_dir)):
+    for path in reversed(run.checkpoints()):
         problem = checkpoint_problem(path)
         if problem is None:
             return path, warnings
         warnings.append(f"skipping damaged checkpoint {path.name}: {problem}")
     if warnings:
-        raise PathganError(f"no intact checkpoint in {run_dir / 'checkpoints'} "
+        raise PathganError(f"no intact checkpoint in {run.checkpoints_dir} "
                            f"({'; '.join(warnings)})")
     return None, []
-
-
-def staging_dir(path: Path) -> Path:
-    """Where a checkpoint is written before it replaces ``path`` (not a checkpoint name)."""
-    return path.with_name(path.name + ".partial")
 
 
 def commit_checkpoint(staging: Path, path: Path, step: int) -> None:
@@ -123,7 +100,7 @@ def commit_checkpoint(staging: Path, path: Path, step: int) -> None:
         fsync_dir(folder)
     write_json(staging / COMPLETE, {"step": step, "files": files})
     fsync_dir(staging)
-    old = path.with_name(path.name + ".old")
+    old = replaced_dir(path)
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
@@ -132,9 +109,7 @@ def commit_checkpoint(staging: Path, path: Path, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def prune_checkpoints(run: RunDir, keep: int) -> None:
     """Keep the newest ``keep``; also drop what saves killed half-way left behind."""
-    leftovers = [*(run_dir / "checkpoints").glob("checkpoint-*.partial"),
-                 *(run_dir / "checkpoints").glob("checkpoint-*.old")]
-    for old in [*list_checkpoints(run_dir)[:-keep], *leftovers]:
+    for old in [*run.checkpoints()[:-keep], *run.unfinished_checkpoints()]:
         shutil.rmtree(old, ignore_errors=True)

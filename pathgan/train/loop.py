@@ -22,24 +22,25 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from pathgan.config import Config, config_to_dict, save_config
+from pathgan.config import Config, config_to_dict
+from pathgan.core.devices import switch_on
 from pathgan.core.errors import PathganError
-from pathgan.core.fileio import write_json
 from pathgan.core.images import uint8_to_signed
+from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 from pathgan.models import generate, noise_batch
 from pathgan.models.augment import flip_rotate
-from pathgan.models.export import export_generator, generator_config
 from pathgan.models.generation import calibrate_batchnorm
+from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
-from pathgan.train.build import GAN, build_gan, set_encoder_precision, to_device
+from pathgan.train.build import GAN, build_gan, to_device
 from pathgan.train.ema import GeneratorEMA
 from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.train.precision import resolve_mixed_precision
-from pathgan.train.real_data import build_real_data, resolve_encoder_precision
+from pathgan.train.real_data import build_real_data
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, SkippedUpdates, WindowStats
 
@@ -53,12 +54,8 @@ class TrainResult:
     discriminators: dict[str, torch.nn.Module]
 
 
-def _switch(value: str) -> bool:
-    return value == "on" or (value == "auto" and torch.cuda.is_available())
-
-
 def _memory_format(config: Config) -> torch.memory_format:
-    return torch.channels_last if config.train.channels_last else torch.contiguous_format
+    return torch.channels_last if switch_on(config.train.channels_last) else torch.contiguous_format
 
 
 def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
@@ -71,9 +68,16 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
         mixed_precision=resolve_mixed_precision(config.train.mixed_precision),
         log_with="wandb" if config.log.wandb else None,
         project_dir=str(run_dir),
-        # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in the
-        # second forward breaks autograd (pytorch#22095). Statistics stay per rank instead.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[
+            # D runs twice (real, fake) before one backward; broadcasting BatchNorm buffers in
+            # the second forward breaks autograd (pytorch#22095). Statistics stay per rank.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            # No cast weight is cached for a whole autocast region: in train_step's region D
+            # runs on real and on fake images, and one cached bf16/fp16 copy of its weights
+            # would sum the two passes' gradients in that precision (each pass casting its own
+            # copy sums them in fp32, as when each forward was its own region).
+            AutocastKwargs(cache_enabled=False),
+        ],
     )
 
 
@@ -165,8 +169,9 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         discriminators = {k: torch.nn.SyncBatchNorm.convert_sync_batchnorm(d)
                           for k, d in discriminators.items()}
-    generator = to_device(generator, accelerator.device, config.train.channels_last)
-    discriminators = {k: to_device(d, accelerator.device, config.train.channels_last)
+    channels_last = switch_on(config.train.channels_last)
+    generator = to_device(generator, accelerator.device, channels_last)
+    discriminators = {k: to_device(d, accelerator.device, channels_last)
                       for k, d in discriminators.items()}
     ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
            if config.train.ema else None)
@@ -178,7 +183,7 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
     prepared = accelerator.prepare(generator, *discriminators.values(), g_optimizer, d_optimizer)
     generator, g_optimizer, d_optimizer = prepared[0], prepared[-2], prepared[-1]
     discriminators = dict(zip(names, prepared[1:-2], strict=True))
-    compiled = _switch(config.train.compile)
+    compiled = switch_on(config.train.compile)
     return Networks(
         run_generator=torch.compile(generator) if compiled else generator,
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
@@ -196,7 +201,7 @@ class StepResult:
     d_loss: torch.Tensor
     g_loss: torch.Tensor
     stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
-    real: dict[str, torch.Tensor]  # what the discriminators saw, feature by feature
+    real: dict[str, torch.Tensor]  # what the discriminators saw, view by view
     fake: dict[str, torch.Tensor]
     d_skipped: torch.Tensor  # 1.0: D's loss was not finite on some rank; no rank updated D
     g_skipped: torch.Tensor  # the same for G (and its EMA)
@@ -219,17 +224,22 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
 
-    with accelerator.autocast():  # the encoder runs in its own precision
-        real = nets.objective.real_features(real)
-        fake = nets.objective.fake_features(nets.run_generator(noise))
-    d_loss, d_stats = nets.objective.d_loss(real, fake)
+    # G, D and the losses in the run's mixed precision, said here rather than left to the
+    # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
+    # weight cast is cached, see make_accelerator); the encoder runs in its own precision (see
+    # GANObjective). Backward runs outside autocast.
+    with accelerator.autocast():
+        real = nets.objective.real_views(real)
+        fake = nets.objective.fake_views(nets.run_generator(noise))
+        d_loss, d_stats = nets.objective.d_loss(real, fake)
     d_skipped = _nonfinite_anywhere(accelerator, d_loss)
     _update(nets.d_optimizer, d_loss, d_skipped, accelerator)
 
     with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
         for discriminator in nets.discriminators.values():
             no_d_sync.enter_context(accelerator.no_sync(discriminator))
-        g_loss, g_stats = nets.objective.g_loss(fake)
+        with accelerator.autocast():
+            g_loss, g_stats = nets.objective.g_loss(fake)
         g_skipped = _nonfinite_anywhere(accelerator, g_loss)
         _update(nets.g_optimizer, g_loss, g_skipped, accelerator)
     if nets.ema is not None:
@@ -238,7 +248,7 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake, d_skipped, g_skipped)
 
 
-def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
+def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
                   ema: GeneratorEMA | None) -> ckpt.TrainState:
     """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
     With ``resume`` it is restored, with the prepared networks and optimizers, from that
@@ -247,17 +257,17 @@ def restore_state(accelerator: Accelerator, run_dir: Path, resume: str | None,
     accelerator.register_for_checkpointing(state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    checkpoint, damaged = ckpt.resolve_resume(run_dir, resume)
+    checkpoint, damaged = ckpt.resolve_resume(run, resume)
     for warning in damaged:
         accelerator.print(f"warning: {warning}")
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        raise PathganError(f"{run_dir} already holds checkpoints: pass --resume latest to "
+    if resume is None and run.checkpoints():
+        raise PathganError(f"{run.path} already holds checkpoints: pass --resume latest to "
                            "continue that run, or choose another run.dir")
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     elif resume == "latest":
-        accelerator.print(f"no checkpoint in {run_dir}; starting from step 0")
+        accelerator.print(f"no checkpoint in {run.path}; starting from step 0")
     return state
 
 
@@ -266,8 +276,6 @@ def make_evaluator(config: Config, gan, device: torch.device):
     the one asked for (Path Foundation is loaded once)."""
     if not config.eval.every:
         return None
-    from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
-
     spec = eval_encoder_spec(config.eval.encoder, config.model.encoder)
     encoder = gan.encoder if gan.encoder is not None and spec == config.model.encoder else spec
     return InLoopEvaluator(config.data.shards, encoder=encoder, n=config.eval.n, device=device,
@@ -275,7 +283,7 @@ def make_evaluator(config: Config, gan, device: torch.device):
 
 
 def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
-                   run_dir: Path) -> None:
+                   run: RunDir) -> None:
     if not config.log.wandb:
         return
     if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
@@ -285,18 +293,18 @@ def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainSt
         config.log.project,
         config=config_to_dict(config),
         init_kwargs={"wandb": {
-            "name": config.run.name or run_dir.name,
+            "name": config.run.name or run.name,
             "entity": config.log.entity,
             "tags": config.log.tags,
             "id": state.wandb_run_id,  # a resumed run continues the same W&B run
             "resume": "allow",
-            "dir": str(run_dir),
+            "dir": str(run.path),  # W&B writes its files into RUN/wandb
         }},
     )
 
 
 def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
-             exported: dict, run_dir: Path) -> None:
+             exported: dict, run: RunDir) -> None:
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
@@ -306,9 +314,8 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     if fd is not None and (state.best_fd is None or fd < state.best_fd):
         state.best_fd = fd
         if logbook.active:
-            best = run_dir / ckpt.BEST_DIR
-            export_generator(sample_model, exported, best)
-            write_json(best / "best.json", {"step": state.step, **scores})
+            export_generator(sample_model, exported, run.best_dir)
+            run.write_best({"step": state.step, **scores})
 
 
 def stop_on_nonfinite(values: dict, step: int, config: Config, accelerator: Accelerator,
@@ -340,8 +347,8 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
 
 
 def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
-    run_dir = Path(config.run.dir)
-    accelerator = make_accelerator(config, run_dir)
+    run = RunDir(config.run.dir)
+    accelerator = make_accelerator(config, run.path)
     world = accelerator.num_processes
     if config.train.batch_size % world:
         raise PathganError(f"train.batch_size {config.train.batch_size} is not divisible by "
@@ -350,8 +357,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         raise PathganError("train.sync_bn needs CUDA; use per-rank statistics on CPU")
     per_rank_batch = config.train.batch_size // world
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
+        run.write_config(config)
     set_seed(config.run.seed)  # the same initial weights on every rank...
 
     # --- networks, optimizers, data ---------------------------------------------------------
@@ -362,20 +368,18 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         accelerator.print(warning)
     nets = prepare_networks(config, gan, accelerator)
     if gan.encoder is not None:
-        precision = resolve_encoder_precision(config, nets.objective.real_inputs, gan.encoder_id)
-        set_encoder_precision(gan.encoder, precision)
-        accelerator.print(f"encoder {gan.encoder_id} runs in {precision}; real samples: "
-                          + " + ".join(sorted(nets.objective.real_inputs)))
+        accelerator.print(f"encoder {gan.encoder_id} runs in {gan.encoder.precision}; real "
+                          "samples: " + " + ".join(sorted(nets.objective.real_inputs)))
     evaluator = make_evaluator(config, gan, accelerator.device)
 
     # --- state, resume, trackers ------------------------------------------------------------
-    state = restore_state(accelerator, run_dir, resume, nets.ema)
+    state = restore_state(accelerator, run, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
     data = build_real_data(config, nets.objective.real_inputs, accelerator, gan.encoder_id,
                            start_step=state.step)
-    logbook = Logbook(accelerator, run_dir, config.log.wandb)
+    logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
-    _init_trackers(accelerator, config, state, run_dir)
+    _init_trackers(accelerator, config, state, run)
     exported = generator_config(config.model, gan.encoder_id)  # generator.json
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
@@ -383,13 +387,13 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                    if config.train.max_steps is None else config.train.max_steps)
 
     def save_checkpoint() -> Path:
-        path = ckpt.checkpoint_dir(run_dir, state.step)
-        staging = ckpt.staging_dir(path)
+        path = run.checkpoint_dir(state.step)
+        staging = staging_dir(path)
         accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             ckpt.commit_checkpoint(staging, path, state.step)
-            ckpt.prune_checkpoints(run_dir, config.ckpt.keep)
+            ckpt.prune_checkpoints(run, config.ckpt.keep)
             logbook.loss_plot()
         accelerator.wait_for_everyone()
         return path
@@ -402,7 +406,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     stop_requested = False  # a rank was signalled: every rank stops after the same step
     done = state.step >= total_steps
     progress = tqdm(total=total_steps, initial=state.step, unit="step",
-                    disable=not accelerator.is_main_process, desc=run_dir.name)
+                    disable=not accelerator.is_main_process, desc=run.name)
     try:
         while not done:
             waited = time.perf_counter()
@@ -435,7 +439,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                                                          per_rank_batch))
             if evaluator is not None and state.step % config.eval.every == 0:
                 evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
-                         run_dir)
+                         run)
             if state.step % config.ckpt.every == 0:
                 save_checkpoint()
                 saved_at = state.step
@@ -447,19 +451,18 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     preempted = stop_requested and state.step < total_steps
     if saved_at != state.step:
         save_checkpoint()
-    marker = run_dir / ckpt.PREEMPTED_MARKER
     sample_model = None if preempted else nets.sample_model(config)
     if accelerator.is_main_process:
         if preempted:
-            marker.write_text(f"{state.step}\n")
+            run.mark_preempted(state.step)
             print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
                   "rerun with --resume latest", flush=True)
         else:
-            marker.unlink(missing_ok=True)
+            run.clear_preempted()
             logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
-            export_generator(sample_model, exported, run_dir)
+            export_generator(sample_model, exported, run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(state.step, preempted, run_dir, nets.plain_generator,
+    return TrainResult(state.step, preempted, run.path, nets.plain_generator,
                        {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})

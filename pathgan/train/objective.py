@@ -1,12 +1,13 @@
-"""What differs between the two GANs: which features a discriminator sees, and the losses.
+"""What differs between the two GANs: which view of a sample a discriminator judges; the losses.
 
-A *feature* is what a discriminator judges: :data:`IMAGES` (the DCGAN's pixel discriminator)
+A *view* is what a discriminator judges: :data:`IMAGES` (the DCGAN's pixel discriminator)
 or :data:`EMBEDDINGS` (the Embedding GAN's ``Linear`` discriminator on a frozen encoder's
-output). Fake features are computed from ``G(z)`` once per step and reused: detached for the
+output). Fake views are computed from ``G(z)`` once per step and reused: detached for the
 discriminator step, attached for the generator step, so the encoder runs forward once per step.
-The hybrid objective simply has both discriminators.
+The hybrid objective simply has both discriminators. (The *features* of ``pathgan eval`` are
+another thing: an evaluation encoder's outputs, :mod:`pathgan.evaluation.features`.)
 
-Real features come from the data: images, or embeddings precomputed by ``pathgan embed``. With
+Real views come from the data: images, or embeddings precomputed by ``pathgan embed``. With
 differentiable augmentation the real embeddings cannot be precomputed (the augmentation is
 drawn afresh every step), so real images go through the same augmentation and encoder as fake
 ones. The encoder always runs outside the trainer's autocast, in its own precision: the one the
@@ -22,7 +23,7 @@ from pathgan.models.augment import DiffAugment
 IMAGES = "images"
 EMBEDDINGS = "embeddings"
 LABELS = "labels"  # each real sample's class index (the decoded-patch cache carries them)
-FEATURES = (IMAGES, EMBEDDINGS)
+VIEWS = (IMAGES, EMBEDDINGS)
 
 
 def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -32,7 +33,7 @@ def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 
 class GANObjective:
-    """Non-saturating GAN losses summed over weighted discriminators, one per feature."""
+    """Non-saturating GAN losses summed over weighted discriminators, one per view."""
 
     def __init__(self, discriminators: dict[str, nn.Module], weights: dict[str, float],
                  encoder: nn.Module | None = None, augment: DiffAugment | None = None) -> None:
@@ -53,52 +54,53 @@ class GANObjective:
             needed.add(IMAGES if self.augment else EMBEDDINGS)
         return needed
 
-    def _stat_name(self, name: str, feature: str) -> str:
-        return name if len(self.discriminators) == 1 else f"{name}/{feature}"
+    def _stat_name(self, name: str, view: str) -> str:
+        return name if len(self.discriminators) == 1 else f"{name}/{view}"
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         # The encoder's own precision, never the trainer's autocast (see the module docstring).
         with torch.autocast(images.device.type, enabled=False):
             return self.encoder(images.float())
 
-    def _features(self, images: torch.Tensor, encode: bool = True) -> dict[str, torch.Tensor]:
+    def _views(self, images: torch.Tensor, encode: bool = True) -> dict[str, torch.Tensor]:
         images = self.augment(images)
-        features = {}
+        views = {}
         if IMAGES in self.discriminators:
-            features[IMAGES] = images
+            views[IMAGES] = images
         if EMBEDDINGS in self.discriminators and encode:
             # The encoder is frozen but differentiable: G learns through it.
-            features[EMBEDDINGS] = self._encode(images)
-        return features
+            views[EMBEDDINGS] = self._encode(images)
+        return views
 
-    def fake_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._features(images)
+    def fake_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generated images (in [-1, 1]) -> each discriminator's input, attached to G."""
+        return self._views(images)
 
     @torch.no_grad()
-    def real_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def real_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A real batch (images in [-1, 1] and/or precomputed embeddings) -> D's inputs."""
-        features = {}
+        views = {}
         if IMAGES in batch:
-            features = self._features(batch[IMAGES], encode=EMBEDDINGS not in batch)
+            views = self._views(batch[IMAGES], encode=EMBEDDINGS not in batch)
         if EMBEDDINGS in batch:
-            features[EMBEDDINGS] = batch[EMBEDDINGS]
-        return features
+            views[EMBEDDINGS] = batch[EMBEDDINGS]
+        return views
 
     def d_loss(self, real: dict, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
-        for feature, discriminator in self.discriminators.items():
-            real_logits = discriminator(real[feature])
-            fake_logits = discriminator(fake[feature].detach())
+        for view, discriminator in self.discriminators.items():
+            real_logits = discriminator(real[view])
+            fake_logits = discriminator(fake[view].detach())
             loss = bce_logits(real_logits, 1.0) + bce_logits(fake_logits, 0.0)
-            total = total + self.weights[feature] * loss
-            stats[self._stat_name("D(x)", feature)] = torch.sigmoid(real_logits.float()).mean()
-            stats[self._stat_name("D(G(z))", feature)] = torch.sigmoid(fake_logits.float()).mean()
+            total = total + self.weights[view] * loss
+            stats[self._stat_name("D(x)", view)] = torch.sigmoid(real_logits.float()).mean()
+            stats[self._stat_name("D(G(z))", view)] = torch.sigmoid(fake_logits.float()).mean()
         return total, stats
 
     def g_loss(self, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
-        for feature, discriminator in self.discriminators.items():
-            logits = discriminator(fake[feature])
-            total = total + self.weights[feature] * bce_logits(logits, 1.0)
-            stats[self._stat_name("D(G(z))_after", feature)] = torch.sigmoid(logits.float()).mean()
+        for view, discriminator in self.discriminators.items():
+            logits = discriminator(fake[view])
+            total = total + self.weights[view] * bce_logits(logits, 1.0)
+            stats[self._stat_name("D(G(z))_after", view)] = torch.sigmoid(logits.float()).mean()
         return total, stats

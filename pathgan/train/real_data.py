@@ -1,14 +1,15 @@
 """Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
 ``{IMAGES: uint8 (B, 3, 224, 224)}`` from the patch cache (:mod:`pathgan.train.cache`,
-with the embeddings of the same samples when the run uses them) or the shard pipeline
+with the embeddings of the same samples when the run uses them) or the training image stream
 (:class:`~pathgan.shards.stream.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
 embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
 both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
 objective's discriminators need (``GANObjective.real_inputs``). Both streams are
 :class:`RealStream` objects; :class:`RealData` zips them and never ends: the loop stops on its step
 and derives the epoch from it, as stylegan2-ada's ``InfiniteSampler`` does. The loop moves
-batches to the device.
+batches to the device. Whether the embeddings fit the encoder was checked when the GAN was built
+(:func:`pathgan.train.build.build_gan`); this module only streams.
 """
 
 import itertools
@@ -19,13 +20,7 @@ import numpy as np
 import torch
 
 from pathgan.config import Config
-from pathgan.core.errors import PathganError
-from pathgan.shards.embedding_files import (
-    embedded_encoders,
-    embeddings_dir,
-    read_embeddings,
-    stored_precision,
-)
+from pathgan.shards.embedding_files import read_embeddings
 from pathgan.shards.stream import make_image_stream
 from pathgan.train.cache import build_cache
 from pathgan.train.objective import EMBEDDINGS, IMAGES
@@ -113,43 +108,6 @@ class RealData:
             stream.close()
 
 
-def require_embeddings(shards_dir: str, encoder_id: str) -> None:
-    """Refuse, in one line, a shard set without embeddings of ``encoder_id`` (those of another
-    encoder, or none): the first thing the Embedding GAN checks of its data."""
-    folder = embeddings_dir(shards_dir, encoder_id)
-    if folder.is_dir():
-        return
-    found = embedded_encoders(shards_dir)
-    if found:
-        raise PathganError(
-            f"the embeddings in {folder.parent} come from {', '.join(found)}, not from the "
-            f"configured encoder {encoder_id}; run `pathgan embed {shards_dir} --encoder "
-            "SPEC` with model.encoder's spec"
-        )
-    raise PathganError(f"{shards_dir} has no precomputed embeddings; run `pathgan embed "
-                       f"{shards_dir} --encoder SPEC` first")
-
-
-def resolve_encoder_precision(config: Config, inputs: set[str], encoder_id: str) -> str:
-    """The precision the encoder runs in during training: that of the precomputed real
-    embeddings, so that real and fake embeddings are rounded alike (``model.encoder_precision``
-    may name it, but not differ from it); fp32 unless asked when real images are encoded in the
-    loop."""
-    requested = config.model.encoder_precision
-    if EMBEDDINGS not in inputs:
-        return "fp32" if requested == "auto" else requested
-    require_embeddings(config.data.shards, encoder_id)
-    stored = stored_precision(config.data.shards, encoder_id, config.data.split)
-    if requested not in ("auto", stored):
-        raise PathganError(
-            f"model.encoder_precision is {requested} but the real embeddings of {encoder_id} "
-            f"were computed in {stored}: the discriminator would learn the rounding difference. "
-            f"Set model.encoder_precision={stored}, or rerun `pathgan embed --precision "
-            f"{requested}`"
-        )
-    return stored
-
-
 def build_real_data(config: Config, inputs: set[str], accelerator, encoder_id: str | None,
                     start_step: int) -> RealData:
     """The real ``inputs`` an objective needs (``GANObjective.real_inputs``): from the patch
@@ -171,7 +129,6 @@ def build_real_data(config: Config, inputs: set[str], accelerator, encoder_id: s
             max_consecutive_failures=config.data.max_consecutive_failures,
         )
     if EMBEDDINGS in inputs:
-        require_embeddings(config.data.shards, encoder_id)
         _, embeddings = read_embeddings(config.data.shards, encoder_id, config.data.split)
         streams[EMBEDDINGS] = EmbeddingStream(embeddings, per_rank, world, rank, seed)
     return RealData(streams)
