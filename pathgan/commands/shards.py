@@ -164,6 +164,7 @@ def run_pack(args) -> int:
 
 
 def run_convert(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
     from pathgan.shards.convert import convert
     from pathgan.shards.inspect import summary_lines
 
