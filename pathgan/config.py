@@ -69,11 +69,17 @@ class DataConfig:
     # real patches flipped and turned by multiples of 90 degrees on the device, at random
     # (tissue has no up or left); off for the reference recipe
     flip_rotate: bool = False
+    # conditional runs: classes in training batches as the split has them (sampled), or equally
+    # often (balanced: rare classes drawn again, common ones less)
+    class_balance: Literal["sampled", "balanced"] = "sampled"
 
 
 @dataclass
 class ModelConfig:
     kind: Literal["dcgan", "embgan"] = "dcgan"
+    # class-conditional networks: G draws the class asked for, each D judges it (the classes
+    # are the labels of the shard set's manifest)
+    conditional: bool = False
     nz: Positive = 100
     ngf: Positive = 64
     ndf: Positive = 64

@@ -24,8 +24,10 @@ from pathgan.core.images import hwc_to_chw
 from pathgan.models.augment import flip_rotate
 from pathgan.shards.format import decode_sample, encode_image, shard_paths
 from pathgan.shards.reading import iter_tar_samples
+from pathgan.shards.stream import make_image_stream
 from pathgan.train.cache import ShareItem, build_cache, rank_shares
-from pathgan.train.objective import EMBEDDINGS, IMAGES, LABELS
+from pathgan.train.classes import Classes
+from pathgan.train.objective import EMBEDDINGS, IMAGES, labels_key
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 
@@ -52,10 +54,11 @@ def keys_by_fingerprint(shards_dir) -> dict[str, str]:
             for path in shard_paths(shards_dir) for key, members in iter_tar_samples(path)}
 
 
-def cache_for(shards_dir, *overrides, inputs=(IMAGES,), start_step=0, encoder_id=None):
+def cache_for(shards_dir, *overrides, inputs=(IMAGES,), start_step=0, encoder_id=None,
+              classes=None):
     config = load_config(SMOKE, [f"data.shards={shards_dir}", "data.num_workers=1",
                                  *overrides])
-    return build_cache(config, set(inputs), OneRank(), encoder_id, start_step)
+    return build_cache(config, set(inputs), OneRank(), encoder_id, start_step, classes)
 
 
 def epoch_keys(cache, known: dict[str, str]) -> list[list[str]]:
@@ -142,23 +145,67 @@ def write_shards(folder, images: list[np.ndarray], metadata: list[bytes]) -> Non
         {"total_samples": len(images), "shards": [entry], "skipped": [], "labels": labels}))
 
 
+CLASSES = ("dermis", "epidermis")
+
+
+def labelled_set(folder, count: int = 12, label_of=lambda i: CLASSES[i % 2]):
+    """Patch i is grey level 20 i (i < 13), labelled ``label_of(i)``."""
+    images = [np.full((224, 224, 3), 20 * i, dtype=np.uint8) for i in range(count)]
+    write_shards(folder, images, [json.dumps({"label": label_of(i)}).encode()
+                                  for i in range(count)])
+    return folder
+
+
 def test_labels_travel_row_for_row_with_their_images(tmp_path):
-    """Patch i is grey level 20 i; its label is "dermis" for even i, "epidermis" for odd i,
-    none for i = 5."""
-    labels = ["dermis", "epidermis"]
-    images = [np.full((224, 224, 3), 20 * i, dtype=np.uint8) for i in range(12)]
-    metadata = [json.dumps({"label": labels[i % 2] if i != 5 else None}).encode()
-                for i in range(12)]
-    write_shards(tmp_path / "labelled", images, metadata)
-    cache = cache_for(tmp_path / "labelled", "data.cache=host", "train.batch_size=4",
-                      inputs=(IMAGES, LABELS))
+    """Under each view's labels key, as the stream's batches carry them."""
+    shards = labelled_set(tmp_path / "labelled")
+    cache = cache_for(shards, "data.cache=host", "train.batch_size=4",
+                      classes=Classes(CLASSES, (6, 6), "sampled"))
     seen = 0
     for batch in cache:
-        for image, label in zip(batch[IMAGES], batch[LABELS], strict=True):
-            i = int(image[0, 0, 0]) // 20
-            assert int(label) == (-1 if i == 5 else i % 2), i
+        assert set(batch) == {IMAGES, labels_key(IMAGES)}
+        for image, label in zip(batch[IMAGES], batch[labels_key(IMAGES)], strict=True):
+            assert int(label) == int(image[0, 0, 0]) // 20 % 2
             seen += 1
     assert seen == 12
+
+
+def test_balanced_classes_are_drawn_equally_often_from_the_cache(tmp_path, capsys):
+    """10 dermis patches and 2 epidermis ones: balanced epochs draw each class about half the
+    time (with replacement), the same draws again from the same seed."""
+    shards = labelled_set(tmp_path / "skewed", label_of=lambda i: CLASSES[i >= 10])
+    classes = Classes(CLASSES, (10, 2), "balanced")
+
+    def draws():
+        cache = cache_for(shards, "data.cache=host", "train.batch_size=4", classes=classes)
+        return torch.cat([torch.cat([batch[labels_key(IMAGES)] for batch in cache])
+                          for _ in range(40)])
+
+    labels = draws()
+    assert len(labels) == 40 * 12
+    assert 0.4 < labels.float().mean() < 0.6  # epidermis: 1/6 of the set, half of the draws
+    assert torch.equal(labels, draws())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_labels_travel_with_their_images_through_the_stream(tmp_path, workers):
+    """Decoded in the main process, or two workers' batches mixed there: each label stays with
+    its image, and a sample whose label is not one of the classes is skipped as corrupt."""
+    shards = labelled_set(tmp_path / "labelled", count=13,
+                          label_of=lambda i: "fat" if i == 12 else CLASSES[i % 2])
+    stream = make_image_stream(shards, batch_size=4, num_workers=workers, as_uint8=True,
+                               classes=list(CLASSES), shuffle_buffer=4)
+    seen = 0
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for _ in range(6):
+            for images, labels in stream:
+                for image, label in zip(images, labels, strict=True):
+                    level = int(image[0, 0, 0]) // 20
+                    assert level != 12 and int(label) == level % 2
+                    seen += 1
+    stream.close()
+    assert seen >= 12 and stream.skipped_samples >= 1
 
 
 def test_device_on_a_cpu_falls_back_to_host_memory_in_one_line(slide_shards, capsys):

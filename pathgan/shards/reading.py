@@ -13,6 +13,7 @@ matter here; a header whose checksum is wrong or data that ends early is an erro
 ``tarfile``.
 """
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import torch
 
 from pathgan.core.errors import PathganError
 from pathgan.core.images import hwc_to_chw
-from pathgan.shards.format import IMAGE_EXTENSIONS, IMAGE_SIDE, decode_sample_image
+from pathgan.shards.format import IMAGE_EXTENSIONS, IMAGE_SIDE, decode_sample_image, shard_paths
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -181,16 +182,21 @@ class ImageRef:
     extension: str
     offset: int
     size: int
+    label: str | None = None  # its metadata's label, when asked for (:func:`image_refs`)
 
 
-def image_refs(path: str | Path) -> Iterator[ImageRef]:
+def image_refs(path: str | Path, labels: bool = False) -> Iterator[ImageRef]:
     """The image member of every sample of a shard, from its headers (:func:`index_shard`);
-    samples without one are passed over. Raises PathganError when the shard is unreadable."""
+    samples without one are passed over. With ``labels``, each carries its metadata's label
+    (:func:`sample_labels`: the ``.json`` members are read, nothing else). Raises PathganError
+    when the shard is unreadable."""
     url = str(path)
-    for key, members in index_shard(path):
+    entries = index_shard(path)
+    found = sample_labels(path, entries) if labels else [None] * len(entries)
+    for (key, members), label in zip(entries, found, strict=True):
         for extension in IMAGE_EXTENSIONS:
             if extension in members:
-                yield ImageRef(key, url, extension, *members[extension])
+                yield ImageRef(key, url, extension, *members[extension], label)
                 break
 
 
@@ -272,6 +278,35 @@ class DecodedBatch:
         return DecodedBatch(self.indices, images, self.failures)
 
 
+def sample_labels(path: str | Path, entries: list) -> list[str | None]:
+    """The ``label`` in each sample's metadata (``entries`` from :func:`index_shard`), read from
+    the ``.json`` members alone; None for a sample without one."""
+    labels = []
+    with open(path, "rb") as handle:
+        for _, members in entries:
+            label = None
+            if "json" in members:
+                offset, size = members["json"]
+                handle.seek(offset)
+                try:
+                    label = json.loads(handle.read(size)).get("label")
+                except (ValueError, AttributeError):
+                    label = None  # unreadable metadata: the sample is as good as unlabelled
+            labels.append(None if label is None else str(label))
+    return labels
+
+
+def split_entries(shards_dir: str | Path, split: str | None = None) -> list[tuple[Path, list]]:
+    """``(path, index_shard(path))`` of every shard of a split (all splits: None)."""
+    return [(path, index_shard(path)) for path in shard_paths(shards_dir, split)]
+
+
+def labelled_items(shards: list[tuple[Path, list]]) -> list[tuple[int, int, str | None]]:
+    """``(shard, entry, label)`` of every sample of ``shards`` (from :func:`split_entries`)."""
+    return [(shard, entry, label) for shard, (path, entries) in enumerate(shards)
+            for entry, label in enumerate(sample_labels(path, entries))]
+
+
 class ShardSamples(torch.utils.data.Dataset):
     """Samples of several shards as one map-style dataset, decoded in DataLoader workers.
 
@@ -297,11 +332,6 @@ class ShardSamples(torch.utils.data.Dataset):
             handle = self._handles[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
         handle.seek(offset)
         return handle.read(size)
-
-    def member(self, index: int, extension: str) -> bytes | None:
-        """Item ``index``'s member of that extension (e.g. its ``json`` metadata), or None."""
-        shard, _, members = self.items[index]
-        return self._read(shard, *members[extension]) if extension in members else None
 
     def _decode(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
         shard, key, members = self.items[index]

@@ -23,6 +23,14 @@ corrupt), the stream stops with one clear error instead of skipping for ever.
 
 The loader is a ``wds.WebLoader`` and must *not* go through ``accelerator.prepare`` (that would
 dispatch every batch from rank 0).
+
+**Labels.** Given the class names of a conditional run (``classes=``), each image reference
+carries its label, read with the shard's headers (the ``.json`` members only), as the class's
+index in ``classes`` (a sample whose label is not one of them is skipped like a corrupt one);
+the ring holds a label beside each image row, the main process permutes images and labels
+together, and its batches are ``(images, labels)``, uint8 (B, 3, 224, 224) and int64 (B,).
+That pair is all a consumer (``train/real_data.py``) needs to keep labels with their images;
+the decoded-patch cache (``train/cache.py``) carries them the same way.
 """
 
 import gc
@@ -136,19 +144,27 @@ class WorkerShuffle:
         return wds.shuffle(self.size, rng=rng)(samples)
 
 
-def index_shards(failures: FailureCounter):
+def index_shards(failures: FailureCounter, classes: list[str] | None = None):
     """Shard urls -> where each sample's image lies (:class:`~pathgan.shards.reading.ImageRef`),
     from the tar headers alone. The shuffle buffer then holds these references, not the bytes:
     a buffer of encoded images (118 MB per worker for 1000 PNG patches) cost 12% of a worker's
     time in memory traffic, and every image is now read just before it is decoded. An
-    unreadable shard is counted, warned about and left for the next."""
+    unreadable shard is counted, warned about and left for the next. With ``classes``, each
+    reference carries its label, and one that is not among them is skipped as corrupt."""
 
     def stage(sources: Iterable[dict]) -> Iterator[ImageRef]:
         for source in sources:
             try:
-                yield from image_refs(source["url"])
+                refs = list(image_refs(source["url"], labels=classes is not None))
             except PathganError as error:
                 failures.failed("unreadable shard", error)
+                continue
+            for ref in refs:
+                if classes is None or ref.label in classes:
+                    yield ref
+                else:
+                    failures.failed(f"sample {ref.key} of {ref.url}", ValueError(
+                        f"label {ref.label!r} is not one of {', '.join(classes)}"))
 
     return stage
 
@@ -168,6 +184,9 @@ class BatchRing:
         self.shape = (workers, slots, size, IMAGE_SIDE, IMAGE_SIDE, 3)
         self._memory = mmap.mmap(-1, int(np.prod(self.shape)))  # MAP_SHARED | MAP_ANONYMOUS
         self.pixels = torch.frombuffer(self._memory, dtype=torch.uint8).view(self.shape)
+        self._label_memory = mmap.mmap(-1, 8 * workers * slots * size)
+        self.labels = torch.frombuffer(self._label_memory, dtype=torch.int64).view(
+            workers, slots, size)  # each image row's class code (conditional runs)
         self._free = [context.Semaphore(slots) for _ in range(workers)]
         self._next = [0] * workers  # each worker's next slot (in its own process)
         self._closed = context.Event()
@@ -185,6 +204,9 @@ class BatchRing:
 
     def batch(self, worker: int, slot: int) -> torch.Tensor:
         return self.pixels[worker, slot]
+
+    def batch_labels(self, worker: int, slot: int) -> torch.Tensor:
+        return self.labels[worker, slot]
 
     def release(self, worker: int) -> None:
         self._free[worker].release()
@@ -206,16 +228,19 @@ class RingBatch:
 class DecodeBatches:
     """Image references -> full batches of ``size`` images, each read and decoded straight into
     its row (channels last, no copy after the codec): into a slot of the ``ring`` in a loader
-    worker (sending a :class:`RingBatch`), into a batch of its own in the main process. Corrupt
-    samples are counted and skipped; metadata is not read."""
+    worker (sending a :class:`RingBatch`), into a batch of its own in the main process (sending
+    ``(images, labels)``). Corrupt samples are counted and skipped. With ``classes``, each
+    row's class code (its reference's label) is written beside it; no other metadata is read."""
 
     size: int
     failures: FailureCounter
     ring: BatchRing | None
+    classes: list[str] | None = None
 
-    def __call__(self, refs: Iterable[ImageRef]) -> Iterator[RingBatch | torch.Tensor]:
+    def __call__(self, refs: Iterable[ImageRef]) -> Iterator[RingBatch | tuple]:
         worker = torch.utils.data.get_worker_info()
         ring = self.ring if worker is not None else None
+        codes = {name: code for code, name in enumerate(self.classes or ())}
         reader = MemberReader()
         batch = None
         try:
@@ -224,8 +249,10 @@ class DecodeBatches:
                     slot = ring.acquire(worker.id) if ring is not None else None
                     if ring is not None and slot is None:
                         return  # the stream is closing
-                    batch = (ring.batch(worker.id, slot) if ring is not None
-                             else image_batch_buffer(self.size))
+                    batch, labels = ((ring.batch(worker.id, slot),
+                                      ring.batch_labels(worker.id, slot)) if ring is not None
+                                     else (image_batch_buffer(self.size),
+                                           torch.empty(self.size, dtype=torch.int64)))
                     filled = 0
                 try:
                     decode_image(reader.read(ref), ref.extension, batch.numpy()[filled])
@@ -233,9 +260,12 @@ class DecodeBatches:
                     self.failures.failed(f"corrupt sample {ref.key} of {ref.url}", error)
                     continue
                 self.failures.succeeded()
+                if codes:
+                    labels[filled] = codes[ref.label]
                 filled += 1
                 if filled == self.size:
-                    yield RingBatch(worker.id, slot) if ring is not None else as_chw(batch)
+                    yield (RingBatch(worker.id, slot) if ring is not None
+                           else (as_chw(batch), labels if codes else None))
                     batch = None
         finally:
             reader.close()
@@ -248,7 +278,8 @@ class HandOver:
 
     With ``mix``, one batch of every worker is taken at a time and their images are permuted
     together before they are cut into batches again, so each batch draws from every worker's
-    shards; ring slots are freed as soon as their images are copied. The copies are numpy's,
+    shards; ring slots are freed as soon as their images are copied. With ``labelled``, each
+    batch is ``(images, labels)``, the labels permuted with their images. The copies are numpy's,
     on one thread: ``torch.stack`` runs one OpenMP-parallel copy per sample, and while the
     loader workers keep every core busy each of those waits for threads that are not running.
     On an H200 node that cost 290 ms per batch of 128 (cProfile): bf16 training ran at 531
@@ -260,8 +291,9 @@ class HandOver:
     mix: random.Random | None
     pin: bool
     as_uint8: bool
+    labelled: bool = False
 
-    def __call__(self, items: Iterable[RingBatch | torch.Tensor]) -> Iterator[torch.Tensor]:
+    def __call__(self, items: Iterable[RingBatch | tuple]) -> Iterator:
         group = []
         for item in items:
             group.append(item)
@@ -269,19 +301,25 @@ class HandOver:
                 yield from self._batches(group)
                 group = []
 
-    def _batches(self, group: list[RingBatch | torch.Tensor]) -> list[torch.Tensor]:
-        batches = [as_chw(self.ring.batch(item.worker, item.slot))
+    def _batches(self, group: list[RingBatch | tuple]) -> list:
+        batches = [(as_chw(self.ring.batch(item.worker, item.slot)),
+                    self.ring.batch_labels(item.worker, item.slot))
                    if isinstance(item, RingBatch) else item for item in group]
-        images = [image for batch in batches for image in batch]
+        images = [image for batch, _ in batches for image in batch]
+        order = list(range(len(images)))
         if self.mix is not None:
-            self.mix.shuffle(images)
-        size = len(batches[0])
-        out = [stack_samples(images[start:start + size], self.pin)
+            self.mix.shuffle(order)
+        size = len(batches[0][0])
+        out = [stack_samples([images[i] for i in order[start:start + size]], self.pin)
                for start in range(0, len(images), size)]
+        if self.labelled:  # copied out with their images, in the same order
+            codes = torch.cat([labels for _, labels in batches])[order]
+            labels = list(codes.split(size))
         for item in group:  # every image is copied out: the slots may be refilled
             if isinstance(item, RingBatch):
                 self.ring.release(item.worker)
-        return out if self.as_uint8 else [uint8_to_signed(batch) for batch in out]
+        out = out if self.as_uint8 else [uint8_to_signed(batch) for batch in out]
+        return list(zip(out, labels, strict=True)) if self.labelled else out
 
 
 def stack_samples(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
@@ -409,8 +447,10 @@ def make_image_stream(
     shuffle_buffer: int = 1000,
     as_uint8: bool = False,
     max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
+    classes: list[str] | None = None,
 ) -> ImageStream:
-    """Batches of ``batch_size`` images (per rank) from a shard set's ``split``.
+    """Batches of ``batch_size`` images (per rank) from a shard set's ``split``; with
+    ``classes``, ``(images, labels)`` batches (see the module docstring).
 
     One epoch is the split's sample count divided by the global batch (at least one batch),
     identical on every rank. The same ``seed``, rank and ``num_workers`` give the same batches.
@@ -431,9 +471,9 @@ def make_image_stream(
     ring = BatchRing(num_workers, prefetch + 2, batch_size) if num_workers else None
     decoded = wds.DataPipeline(
         ShardOrder(urls, seed, rank),
-        index_shards(failures),
+        index_shards(failures, classes),
         WorkerShuffle(shuffle_buffer, seed, rank),
-        DecodeBatches(batch_size, failures, ring),
+        DecodeBatches(batch_size, failures, ring, classes),
     )
     loader = wds.WebLoader(
         decoded,
@@ -447,5 +487,5 @@ def make_image_stream(
     # A lone worker's samples are mixed by its own shuffle buffer.
     mix = random.Random(f"mixing/{seed}/{rank}") if num_workers > 1 else None
     hand_over = HandOver(ring, num_workers, mix, pin=torch.cuda.is_available(),
-                         as_uint8=as_uint8)
+                         as_uint8=as_uint8, labelled=classes is not None)
     return ImageStream(loader.compose(hand_over), batches_per_epoch, failures, ring)

@@ -1,7 +1,8 @@
 """Config -> the networks of a GAN, its encoder ready to train with, and its objective.
 
 No Accelerate and no data here: of the shard set, only the precision its precomputed embeddings
-were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`).
+were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`),
+and, for a conditional run (``model.conditional``), its classes (:mod:`pathgan.train.classes`).
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,13 @@ from pathgan.core.errors import PathganError
 from pathgan.encoders import Encoder, load_encoder
 from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
 from pathgan.models.augment import DiffAugment
+from pathgan.models.conditional import (
+    ConditionalDiscriminator,
+    ConditionalEmbeddingDiscriminator,
+    ConditionalGenerator,
+)
 from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
+from pathgan.train.classes import Classes, training_classes
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 
 
@@ -25,6 +32,7 @@ class GAN:
     weights: dict[str, float]
     encoder: Encoder | None
     augment: DiffAugment
+    classes: Classes | None = None  # a conditional GAN's
 
     @property
     def encoder_id(self) -> str | None:
@@ -100,32 +108,44 @@ def set_encoder_precision(encoder: Encoder, precision: str) -> None:
                            f"{precision}: set model.encoder_precision=fp32")
 
 
-def build_networks(config: Config, device: torch.device) -> GAN:
+def build_networks(config: Config, device: torch.device,
+                   classes: Classes | None = None) -> GAN:
     """The networks a config describes; the Embedding GAN's encoder frozen on ``device``, in its
-    default precision (``pathgan arch`` draws them; training takes :func:`build_gan`)."""
+    default precision (``pathgan arch`` draws them; training takes :func:`build_gan`). A
+    conditional config needs its ``classes``."""
     model = config.model
-    generator = Generator(model.nz, model.ngf, model.channels)
+    if model.conditional and classes is None:
+        raise ValueError("a conditional GAN is built for its classes")
+    count = len(classes.names) if model.conditional else None
+    generator = (ConditionalGenerator(model.nz, model.ngf, model.channels, count)
+                 if count else Generator(model.nz, model.ngf, model.channels))
+    if count:
+        generator.class_mix.copy_(torch.tensor(classes.mix))
     discriminators: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     encoder = None
     if model.kind == "dcgan" or model.hybrid:
-        discriminators[IMAGES] = Discriminator(model.ndf, model.channels)
+        discriminators[IMAGES] = (ConditionalDiscriminator(model.ndf, model.channels, count)
+                                  if count else Discriminator(model.ndf, model.channels))
         weights[IMAGES] = model.pixel_weight if model.hybrid else 1.0
     if model.kind == "embgan":
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
-        discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
-            encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
-            model.minibatch_std,
-        )
+        shape = (encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
+                 model.minibatch_std)
+        discriminators[EMBEDDINGS] = (ConditionalEmbeddingDiscriminator(*shape, count)
+                                      if count else EmbeddingDiscriminator(*shape))
         weights[EMBEDDINGS] = model.embedding_weight
-    return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment or ""))
+    return GAN(generator, discriminators, weights, encoder,
+               DiffAugment(config.train.augment or ""), classes if count else None)
 
 
 def build_gan(config: Config, device: torch.device) -> GAN:
-    """The GAN to train: :func:`build_networks`, its encoder set to run in the precision of the
-    shard set's real embeddings (:func:`resolve_encoder_precision`)."""
-    gan = build_networks(config, device)
+    """The GAN to train: :func:`build_networks` (for the shard set's classes when conditional,
+    checked first: :func:`~pathgan.train.classes.training_classes`), its encoder set to run in
+    the precision of the shard set's real embeddings (:func:`resolve_encoder_precision`)."""
+    classes = training_classes(config) if config.model.conditional else None
+    gan = build_networks(config, device, classes)
     if gan.encoder is not None:
         set_encoder_precision(gan.encoder,
                               resolve_encoder_precision(config, gan.real_inputs, gan.encoder_id))

@@ -11,9 +11,11 @@ permutation drawn per epoch from the seed, the epoch and the rank: no decoding, 
 host-to-device copy with the device cache, and no Python per sample in a step. The same seed
 replays the same batches, and a run resumed at step ``s`` continues epoch ``s //
 batches_per_epoch`` of the same permutation where it stopped. The real embeddings of a run
-that uses them, and the class of each patch when a run asks for ``LABELS`` (the index of its
-metadata's label among the manifest's sorted label names, -1 for none), travel in the same
-cache, row for row with their images.
+that uses them, and the class code of each patch in a conditional run (``train/classes.py``),
+travel in the same cache, row for row with their images; its batches carry the codes under
+``labels_key(view)`` of each view, as the stream's do. With ``data.class_balance: balanced``
+an epoch's rows are drawn with replacement, each class of the rank's share equally likely
+(the stream's :class:`~pathgan.train.real_data.ClassBalancedStream` does the same from pools).
 
 Rank shares are disjoint and cover the split: its samples in shard order, cut into one run per
 rank (lengths differ by one at most; a rank reads only the shards its run touches). Every rank
@@ -25,7 +27,6 @@ At CAMELYON16 scale (a million 224-px patches, 150 GB of uint8) an 8-GPU node ho
 per GPU; memory figures per GPU count are in BENCHMARKS.md ("Scale-out").
 """
 
-import json
 import os
 import sys
 import warnings
@@ -41,8 +42,9 @@ from tqdm.auto import tqdm
 from pathgan.core.errors import PathganError
 from pathgan.shards.embedding_files import embedding_path, read_embedding_file
 from pathgan.shards.format import IMAGE_SIDE, load_manifest
-from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
-from pathgan.train.objective import EMBEDDINGS, IMAGES, LABELS
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard, sample_labels
+from pathgan.train.classes import Classes
+from pathgan.train.objective import EMBEDDINGS, IMAGES, labels_key
 
 IMAGE_BYTES = IMAGE_SIDE * IMAGE_SIDE * 3
 CACHE_MODES = ("auto", "device", "host", "off")
@@ -158,9 +160,10 @@ class PatchCache:
 
     def __init__(self, tensors: dict[str, torch.Tensor], valid: torch.Tensor, batch_size: int,
                  batches_per_epoch: int, seed: int, rank: int, start_step: int,
-                 device: torch.device, skipped: int) -> None:
+                 device: torch.device, skipped: int, weights: torch.Tensor | None = None) -> None:
         self.tensors = tensors
         self.valid = valid  # int64 slots that hold a decoded sample (CPU)
+        self.weights = weights  # per valid slot, for draws with replacement (balanced classes)
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed, self.rank, self.device = seed, rank, device
@@ -169,9 +172,13 @@ class PatchCache:
 
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of this rank's slots (drawn on the CPU: the same on every
-        device), every slot once."""
+        device), every slot once; with ``weights``, the epoch's slots drawn with replacement."""
         generator = torch.Generator().manual_seed(
             hash_seed(self.seed, epoch, self.rank))
+        if self.weights is not None:
+            draws = self.batches_per_epoch * self.batch_size
+            return self.valid[torch.multinomial(self.weights, draws, replacement=True,
+                                                generator=generator)]
         return self.valid[torch.randperm(len(self.valid), generator=generator)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -221,6 +228,7 @@ class ShareReader:
     dataset: ShardSamples
     keys: list[str]
     shards: list[str]  # the shard name of each slot
+    parts: list[tuple[Path, list]]  # each shard's path and the entries of its slots, in order
 
 
 def share_reader(shards_dir: Path, shards: list[dict], share: list[ShareItem]) -> ShareReader:
@@ -240,7 +248,7 @@ def share_reader(shards_dir: Path, shards: list[dict], share: list[ShareItem]) -
         parts.append((path, chosen))
         keys += [key for key, _ in chosen]
         names += [shards[shard]["name"]] * len(chosen)
-    return ShareReader(ShardSamples(parts), keys, names)
+    return ShareReader(ShardSamples(parts), keys, names, parts)
 
 
 def fill_images(images: torch.Tensor, reader: ShareReader, workers: int, progress: bool,
@@ -278,19 +286,12 @@ def fill_images(images: torch.Tensor, reader: ShareReader, workers: int, progres
     return filled, skipped
 
 
-def class_names(manifest: dict) -> list[str]:
-    """The classes of a shard set: its manifest's label names, sorted (unlabelled left out)."""
-    return sorted(name for name in manifest.get("labels") or {} if name != "None")
-
-
-def share_labels(reader: ShareReader, names: list[str]) -> torch.Tensor:
-    """Each slot's class: the index in ``names`` of its metadata's ``label``, -1 for none."""
-    index = {name: position for position, name in enumerate(names)}
-    labels = []
-    for slot in range(len(reader.keys)):
-        metadata = reader.dataset.member(slot, "json")
-        label = json.loads(metadata).get("label") if metadata else None
-        labels.append(index.get(str(label), -1) if label is not None else -1)
+def share_labels(reader: ShareReader, names: tuple[str, ...]) -> torch.Tensor:
+    """Each slot's class: the index in ``names`` of its metadata's ``label``, -1 for none (a
+    conditional run's split has none: ``train/classes.py`` refuses it first)."""
+    code_of = {name: code for code, name in enumerate(names)}
+    labels = [code_of.get(label, -1) for path, entries in reader.parts
+              for label in sample_labels(path, entries)]
     return torch.tensor(labels, dtype=torch.int64)
 
 
@@ -312,11 +313,24 @@ def share_embeddings(shards_dir: Path, encoder_id: str, reader: ShareReader
     return torch.from_numpy(table), present
 
 
+def balanced_weights(labels: torch.Tensor, classes: Classes, rank: int) -> torch.Tensor:
+    """Per slot, 1 / its class's count in the share: each class of the share equally likely.
+    A class that the rank's share lacks cannot be drawn there (one line says so)."""
+    counts = torch.bincount(labels, minlength=len(classes.names))
+    missing = [name for name, count in zip(classes.names, counts.tolist(), strict=True)
+               if not count]
+    if missing:
+        print(f"rank {rank}: data cache: its share has no sample of class(es) "
+              f"{', '.join(missing)}; balanced batches draw the others", flush=True)
+    return 1.0 / counts[labels].double()
+
+
 def build_cache(config, inputs: set[str], accelerator, encoder_id: str | None,
-                start_step: int) -> PatchCache | None:
+                start_step: int, classes: Classes | None = None) -> PatchCache | None:
     """The rank's :class:`PatchCache` as ``data.cache`` asks and memory allows; None when the
     run streams instead (``off``, or some rank cannot hold its share: every rank then
-    streams). Every rank calls it (the ranks agree where to cache and on the epoch)."""
+    streams). Every rank calls it (the ranks agree where to cache and on the epoch).
+    ``classes``: those of a conditional run, whose codes the batches carry."""
     if config.data.cache == "off" or IMAGES not in inputs:
         return None
     shards_dir = Path(config.data.shards)
@@ -337,13 +351,12 @@ def build_cache(config, inputs: set[str], accelerator, encoder_id: str | None,
     present = torch.ones(len(reader.keys), dtype=torch.bool)
     if EMBEDDINGS in inputs:
         extra[EMBEDDINGS], present = share_embeddings(shards_dir, encoder_id, reader)
-    if LABELS in inputs:
-        extra[LABELS] = share_labels(reader, class_names(manifest))
+    if classes is not None:
+        labels = share_labels(reader, classes.names)
+        extra.update({labels_key(view): labels for view in (IMAGES, EMBEDDINGS)
+                      if view in inputs})
     need = cache_bytes(len(reader.keys), extra[EMBEDDINGS].shape[1] if EMBEDDINGS in extra
                        else 0)
-    placement = choose_place(config.data.cache, need, accelerator.device,
-                             config.data.cache_fraction,
-                             int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     images, placement = place_images(config.data.cache, len(reader.keys), need,
                                      accelerator.device, config.data.cache_fraction)
     if placement.note:
@@ -370,8 +383,10 @@ def build_cache(config, inputs: set[str], accelerator, encoder_id: str | None,
         f"data cache: {len(valid)} {config.data.split} patches of rank {rank} "
         f"({gigabytes(need)}) in {where}; {int(counts.sum())} patches on {world} rank(s); "
         f"{skipped} corrupt skipped; {batches_per_epoch} batches per epoch")
+    weights = (balanced_weights(labels[valid], classes, rank)
+               if classes is not None and classes.balance == "balanced" else None)
     return PatchCache(tensors, valid, per_rank, batches_per_epoch, config.run.seed, rank,
-                      start_step, accelerator.device, skipped)
+                      start_step, accelerator.device, skipped, weights)
 
 
 def _lowest_place(accelerator, place: str) -> str:

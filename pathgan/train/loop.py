@@ -36,6 +36,7 @@ from pathgan.models.generation import calibrate_batchnorm
 from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
 from pathgan.train.build import GAN, build_gan, to_device
+from pathgan.train.classes import Classes
 from pathgan.train.ema import GeneratorEMA
 from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
@@ -152,6 +153,7 @@ class Networks:
     g_optimizer: torch.optim.Optimizer
     d_optimizer: torch.optim.Optimizer
     ema: GeneratorEMA | None
+    class_mix: torch.Tensor | None = None  # a conditional run's: how often G draws each class
 
     def sample_model(self, config: Config) -> torch.nn.Module:
         """The generator that draws samples, is evaluated and exported (the EMA copy if any),
@@ -193,6 +195,8 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         g_optimizer=g_optimizer,
         d_optimizer=d_optimizer,
         ema=ema,
+        class_mix=(torch.tensor(gan.classes.mix, device=accelerator.device)
+                   if gan.classes is not None else None),
     )
 
 
@@ -223,6 +227,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
         real[IMAGES] = uint8_to_signed(images).contiguous(memory_format=_memory_format(config))
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
+    # A conditional run's fake classes, drawn in the mix the real batches have.
+    labels = (torch.multinomial(nets.class_mix, len(noise), replacement=True)
+              if nets.class_mix is not None else None)
 
     # G, D and the losses in the run's mixed precision, said here rather than left to the
     # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
@@ -230,7 +237,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     # GANObjective). Backward runs outside autocast.
     with accelerator.autocast():
         real = nets.objective.real_views(real)
-        fake = nets.objective.fake_views(nets.run_generator(noise))
+        fake_images = (nets.run_generator(noise) if labels is None
+                       else nets.run_generator(noise, labels))
+        fake = nets.objective.fake_views(fake_images, labels)
         d_loss, d_stats = nets.objective.d_loss(real, fake)
     d_skipped = _nonfinite_anywhere(accelerator, d_loss)
     _update(nets.d_optimizer, d_loss, d_skipped, accelerator)
@@ -246,6 +255,21 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
         nets.ema.update(nets.plain_generator, step * config.train.batch_size,
                         config.train.batch_size, skip=g_skipped)
     return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake, d_skipped, g_skipped)
+
+
+def write_sample_grids(logbook: Logbook, step: int, model: torch.nn.Module, noise: torch.Tensor,
+                       batch_size: int, classes: Classes | None) -> None:
+    """The grid of the fixed noise; for a conditional run, its classes in blocks (in reading
+    order), then the same noise drawn as each class in a grid of its own."""
+    if classes is None:
+        logbook.samples(step, generate(model, noise, batch_size))
+        return
+    count = len(classes.names)
+    blocks = torch.arange(len(noise)) * count // len(noise)
+    logbook.samples(step, generate(model, noise, batch_size, blocks))
+    for code, name in enumerate(classes.names):
+        logbook.samples(step, generate(model, noise, batch_size,
+                                       torch.full((len(noise),), code)), name)
 
 
 def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
@@ -375,12 +399,18 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     # --- state, resume, trackers ------------------------------------------------------------
     state = restore_state(accelerator, run, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
+    # The cache continues its permutation from the step; streams are seeded with it, so a
+    # resumed run does not replay the data order of its first epochs.
     data = build_real_data(config, nets.objective.real_inputs, accelerator, gan.encoder_id,
-                           start_step=state.step)
+                           start_step=state.step, classes=gan.classes)
+    if gan.classes is not None:  # the mix of this run's data, whatever a checkpoint held
+        nets.plain_generator.class_mix.copy_(nets.class_mix)
+        accelerator.print(f"classes: {gan.classes.describe()} train samples; batches "
+                          f"{gan.classes.balance}")
     logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
     _init_trackers(accelerator, config, state, run)
-    exported = generator_config(config.model, gan.encoder_id)  # generator.json
+    exported = generator_config(config.model, gan.encoder_id, gan.classes)  # generator.json
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
@@ -435,8 +465,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
             if state.step % config.log.sample_every == 0:
                 sample_model = nets.sample_model(config)
                 if logbook.active:
-                    logbook.samples(state.step, generate(sample_model, fixed_noise,
-                                                         per_rank_batch))
+                    write_sample_grids(logbook, state.step, sample_model, fixed_noise,
+                                       per_rank_batch, gan.classes)
             if evaluator is not None and state.step % config.eval.every == 0:
                 evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
                          run)
@@ -459,7 +489,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                   "rerun with --resume latest", flush=True)
         else:
             run.clear_preempted()
-            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
+            write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
+                               gan.classes)
             export_generator(sample_model, exported, run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()

@@ -12,6 +12,10 @@ differentiable augmentation the real embeddings cannot be precomputed (the augme
 drawn afresh every step), so real images go through the same augmentation and encoder as fake
 ones. The encoder always runs outside the trainer's autocast, in its own precision: the one the
 precomputed real embeddings were made in, so real and fake embeddings never differ by rounding.
+
+Conditional runs: a view's class labels travel beside it, under :func:`labels_key` (the real
+batch brings them, the fake views get the labels G drew for), and each discriminator is called
+``D(view, labels)``; an unconditional run has no labels and calls ``D(view)``.
 """
 
 import torch
@@ -24,6 +28,11 @@ IMAGES = "images"
 EMBEDDINGS = "embeddings"
 LABELS = "labels"  # each real sample's class index (the decoded-patch cache carries them)
 VIEWS = (IMAGES, EMBEDDINGS)
+
+
+def labels_key(view: str) -> str:
+    """Where a view's class labels are kept in a batch of views: ``"images.labels"``."""
+    return f"{view}.labels"
 
 
 def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -62,7 +71,8 @@ class GANObjective:
         with torch.autocast(images.device.type, enabled=False):
             return self.encoder(images.float())
 
-    def _views(self, images: torch.Tensor, encode: bool = True) -> dict[str, torch.Tensor]:
+    def _views(self, images: torch.Tensor, labels: torch.Tensor | None,
+               encode: bool = True) -> dict[str, torch.Tensor]:
         images = self.augment(images)
         views = {}
         if IMAGES in self.discriminators:
@@ -70,27 +80,42 @@ class GANObjective:
         if EMBEDDINGS in self.discriminators and encode:
             # The encoder is frozen but differentiable: G learns through it.
             views[EMBEDDINGS] = self._encode(images)
+        if labels is not None:
+            views.update({labels_key(view): labels for view in list(views)})
         return views
 
-    def fake_views(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Generated images (in [-1, 1]) -> each discriminator's input, attached to G."""
-        return self._views(images)
+    def fake_views(self, images: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Generated images (in [-1, 1]) -> each discriminator's input, attached to G; with the
+        classes G drew them for, in a conditional run."""
+        return self._views(images, labels)
 
     @torch.no_grad()
     def real_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A real batch (images in [-1, 1] and/or precomputed embeddings) -> D's inputs."""
+        """A real batch (images in [-1, 1] and/or precomputed embeddings, and their labels in a
+        conditional run) -> D's inputs."""
         views = {}
         if IMAGES in batch:
-            views = self._views(batch[IMAGES], encode=EMBEDDINGS not in batch)
+            views = self._views(batch[IMAGES], batch.get(labels_key(IMAGES)),
+                                encode=EMBEDDINGS not in batch)
         if EMBEDDINGS in batch:
             views[EMBEDDINGS] = batch[EMBEDDINGS]
+            if labels_key(EMBEDDINGS) in batch:
+                views[labels_key(EMBEDDINGS)] = batch[labels_key(EMBEDDINGS)]
         return views
+
+    @staticmethod
+    def _judge(discriminator: nn.Module, views: dict, view: str, detach: bool = False):
+        """``D(view)``, or ``D(view, labels)`` when the view has labels (a conditional run)."""
+        inputs = views[view].detach() if detach else views[view]
+        labels = views.get(labels_key(view))
+        return discriminator(inputs) if labels is None else discriminator(inputs, labels)
 
     def d_loss(self, real: dict, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
         for view, discriminator in self.discriminators.items():
-            real_logits = discriminator(real[view])
-            fake_logits = discriminator(fake[view].detach())
+            real_logits = self._judge(discriminator, real, view)
+            fake_logits = self._judge(discriminator, fake, view, detach=True)
             loss = bce_logits(real_logits, 1.0) + bce_logits(fake_logits, 0.0)
             total = total + self.weights[view] * loss
             stats[self._stat_name("D(x)", view)] = torch.sigmoid(real_logits.float()).mean()
@@ -100,7 +125,7 @@ class GANObjective:
     def g_loss(self, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
         for view, discriminator in self.discriminators.items():
-            logits = discriminator(fake[view])
+            logits = self._judge(discriminator, fake, view)
             total = total + self.weights[view] * bce_logits(logits, 1.0)
             stats[self._stat_name("D(G(z))_after", view)] = torch.sigmoid(logits.float()).mean()
         return total, stats
