@@ -156,8 +156,13 @@ def converted_manifest(source: dict, records: list[dict], src_dir: Path, image_f
         labels = Counter()
         for record in records:
             labels.update(record["labels"])
+    # A source shard that counted its labels (pack does) keeps them, counted again.
+    counted = {shard["name"] for shard in source["shards"] if "labels" in shard}
+    entries = [{**{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")},
+                **({"labels": dict(sorted(r["labels"].items()))} if r["name"] in counted
+                   else {})} for r in records]
     return make_manifest(
-        [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records],
+        entries,
         {**source.get("config", {}), "image_format": image_format,
          "jpeg_quality": jpeg_quality},
         fingerprint=fingerprint, groups=groups, sources=source.get("sources"),
