@@ -76,13 +76,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["dcgan", "embgan"] = "dcgan"
+    # dcgan and embgan: the seed's two; r3gan: the modern GAN (R3GAN-style ResNets, the
+    # relativistic loss with R1/R2, no transposed convolution)
+    kind: Literal["dcgan", "embgan", "r3gan"] = "dcgan"
     # class-conditional networks: G draws the class asked for, each D judges it (the classes
     # are the labels of the shard set's manifest)
     conditional: bool = False
     nz: Positive = 100
-    ngf: Positive = 64
-    ndf: Positive = 64
+    ngf: Positive = 64  # r3gan: the generator's channels at 224 px (doubling as the size halves)
+    ndf: Positive = 64  # r3gan: the discriminator's channels at 224 px
     channels: int = 3
     image_size: Annotated[int, Rule(lambda value: value == 224,
                                     "{key}: only 224 is supported (the shards are 224)")] = 224
@@ -100,6 +102,16 @@ class ModelConfig:
     hybrid: bool = False  # add the DCGAN pixel discriminator to the embedding one
     pixel_weight: float = 1.0  # weight of the pixel discriminator's loss in the hybrid
     embedding_weight: float = 1.0
+    # The modern GAN (r3gan): its stages' widths stop growing at max_width; residual blocks per
+    # stage; a block's 1x1 convolution widens by expansion; its grouped 3x3 convolution has
+    # group_width channels a group; per-pixel noise from noise_from px up (0: none), initial
+    # strength noise_strength
+    max_width: Positive = 256
+    blocks: Positive = 1
+    expansion: Positive = 2
+    group_width: Positive = 8
+    noise_from: Annotated[int, NOT_NEGATIVE] = 28
+    noise_strength: Annotated[float, NOT_NEGATIVE] = 0.1
 
 
 @dataclass
@@ -111,6 +123,15 @@ class TrainConfig:
     lr: Annotated[float, POSITIVE] = 2e-4
     beta1: Annotated[float, FRACTION] = 0.5
     beta2: Annotated[float, FRACTION] = 0.999
+    # Schedules (half a cosine over the run, train/schedules.py): lr -> lr_end, beta2 ->
+    # beta2_end; null: constant
+    lr_end: Annotated[float, POSITIVE] | None = None
+    beta2_end: Annotated[float, FRACTION] | None = None
+    # r3gan: the R1/R2 penalty weight gamma -> gamma_end, taken every penalty_every-th step
+    # (lazy regularisation: weighted x penalty_every)
+    gamma: Annotated[float, NOT_NEGATIVE] = 1.0
+    gamma_end: Annotated[float, NOT_NEGATIVE] | None = None
+    penalty_every: Positive = 1
     # auto: bf16 where the GPU computes in it, fp16 on older GPUs, no (fp32) on the CPU
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     channels_last: Switch = "on"  # convolution weights and images in channels-last layout
@@ -175,6 +196,8 @@ class Config:
                 _check(getattr(values, name), kind, f"{section.name}.{name}")
         if self.model.kind == "embgan" and not self.model.encoder:
             raise PathganError("model.encoder is required when model.kind is embgan")
+        if self.model.kind == "r3gan":
+            self._validate_r3gan()
         if self.model.hybrid and self.model.kind != "embgan":
             raise PathganError("model.hybrid adds a pixel discriminator to the Embedding GAN: "
                                "it needs model.kind embgan")
@@ -183,6 +206,22 @@ class Config:
         except ValueError as error:
             raise PathganError(f"train.augment: {error}") from None
         return self
+
+    def _validate_r3gan(self) -> None:
+        """The modern GAN's widths must split into its blocks' groups; it trains its own
+        discriminator on pixels (no encoder yet), unconditionally."""
+        model = self.model
+        for key in ("ngf", "ndf", "max_width"):
+            if (getattr(model, key) * model.expansion) % model.group_width:
+                raise PathganError(f"model.{key} x model.expansion ({getattr(model, key)} x "
+                                   f"{model.expansion}) must be a multiple of model.group_width "
+                                   f"({model.group_width})")
+        if model.encoder or model.hybrid:
+            raise PathganError("model.kind r3gan trains a pixel discriminator: unset "
+                               "model.encoder and model.hybrid")
+        if model.conditional:
+            raise PathganError("model.conditional is for the dcgan and embgan kinds; the modern "
+                               "GAN (r3gan) is unconditional so far")
 
 
 def _check(value, kind, key: str) -> None:

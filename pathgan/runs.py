@@ -11,7 +11,8 @@ The contract between ``pathgan train`` and the stages that read its runs (``samp
     RUN/checkpoints/checkpoint-NNNNNN/  Accelerate save_state folders; each counts once its
                                       COMPLETE file (the step, every file's size and sha256) is in
     RUN/generator.safetensors         the exported generator: its weights ...
-    RUN/generator.json                ... and what rebuilds it (model config, GAN kind, encoder)
+    RUN/generator.json                ... and what rebuilds it (model config, GAN kind, encoder;
+                                      the modern GAN's widths, blocks and noise)
     RUN/best/                         the generator of the best in-loop evaluation, and best.json
     RUN/PREEMPTED                     a run stopped by a signal before its end (holds the step)
     RUN/eval/                         ``pathgan eval``'s default output (:class:`EvalDir`)
@@ -34,6 +35,7 @@ from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, read_json, write_json
 from pathgan.models.conditional import ConditionalGenerator
 from pathgan.models.dcgan import Generator
+from pathgan.models.r3gan import R3Generator
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -256,14 +258,22 @@ class EvalDir:
 
 
 # -- the exported generator (in any generator folder) -------------------------------------------
+#: generator.json's keys that rebuild a modern (r3gan) generator, beside nz, ngf and channels
+R3GAN_GENERATOR_KEYS = ("max_width", "blocks", "expansion", "group_width", "noise_from",
+                        "noise_strength")
+
+
 def generator_config(model, encoder_id: str | None = None, classes=None) -> dict:
     """``generator.json`` of a run's ``model`` config section: what :func:`load_generator`
     rebuilds the generator from, and what made it (the encoder's spec and id, for an
     Embedding GAN; for a conditional one, its classes in code order, their training samples
-    and how batches were balanced: ``train.classes.Classes``)."""
+    and how batches were balanced: ``train.classes.Classes``; for the modern GAN, its widths,
+    blocks and noise)."""
     config = {"nz": model.nz, "ngf": model.ngf, "channels": model.channels,
               "image_size": model.image_size, "kind": model.kind, "encoder": model.encoder,
               "encoder_id": encoder_id}
+    if model.kind == "r3gan":
+        config.update({key: getattr(model, key) for key in R3GAN_GENERATOR_KEYS})
     if classes is not None:
         config.update(conditional=True, classes=list(classes.names),
                       class_counts=list(classes.counts), class_balance=classes.balance)
@@ -273,6 +283,19 @@ def generator_config(model, encoder_id: str | None = None, classes=None) -> dict
 def generator_classes(config: dict) -> list[str] | None:
     """The classes a generator draws (from its ``generator.json``), None when unconditional."""
     return list(config["classes"]) if config.get("conditional") else None
+
+
+def build_generator(config: dict) -> torch.nn.Module:
+    """A freshly initialised generator of the kind, size and classes a :func:`generator_config`
+    says (generator.json files written before the modern GAN have no kind's keys: a DCGAN's)."""
+    if config.get("kind") == "r3gan":
+        return R3Generator(config["nz"], config["ngf"], channels=config["channels"],
+                           **{key: config[key] for key in R3GAN_GENERATOR_KEYS})
+    classes = generator_classes(config)
+    if classes:
+        return ConditionalGenerator(nz=config["nz"], ngf=config["ngf"],
+                                    channels=config["channels"], num_classes=len(classes))
+    return Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
 
 
 def export_generator(generator: torch.nn.Module, model_config: dict, folder: Path) -> Path:
@@ -301,11 +324,6 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """The exported generator of a folder (eval mode) and its model config."""
     require_generator(folder)
     config = read_generator_config(folder)
-    classes = generator_classes(config)
-    if classes:
-        generator = ConditionalGenerator(nz=config["nz"], ngf=config["ngf"],
-                                         channels=config["channels"], num_classes=len(classes))
-    else:
-        generator = Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
+    generator = build_generator(config)
     generator.load_state_dict(load_file(str(Path(folder) / GENERATOR_WEIGHTS)))
     return generator.to(device).eval(), config

@@ -29,4 +29,4 @@ def run(args) -> int:
     result = train(load_config(args.config, args.overrides), resume=args.resume)
     if not result.preempted and os.environ.get("RANK", "0") == "0":
         print(f"finished at step {result.step}; run folder: {result.run_dir}", flush=True)
-    return 0
+    return 130 if result.interrupted else 0  # preempted: 0, the batch script requeues

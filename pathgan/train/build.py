@@ -5,6 +5,7 @@ were computed in is read, since the encoder must run in it (:func:`resolve_encod
 and, for a conditional run (``model.conditional``), its classes (:mod:`pathgan.train.classes`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,33 +14,45 @@ from torch import nn
 from pathgan.config import Config
 from pathgan.core.errors import PathganError
 from pathgan.encoders import Encoder, load_encoder
-from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
+from pathgan.models import Discriminator, EmbeddingDiscriminator
 from pathgan.models.augment import DiffAugment
 from pathgan.models.conditional import (
     ConditionalDiscriminator,
     ConditionalEmbeddingDiscriminator,
     ConditionalGenerator,
 )
+from pathgan.models.r3gan import R3Discriminator
+from pathgan.runs import build_generator, generator_config
 from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
 from pathgan.train.classes import Classes, training_classes
-from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective, RelativisticObjective
 
 
 @dataclass
 class GAN:
-    generator: Generator
+    generator: nn.Module
     discriminators: dict[str, nn.Module]  # view name -> discriminator
     weights: dict[str, float]
     encoder: Encoder | None
     augment: DiffAugment
+    relativistic: bool = False  # the modern GAN's loss (with R1/R2) instead of cross-entropy
+    penalty_every: int = 1
     classes: Classes | None = None  # a conditional GAN's
 
     @property
     def encoder_id(self) -> str | None:
         return self.encoder.encoder_id if self.encoder is not None else None
 
-    def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
-        """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
+    def objective(self, discriminators: dict[str, nn.Module],
+                  penalty_discriminators: dict[str, nn.Module] | None = None,
+                  loss_scale: Callable[[], float] = lambda: 1.0) -> GANObjective:
+        """The objective over the (prepared, possibly DDP-wrapped and compiled) discriminators;
+        the relativistic one takes its R1/R2 steps with ``penalty_discriminators`` (the same,
+        never compiled) and scales the penalty's gradient by ``loss_scale()`` (fp16)."""
+        if self.relativistic:
+            return RelativisticObjective(discriminators, self.weights, self.encoder, self.augment,
+                                         penalty_discriminators=penalty_discriminators,
+                                         penalty_every=self.penalty_every, loss_scale=loss_scale)
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
     @property
@@ -118,12 +131,19 @@ def build_networks(config: Config, device: torch.device,
         raise ValueError("a conditional GAN is built for its classes")
     count = len(classes.names) if model.conditional else None
     generator = (ConditionalGenerator(model.nz, model.ngf, model.channels, count)
-                 if count else Generator(model.nz, model.ngf, model.channels))
+                 if count else build_generator(generator_config(model)))
     if count:
         generator.class_mix.copy_(torch.tensor(classes.mix))
     discriminators: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     encoder = None
+    if model.kind == "r3gan":
+        discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
+                                                 model.expansion, model.group_width,
+                                                 model.channels)
+        return GAN(generator, discriminators, {IMAGES: 1.0}, None,
+                   DiffAugment(config.train.augment or ""), relativistic=True,
+                   penalty_every=config.train.penalty_every)
     if model.kind == "dcgan" or model.hybrid:
         discriminators[IMAGES] = (ConditionalDiscriminator(model.ndf, model.channels, count)
                                   if count else Discriminator(model.ndf, model.channels))
@@ -137,7 +157,7 @@ def build_networks(config: Config, device: torch.device,
                                       if count else EmbeddingDiscriminator(*shape))
         weights[EMBEDDINGS] = model.embedding_weight
     return GAN(generator, discriminators, weights, encoder,
-               DiffAugment(config.train.augment or ""), classes if count else None)
+               DiffAugment(config.train.augment or ""), classes=classes if count else None)
 
 
 def build_gan(config: Config, device: torch.device) -> GAN:

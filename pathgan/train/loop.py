@@ -1,4 +1,4 @@
-"""The training loop shared by the DCGAN and the Embedding GAN.
+"""The training loop shared by the DCGAN, the Embedding GAN and the modern GAN (r3gan).
 
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
 that calls :func:`train_step` (a discriminator update and a generator update on the same fake
@@ -6,14 +6,18 @@ batch) on endless real data until one ``done`` flag is set, with logging, sample
 and checkpoints at step boundaries; the epoch is derived from the step. A step never makes the
 host wait for the device: an update whose loss is not finite is skipped on the device (and still
 counts as a step), and the host reads the skips, the statistics and every rank's preemption flag
-at log lines only (every ``log.every`` steps), where the run may stop. What differs between
-the GANs lives in :class:`~pathgan.train.objective.GANObjective`; where real samples come
-from lives in :mod:`pathgan.train.real_data`; what is measured along the way in
+at log lines only (every ``log.every`` steps), where the run may stop. What differs between the
+GANs lives in
+:class:`~pathgan.train.objective.GANObjective` (the modern GAN's loss and penalties:
+:class:`~pathgan.train.objective.RelativisticObjective`); the values that change over the run
+(learning rate, beta2, gamma) in :mod:`pathgan.train.schedules`; where real samples come from in
+:mod:`pathgan.train.real_data`; what is measured along the way in
 :mod:`pathgan.train.statistics`.
 """
 
 import contextlib
 import secrets
+import shutil
 import string
 import time
 import warnings
@@ -27,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pathgan.config import Config, config_to_dict
 from pathgan.core.devices import switch_on
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import PathganError, writing
 from pathgan.core.images import uint8_to_signed
 from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 from pathgan.models import generate, noise_batch
@@ -42,6 +46,7 @@ from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.train.precision import resolve_mixed_precision
 from pathgan.train.real_data import build_real_data
+from pathgan.train.schedules import Schedule
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, SkippedUpdates, WindowStats
 
@@ -53,6 +58,7 @@ class TrainResult:
     run_dir: Path
     generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
     discriminators: dict[str, torch.nn.Module]
+    interrupted: bool = False  # stopped by Ctrl-C: a checkpoint was saved, the run goes on later
 
 
 def _memory_format(config: Config) -> torch.memory_format:
@@ -191,13 +197,32 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
         discriminators=discriminators,
         objective=gan.objective({k: torch.compile(d) if compiled else d
-                                 for k, d in discriminators.items()}),
+                                 for k, d in discriminators.items()},
+                                penalty_discriminators=discriminators,
+                                loss_scale=lambda: _loss_scale(accelerator)),
         g_optimizer=g_optimizer,
         d_optimizer=d_optimizer,
         ema=ema,
         class_mix=(torch.tensor(gan.classes.mix, device=accelerator.device)
                    if gan.classes is not None else None),
     )
+
+
+def _loss_scale(accelerator: Accelerator) -> float:
+    """fp16's current loss scale (1 without a GradScaler): the R1/R2 penalty's inner gradient
+    is taken of logits multiplied by it, against underflow (PyTorch's AMP recipe for gradient
+    penalties)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+
+
+def apply_schedule(nets: Networks, schedule: Schedule, step: int, batch_size: int) -> None:
+    """This step's learning rate and beta2 into both optimizers, its gamma into the objective."""
+    values = schedule.at(step * batch_size)
+    for optimizer in (nets.g_optimizer, nets.d_optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = values["lr"]
+            group["betas"] = (group["betas"][0], values["beta2"])
+    nets.objective.start_step(step, values["gamma"])
 
 
 @dataclass
@@ -277,6 +302,9 @@ def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
     """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
     With ``resume`` it is restored, with the prepared networks and optimizers, from that
     checkpoint; without, a run folder that already holds checkpoints is refused."""
+    if accelerator.is_main_process:  # before any rank looks for a checkpoint
+        ckpt.clean_unfinished(run)
+    accelerator.wait_for_everyone()
     state = ckpt.TrainState()
     accelerator.register_for_checkpointing(state)
     if ema is not None:
@@ -364,8 +392,11 @@ def stop_on_nonfinite(values: dict, step: int, config: Config, accelerator: Acce
 def train(config: Config, resume: str | None = None) -> TrainResult:
     # First of all: a preemption signal during set-up must not kill the process.
     preemption = PreemptionFlag().install()
-    try:
-        return _train(config, resume, preemption)
+    run = RunDir(config.run.dir)
+    try:  # a file-system fault says which checkpoint is kept, and how to go on from it
+        with writing(run.path, kept=lambda: ckpt.last_checkpoint_line(run),
+                     rerun_args=("--resume", "latest")):
+            return _train(config, resume, preemption)
     finally:
         preemption.uninstall()
 
@@ -415,16 +446,19 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
                    if config.train.max_steps is None else config.train.max_steps)
+    schedule = Schedule.of(config.train, total_steps)
 
     def save_checkpoint() -> Path:
         path = run.checkpoint_dir(state.step)
         staging = staging_dir(path)
-        accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.commit_checkpoint(staging, path, state.step)
-            ckpt.prune_checkpoints(run, config.ckpt.keep)
-            logbook.loss_plot()
+        # a save that fails is removed at once: only a committed checkpoint is ever resumed
+        with writing(staging, discard=lambda: shutil.rmtree(staging, ignore_errors=True)):
+            accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.commit_checkpoint(staging, path, state.step)
+                ckpt.prune_checkpoints(run, config.ckpt.keep)
+                logbook.loss_plot()
         accelerator.wait_for_everyone()
         return path
 
@@ -439,6 +473,7 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                     disable=not accelerator.is_main_process, desc=run.name)
     try:
         while not done:
+            apply_schedule(nets, schedule, state.step, config.train.batch_size)
             waited = time.perf_counter()
             batch = next(data)
             window.waited(time.perf_counter() - waited)
@@ -479,14 +514,20 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
         data.close()
 
     preempted = stop_requested and state.step < total_steps
+    # Ctrl-C on any rank (accelerate launch forwards it to all): every rank says the same
+    interrupted = preempted and _any_rank(accelerator, preemption.interrupted)
     if saved_at != state.step:
         save_checkpoint()
     sample_model = None if preempted else nets.sample_model(config)
     if accelerator.is_main_process:
         if preempted:
             run.mark_preempted(state.step)
-            print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
-                  "rerun with --resume latest", flush=True)
+            if interrupted:
+                print(f"interrupted at step {state.step}; checkpoint saved; rerun with "
+                      "--resume latest", flush=True)
+            else:
+                print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
+                      "rerun with --resume latest", flush=True)
         else:
             run.clear_preempted()
             write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
@@ -496,4 +537,5 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(state.step, preempted, run.path, nets.plain_generator,
-                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})
+                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()},
+                       interrupted=interrupted)

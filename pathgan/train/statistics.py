@@ -13,14 +13,19 @@ from accelerate import Accelerator
 
 
 class WindowStats:
-    """Sums of per-step statistics between two log lines, averaged across ranks when read."""
+    """Sums of per-step statistics between two log lines, averaged across ranks when read.
+
+    A statistic is averaged over the steps that reported it: the R1/R2 penalties are measured
+    only on the steps that take them (every ``train.penalty_every``-th, on every rank alike)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.taken: torch.Tensor | float = 0.0  # steps whose figures count (a device tensor)
+        # per figure, the steps whose value counts (a device tensor once a step was skipped);
+        # some figures come on some steps only (the modern GAN's penalties)
+        self.taken: dict[str, torch.Tensor | float] = {}
         self.steps = 0
         self.data_wait = 0.0  # seconds the host waited for real batches
         self.started = time.perf_counter()
@@ -37,14 +42,15 @@ class WindowStats:
             if isinstance(taken, torch.Tensor):
                 value = torch.where(taken > 0, value, torch.zeros_like(value))
             self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.taken = self.taken + taken
+            self.taken[name] = self.taken.get(name, 0.0) + taken
         self.steps += 1
 
     def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
         """The window's means across ranks (every rank calls it); a new window starts."""
         names = sorted(self.sums)
-        taken = torch.as_tensor(self.taken, dtype=torch.float32)  # 0: NaN means (no figures)
-        means = torch.stack([self.sums[n] for n in names]) / taken.to(self.sums[names[0]].device)
+        # a figure no step of the window took is NaN (0 / 0)
+        means = torch.stack([self.sums[n] / torch.as_tensor(
+            self.taken[n], dtype=torch.float32, device=self.sums[n].device) for n in names])
         means = accelerator.reduce(means, reduction="mean")
         elapsed = time.perf_counter() - self.started
         values = dict(zip(names, means.tolist(), strict=True))
