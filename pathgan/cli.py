@@ -27,6 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides anywhere on it for the commands that take
+    them (``--resume latest`` in the middle would otherwise end the overrides: argparse reads
+    one run of positionals only)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "intermixed_overrides", False):
+        stray = [word for word in extra if word.startswith("-") or "=" not in word]
+        if not stray:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def run_handler(handler, args) -> int:
     """Run a command handler, turning a PathganError into one line on stderr and exit code 2."""
     try:
@@ -40,7 +57,7 @@ def run_handler(handler, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_handler(args.handler, args)
 
 
