@@ -275,6 +275,11 @@ def _coerce(value, kind, key: str):
         return [_coerce(item, args[0], key) for item in value]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if kind is bool and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:

@@ -243,7 +243,7 @@ class RunDir:
         (``RUN/eval``, any ``--out`` put inside the run) and those ``evaluations.jsonl`` points
         to that are still there."""
         recorded = [Path(record["eval"]) for record in _read_jsonl(self.evaluations_path, "eval")]
-        return sorted({*self.path.glob(f"*/{EvalDir.RESULT}"),
+        return sorted({*(path.resolve() for path in self.path.glob(f"*/{EvalDir.RESULT}")),
                        *(path for path in recorded if path.is_file())})
 
     @property

@@ -302,14 +302,17 @@ def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
     public, notes = public_config(config)
     assert public["model"]["encoder"] == "path-foundation" and len(notes) == 3
     assert config.model.encoder == "path-foundation:/data/models/pf"  # not modified
-    facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8}, 1234, 10, None, None,
-                     "path-foundation--0123456789ab--unit01")
+    facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8, "mixed_precision": "bf16"}, 1234,
+                     10, None, None, "path-foundation--0123456789ab--unit01",
+                     images_seen=10 * config.train.batch_size)
     recipe = dict(recipe_rows(facts))
     assert recipe["GAN"] == "Embedding GAN (hybrid: embedding and pixel discriminators)"
     assert ("`Linear` layers [64, 32] on the embeddings of the frozen encoder `path-foundation` "
             "(id `path-foundation--0123456789ab--unit01`)") in recipe["discriminator"]
     assert "/data/models" not in str(recipe)
-    assert recipe["images seen"] == f"{10 * config.train.batch_size} (steps x global batch)"
+    assert recipe["images seen"] == (f"{10 * config.train.batch_size} (steps x the global "
+                                     "batch of each)")
+    assert recipe["mixed precision"] == "bf16 (train.mixed_precision no)"
 
 
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):

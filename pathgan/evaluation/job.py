@@ -38,7 +38,14 @@ from pathgan.evaluation.features import (
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.models import generate, noise_batch
-from pathgan.runs import GENERATOR_FILES, EvalDir, RunDir, load_generator, require_generator
+from pathgan.runs import (
+    GENERATOR_FILES,
+    EvalDir,
+    RunDir,
+    load_generator,
+    read_generator_config,
+    require_generator,
+)
 
 FORMAT = "pathgan-eval/1"
 GRID_COUNT = 64
@@ -110,6 +117,12 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
                     f"{state.num_processes} process(es)")
     if real.note:
         log_main(state, f"pathgan eval: note: {real.note}")
+    for source, name in zip(sources, _names(sources), strict=True):
+        if trained_against(read_generator_config(source.folder), spec, encoder.encoder_id):
+            log_main(state, f"pathgan eval: note: {name} trained against this encoder "
+                            f"({encoder.encoder_id}), so its generator learnt to match these "
+                            "very features and its figures flatter it: pass --encoder with "
+                            "another encoder to compare fairly")
 
     real_rows = real_features(real, extractors, state, batch_size=batch_size,
                               num_workers=num_workers)
@@ -155,10 +168,20 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     }
     if state.is_main_process:
         write_report(result, out)
+        for source in sources:
+            if source.hub is None:  # push finds it from the run, wherever --out put it
+                RunDir(source.folder).record_evaluation(out.result_path)
         log_main(state, f"pathgan eval: wrote {out.result_path} and {out.report_path}")
     state.wait_for_everyone()
     result["out_dir"] = str(out.path)
     return result
+
+
+def trained_against(model_config: dict, spec: str, encoder_id: str) -> bool:
+    """Whether a generator (its generator.json) was trained against this encoder: an Embedding
+    GAN's discriminator judged it in that space."""
+    return bool(model_config.get("encoder")) and (
+        model_config.get("encoder_id") == encoder_id or model_config.get("encoder") == spec)
 
 
 def _check_generators(folders: list[Path]) -> None:

@@ -32,8 +32,8 @@ def has_wandb_credentials() -> bool:
     without it (another version) is taken to have credentials, and a failing start is caught
     later anyway."""
     try:
-        import wandb
-        from wandb.sdk.lib import wbauth
+        import wandb  # here: a second to import, and runs with log.wandb false never need it
+        from wandb.sdk.lib import wbauth  # W&B's own credential lookup (not in every version)
     except ImportError:
         return True
     try:
@@ -96,7 +96,7 @@ def init_trackers(accelerator: Accelerator, config: Config, state: TrainState,
 def _forget_failed_run() -> None:
     """Stop W&B's service, which still holds the run id of a start that failed (a second
     start with the same id would be refused as "in use")."""
-    import wandb
+    import wandb  # here: only after W&B failed to start (see has_wandb_credentials)
 
     with contextlib.suppress(Exception):  # already gone
         wandb.teardown()
