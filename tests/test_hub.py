@@ -90,7 +90,9 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
     train = config["train"]
     parameters = sum(t.numel() for t in load_file(tiny_run / "generator.safetensors").values())
     assert "| steps | 4 |" in card
-    assert f"| images seen | {4 * train['batch_size']} (steps x global batch) |" in card
+    assert (f"| images seen | {4 * train['batch_size']} (steps x the global batch of each) |"
+            in card)
+    assert f"| mixed precision | {train['mixed_precision']} |" in card  # what ran: no (CPU)
     assert f"| batch | {train['batch_size']} (global" in card
     assert f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})" in card
     assert f"ngf {config['model']['ngf']} " in card and f"{parameters:,} parameters" in card
@@ -166,9 +168,13 @@ def test_the_card_shows_every_metric_of_eval_json_with_its_space(tiny_run, tmp_p
 
 
 @pytest.mark.slow
-def test_push_best_publishes_the_best_generator(tiny_run, tmp_path):
+def test_push_best_publishes_the_best_generator(tiny_run, tmp_path, capsys):
     out = tmp_path / "repo"
     assert run_cli("push", tiny_run, "--repo", "lab/x", "--best", "--dry-run", out) == 0
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "no eval.json of `pathgan eval` scored this generator " \
+        f"(looked in {tiny_run}/*/eval.json" in note and f"{tiny_run / 'best'}/*/eval.json" in note
+    assert f"run `pathgan eval {tiny_run / 'best'} --real SHARDS` or pass --eval PATH" in note
     best = json.loads((tiny_run / "best" / "best.json").read_text())
     assert ((out / "generator.safetensors").read_bytes()
             == (tiny_run / "best" / "generator.safetensors").read_bytes())
