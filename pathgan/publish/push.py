@@ -186,7 +186,8 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False,
     if facts.eval_file is None:
         print(f"pathgan push: note: no eval.json of `pathgan eval` scored this generator (looked "
               f"in {', '.join(facts.eval_searched)}): the card will say so; run `pathgan eval "
-              f"{facts.generator_dir} --real SHARDS` or pass --eval PATH", file=sys.stderr, flush=True)
+              f"{facts.generator_dir} --real SHARDS` or pass --eval PATH", file=sys.stderr,
+              flush=True)
     forbidden = local_paths(run_dir, facts.config)
     if dry_run is not None:
         write_repo_folder(facts, Path(dry_run), repo_id, revision)
