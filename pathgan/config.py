@@ -115,14 +115,23 @@ class DataConfig:
     shuffle_buffer: int = setting(1000)
     # unreadable shards or corrupt samples in a row after which a rank's stream stops
     max_consecutive_failures: Positive = setting(100)
+    # conditional runs: classes in training batches as the split has them (sampled), or equally
+    # often (balanced: rare classes drawn again, common ones less)
+    class_balance: Literal["sampled", "balanced"] = recipe("sampled")
 
 
 @dataclass
 class ModelConfig:
-    kind: Literal["dcgan", "embgan"] = held("dcgan")
+    # dcgan and embgan: the seed's two; r3gan: the modern GAN (R3GAN-style ResNets, the
+    # relativistic loss with R1/R2, no transposed convolution)
+    kind: Literal["dcgan", "embgan", "r3gan"] = held("dcgan")
+    # class-conditional networks: G draws the class asked for, each D judges it (the classes
+    # are the labels of the shard set's manifest)
+    conditional: bool = held(False)
     nz: Positive = held(100)
+    # r3gan: the generator's channels at 224 px (doubling as the size halves)
     ngf: Positive = held(64)
-    ndf: Positive = held(64)
+    ndf: Positive = held(64)  # r3gan: the discriminator's channels at 224 px
     channels: int = held(3)
     image_size: Annotated[int, Rule(lambda value: value == 224, "{key}: only 224 is "
                                     "supported (the shards are 224)")] = held(224)
@@ -140,6 +149,16 @@ class ModelConfig:
     hybrid: bool = held(False)  # add the DCGAN pixel discriminator to the embedding one
     pixel_weight: float = recipe(1.0)  # weight of the pixel discriminator's loss in the hybrid
     embedding_weight: float = recipe(1.0)
+    # The modern GAN (r3gan): its stages' widths stop growing at max_width; residual blocks per
+    # stage; a block's 1x1 convolution widens by expansion; its grouped 3x3 convolution has
+    # group_width channels a group; per-pixel noise from noise_from px up (0: none), initial
+    # strength noise_strength (an initial value: the checkpoint holds the learnt one)
+    max_width: Positive = held(256)
+    blocks: Positive = held(1)
+    expansion: Positive = held(2)
+    group_width: Positive = held(8)
+    noise_from: Annotated[int, NOT_NEGATIVE] = held(28)
+    noise_strength: Annotated[float, NOT_NEGATIVE] = held(0.1)
 
 
 @dataclass
@@ -151,6 +170,15 @@ class TrainConfig:
     lr: Annotated[float, POSITIVE] = recipe(2e-4)
     beta1: Annotated[float, FRACTION] = recipe(0.5)
     beta2: Annotated[float, FRACTION] = recipe(0.999)
+    # Schedules (half a cosine over the run, train/schedules.py): lr -> lr_end, beta2 ->
+    # beta2_end; null: constant
+    lr_end: Annotated[float, POSITIVE] | None = recipe(None)
+    beta2_end: Annotated[float, FRACTION] | None = recipe(None)
+    # r3gan: the R1/R2 penalty weight gamma -> gamma_end, taken every penalty_every-th step
+    # (lazy regularisation: weighted x penalty_every)
+    gamma: Annotated[float, NOT_NEGATIVE] = recipe(1.0)
+    gamma_end: Annotated[float, NOT_NEGATIVE] | None = recipe(None)
+    penalty_every: Positive = recipe(1)
     # auto: bf16 where the GPU computes in it, fp16 on older GPUs, no (fp32) on the CPU
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = recipe("auto")
     # convolution weights and images in channels-last layout
@@ -220,6 +248,8 @@ class Config:
                 _check(getattr(values, name), kind, f"{section.name}.{name}")
         if self.model.kind == "embgan" and not self.model.encoder:
             raise PathganError("model.encoder is required when model.kind is embgan")
+        if self.model.kind == "r3gan":
+            self._validate_r3gan()
         if self.model.hybrid and self.model.kind != "embgan":
             raise PathganError("model.hybrid adds a pixel discriminator to the Embedding GAN: "
                                "it needs model.kind embgan")
@@ -228,6 +258,22 @@ class Config:
         except ValueError as error:
             raise PathganError(f"train.augment: {error}") from None
         return self
+
+    def _validate_r3gan(self) -> None:
+        """The modern GAN's widths must split into its blocks' groups; it trains its own
+        discriminator on pixels (no encoder yet), unconditionally."""
+        model = self.model
+        for key in ("ngf", "ndf", "max_width"):
+            if (getattr(model, key) * model.expansion) % model.group_width:
+                raise PathganError(f"model.{key} x model.expansion ({getattr(model, key)} x "
+                                   f"{model.expansion}) must be a multiple of model.group_width "
+                                   f"({model.group_width})")
+        if model.encoder or model.hybrid:
+            raise PathganError("model.kind r3gan trains a pixel discriminator: unset "
+                               "model.encoder and model.hybrid")
+        if model.conditional:
+            raise PathganError("model.conditional is for the dcgan and embgan kinds; the modern "
+                               "GAN (r3gan) is unconditional so far")
 
 
 def _check(value, kind, key: str) -> None:

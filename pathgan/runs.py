@@ -8,11 +8,13 @@ The contract between ``pathgan train`` and the stages that read its runs (``samp
                                       "changes": {"train.lr": {"from": A, "to": B}}, ...})
     RUN/metrics.jsonl                 one JSON object per logged step ({"step": N, ...})
     RUN/samples/step_NNNNNN.png       grids drawn from the run's fixed noise
+    RUN/samples/<class>/step_NNNNNN.png  a conditional run's: the same noise, all of one class
     RUN/loss.png                      Loss_D and Loss_G per logged step
     RUN/checkpoints/checkpoint-NNNNNN/  Accelerate save_state folders; each counts once its
                                       COMPLETE file (the step, every file's size and sha256) is in
     RUN/generator.safetensors         the exported generator: its weights ...
-    RUN/generator.json                ... and what rebuilds it (model config, GAN kind, encoder)
+    RUN/generator.json                ... and what rebuilds it (model config, GAN kind, encoder;
+                                      the modern GAN's widths, blocks and noise)
     RUN/best/                         the generator of the best in-loop evaluation, and best.json
     RUN/PREEMPTED                     a run stopped by a signal before its end (holds the step)
     RUN/eval/                         ``pathgan eval``'s default output (:class:`EvalDir`)
@@ -35,7 +37,9 @@ from safetensors.torch import load_file, save_file
 from pathgan.config import Change, Config, load_config, save_config, with_values
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, read_json, timestamp, write_json
+from pathgan.models.conditional import ConditionalGenerator
 from pathgan.models.dcgan import Generator
+from pathgan.models.r3gan import R3Generator
 
 CONFIG = "config.yaml"
 CHANGES = "changes.jsonl"
@@ -165,6 +169,19 @@ class RunDir:
         grids = sorted(self.samples_dir.glob("step_*.png"))  # zero-padded steps sort
         return grids[-1] if grids else None
 
+    def class_sample_grid(self, step: int, name: str) -> Path:
+        """A conditional run's grid of one class (the class name made safe for a folder)."""
+        return self.samples_dir / safe_class_folder(name) / f"step_{step:06d}.png"
+
+    def newest_class_sample_grids(self, classes: list[str]) -> dict[str, Path]:
+        """The newest grid of each class that has one."""
+        found = {}
+        for name in classes:
+            grids = sorted((self.samples_dir / safe_class_folder(name)).glob("step_*.png"))
+            if grids:
+                found[name] = grids[-1]
+        return found
+
     @property
     def loss_plot(self) -> Path:
         return self.path / LOSS_PLOT
@@ -271,6 +288,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def safe_class_folder(name: str) -> str:
+    """A class name as a folder name (letters, digits, ``-_.``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "class"
+
+
 def staging_dir(checkpoint: Path) -> Path:
     """Where a checkpoint is written before it replaces ``checkpoint`` (not a checkpoint name)."""
     return checkpoint.with_name(checkpoint.name + STAGING)
@@ -314,13 +336,44 @@ class EvalDir:
 
 
 # -- the exported generator (in any generator folder) -------------------------------------------
-def generator_config(model, encoder_id: str | None = None) -> dict:
+#: generator.json's keys that rebuild a modern (r3gan) generator, beside nz, ngf and channels
+R3GAN_GENERATOR_KEYS = ("max_width", "blocks", "expansion", "group_width", "noise_from",
+                        "noise_strength")
+
+
+def generator_config(model, encoder_id: str | None = None, classes=None) -> dict:
     """``generator.json`` of a run's ``model`` config section: what :func:`load_generator`
     rebuilds the generator from, and what made it (the encoder's spec and id, for an
-    Embedding GAN)."""
-    return {"nz": model.nz, "ngf": model.ngf, "channels": model.channels,
-            "image_size": model.image_size, "kind": model.kind, "encoder": model.encoder,
-            "encoder_id": encoder_id}
+    Embedding GAN; for a conditional one, its classes in code order, their training samples
+    and how batches were balanced: ``train.classes.Classes``; for the modern GAN, its widths,
+    blocks and noise)."""
+    config = {"nz": model.nz, "ngf": model.ngf, "channels": model.channels,
+              "image_size": model.image_size, "kind": model.kind, "encoder": model.encoder,
+              "encoder_id": encoder_id}
+    if model.kind == "r3gan":
+        config.update({key: getattr(model, key) for key in R3GAN_GENERATOR_KEYS})
+    if classes is not None:
+        config.update(conditional=True, classes=list(classes.names),
+                      class_counts=list(classes.counts), class_balance=classes.balance)
+    return config
+
+
+def generator_classes(config: dict) -> list[str] | None:
+    """The classes a generator draws (from its ``generator.json``), None when unconditional."""
+    return list(config["classes"]) if config.get("conditional") else None
+
+
+def build_generator(config: dict) -> torch.nn.Module:
+    """A freshly initialised generator of the kind, size and classes a :func:`generator_config`
+    says (generator.json files written before the modern GAN have no kind's keys: a DCGAN's)."""
+    if config.get("kind") == "r3gan":
+        return R3Generator(config["nz"], config["ngf"], channels=config["channels"],
+                           **{key: config[key] for key in R3GAN_GENERATOR_KEYS})
+    classes = generator_classes(config)
+    if classes:
+        return ConditionalGenerator(nz=config["nz"], ngf=config["ngf"],
+                                    channels=config["channels"], num_classes=len(classes))
+    return Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
 
 
 def export_generator(generator: torch.nn.Module, model_config: dict, folder: Path) -> Path:
@@ -349,6 +402,6 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """The exported generator of a folder (eval mode) and its model config."""
     require_generator(folder)
     config = read_generator_config(folder)
-    generator = Generator(nz=config["nz"], ngf=config["ngf"], channels=config["channels"])
+    generator = build_generator(config)
     generator.load_state_dict(load_file(str(Path(folder) / GENERATOR_WEIGHTS)))
     return generator.to(device).eval(), config

@@ -68,3 +68,14 @@ def assert_same_weights(exported: dict, saved: dict) -> None:
     for name, tensor in saved.items():
         if not name.endswith(BATCHNORM_BUFFERS):
             assert torch.equal(exported[name], tensor), name
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(tmp_path_factory, slide_path) -> Path:
+    """The bundled slide's epidermis and dermis patches (its ASAP polygons), labelled only, the
+    slide cut into square regions of which one is the val split (about 190 patches)."""
+    out = tmp_path_factory.mktemp("labelled_shards")
+    assert run_cli("shards", "pack", slide_path, "--out", out, "--annotations", REPO / "shards",
+                   "--label-fraction", "0.7", "--labelled-only", "--overlap", "0.5",
+                   "--region-groups", "1100", "--val-fraction", "0.2", "--workers", "1") == 0
+    return out

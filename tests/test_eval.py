@@ -52,8 +52,11 @@ def test_eval_writes_json_and_report(single, tiny_run):
     assert 0 <= run["precision"] <= 1 and 0 <= run["recall"] <= 1
     assert run["swd"] > 0 and list(run["swd_levels"]) == ["224", "112", "56", "28"]
     assert run["swd"] == pytest.approx(sum(run["swd_levels"].values()) / 4)
+    # 4 steps of a DCGAN: already its transposed convolutions' lattice, far above real patches
+    assert run["spectral_period"] in (2, 4, 8, 16, 32) and result["real"]["spectral_peak"] > 1
+    assert run["spectral_peak"] > 5 * result["real"]["spectral_peak"]
     report = (out / "report.md").read_text()
-    assert "SWD" in report and "Laplacian" in report
+    assert "SWD" in report and "Laplacian" in report and "spectral peak" in report
     assert "tiny-run" in report and run["encoder"] in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {"real.png", "tiny-run-fake.png", "tiny-run-loss.png"} <= set(images)

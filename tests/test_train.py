@@ -243,23 +243,31 @@ def initial_generator_weight(ngf: int = 8, seed: int = 0) -> torch.Tensor:
     return Generator(ngf=ngf).state_dict()["main.0.weight"]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
+def train_two_processes(tmp_path: Path, config: Path, run_dir: Path, *overrides: str,
+                        mixed_precision: str = "no") -> dict[str, torch.Tensor]:
+    """Train ``config`` in two CPU processes (gloo DDP); check that both ranks end with the same
+    parameters and return rank 0's."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    run_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(script), str(SMOKE),
-               f"data.shards={slide_shards}", f"run.dir={run_dir}", "train.max_steps=6",
-               "log.wandb=false", "ckpt.every=6"]
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               mixed_precision, "--dynamo_backend", "no", str(script), str(config),
+               f"run.dir={run_dir}", f"train.mixed_precision={mixed_precision}", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env=QUIET, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(run_dir / f"params-rank{rank}.safetensors") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-    assert not torch.equal(ranks[0]["generator.main.0.weight"], initial_generator_weight())
+    return ranks[0]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, slide_shards):
+    run_dir = tmp_path / "ddp"
+    params = train_two_processes(tmp_path, SMOKE, run_dir, f"data.shards={slide_shards}",
+                                 "train.max_steps=6", "log.wandb=false", "ckpt.every=6")
+    assert not torch.equal(params["generator.main.0.weight"], initial_generator_weight())
     assert [row["step"] for row in RunDir(run_dir).read_metrics()] == [2, 4, 6]
 
 

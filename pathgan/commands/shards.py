@@ -46,13 +46,22 @@ def register(subparsers) -> None:
     pack.add_argument("--overlap", type=float, default=0.0, help="patch overlap, 0 to <1")
     pack.add_argument("--min-tissue", type=float, default=0.5,
                       help="minimum tissue fraction of a patch (default: 0.5)")
-    pack.add_argument("--annotations", help="folder of CAMELYON16 ASAP XML files <slide>.xml")
-    pack.add_argument("--tumor-fraction", type=float, default=0.0,
-                      help="tumour label when this fraction is inside a polygon (0: centre)")
+    pack.add_argument("--annotations",
+                      help="folder of ASAP XML files <slide>.xml: CAMELYON16 tumour polygons, "
+                      "or polygons in groups named after classes (e.g. epidermis, dermis)")
+    pack.add_argument("--label-fraction", "--tumor-fraction", type=float, default=0.0,
+                      help="a patch takes a class when this fraction of it lies inside the "
+                      "class's polygons (0: when its centre does)")
+    pack.add_argument("--labelled-only", action="store_true",
+                      help="leave out patches without a label (outside every class polygon)")
     pack.add_argument("--group-pattern",
                       help="regex on file names (slides and patch images) whose first group "
                       "names the split group (e.g. the patient); default: a slide's name, a "
                       "patch image's folder")
+    pack.add_argument("--region-groups", type=int, metavar="SIZE",
+                      help="cut each slide into squares of SIZE pixels (level 0, or at "
+                      "--target-mpp), each its own split group; patches reaching across the "
+                      "split are left out (one slide then gives a held-out region)")
     pack.add_argument("--seed", type=int, default=0,
                       help="seed of the order of samples in the shards (mixed across sources, "
                       "positions and patch sizes)")
@@ -102,6 +111,7 @@ def register(subparsers) -> None:
     show.add_argument("--out", required=True, help="PNG file for the grid")
     show.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
     show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--label", help="only samples with this label (a grid per class)")
     show.set_defaults(handler=run_show)
 
 
@@ -121,8 +131,10 @@ def run_pack(args) -> int:
         overlap=args.overlap,
         min_tissue=args.min_tissue,
         annotations=args.annotations,
-        tumor_fraction=args.tumor_fraction,
+        label_fraction=args.label_fraction,
+        labelled_only=args.labelled_only,
         group_pattern=args.group_pattern,
+        region_groups=args.region_groups,
         seed=args.seed,
         max_count=args.max_count,
         max_bytes=int(args.max_bytes),
@@ -165,8 +177,9 @@ def run_show(args) -> int:
 
     for line in summary_lines(load_manifest(args.shards_dir)):
         print(line)
-    count = save_samples_grid(args.shards_dir, args.out, args.n, args.seed)
-    print(f"wrote a grid of {count} samples to {args.out}")
+    count = save_samples_grid(args.shards_dir, args.out, args.n, args.seed, args.label)
+    print(f"wrote a grid of {count} {args.label + ' ' if args.label else ''}samples to "
+          f"{args.out}")
     return 0
 
 

@@ -8,7 +8,9 @@ Specs:
   ``variables/``);
 - ``timm:NAME``: a timm model with pretrained weights; ``timm:NAME:random``: random init, no
   download;
-- ``hf-hub:ORG/REPO``: a timm model on the Hub (UNI, Phikon, ...).
+- ``hf-hub:ORG/REPO``: a timm model on the Hub (UNI, Phikon, ...);
+- ``stain-texture``: 32 statistics of H&E stain density and texture, no weights
+  (:mod:`pathgan.encoders.stain_texture`).
 
 Every encoder maps generator images (float NCHW in [-1, 1]) to float32 ``(N, D)`` embeddings;
 see :class:`~pathgan.encoders.base.Encoder`.
@@ -23,20 +25,21 @@ from pathgan.encoders.tensorflow_runtime import protect_from_triton_clash
 protect_from_triton_clash()
 
 from pathgan.core.errors import PathganError  # noqa: E402
-from pathgan.encoders import path_foundation, timm_backbone  # noqa: E402
+from pathgan.encoders import path_foundation, stain_texture, timm_backbone  # noqa: E402
 from pathgan.encoders.base import Encoder  # noqa: E402
 
 __all__ = ["Encoder", "EncoderSpec", "is_encoder_id", "load_encoder", "parse_spec",
            "resolve_encoder_id"]
 
 SPEC_HELP = (
-    "path-foundation, path-foundation:/local/dir, timm:NAME, timm:NAME:random or hf-hub:ORG/REPO"
+    "path-foundation, path-foundation:/local/dir, timm:NAME, timm:NAME:random, hf-hub:ORG/REPO "
+    "or stain-texture"
 )
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    kind: str  # "path-foundation" or "timm"
+    kind: str  # "path-foundation", "timm" or "stain-texture"
     name: str = ""  # timm model name (``hf-hub:ORG/REPO`` included)
     location: str | None = None  # local Path Foundation folder
     revision: str | None = None  # Hub revision of Path Foundation
@@ -47,8 +50,8 @@ class EncoderSpec:
 def parse_spec(spec: str) -> EncoderSpec:
     """Parse an encoder spec string; a bad one is a one-line :class:`PathganError`."""
     text = spec.strip()
-    if text == "path-foundation":
-        return EncoderSpec("path-foundation", text=text)
+    if text in ("path-foundation", "stain-texture"):
+        return EncoderSpec(text, text=text)
     if text.startswith("path-foundation@") and len(text) > len("path-foundation@"):
         return EncoderSpec("path-foundation", revision=text.split("@", 1)[1], text=text)
     if text.startswith("path-foundation:") and len(text) > len("path-foundation:"):
@@ -82,6 +85,8 @@ def load_encoder(spec: str, device=None, *, precision: str | None = None,
             parsed.location, device=device, revision=parsed.revision, token=token,
             chunk_size=chunk_size or path_foundation.DEFAULT_CHUNK_SIZE, spec=parsed.text,
         )
+    if parsed.kind == "stain-texture":
+        return stain_texture.load_stain_texture(device)
     return timm_backbone.load_timm(parsed.name, pretrained=parsed.pretrained, device=device,
                                    precision=precision, spec=parsed.text, **model_kwargs)
 

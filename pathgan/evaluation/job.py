@@ -4,6 +4,9 @@ For each run, ``n`` patches are generated from its exported generator and ``n`` 
 drawn from the shard set's ``val`` split (``train`` when there is no ``val``; the JSON says which);
 both go through the same frozen encoder and are compared (Fréchet distance, KID, k-NN
 precision/recall), and on their pixels by the SWD; optionally by the classic Inception FID too.
+The grids' images (up to 64 a side) also give the upsampling-artefact figure (the spectral peak at
+a generator's resampling periods, :func:`~pathgan.evaluation.metrics.upsampling_artefact`), the
+real patches' as its floor.
 Any number of ranks sees the same two sets and gets the same figures; rank 0 writes
 ``eval.json``, ``report.md`` (:mod:`pathgan.evaluation.report`) and the grids.
 """
@@ -35,6 +38,7 @@ from pathgan.evaluation.features import (
     select_real,
     swd_extractor,
 )
+from pathgan.evaluation.metrics import upsampling_artefact
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.models import generate, noise_batch
@@ -119,17 +123,20 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         log_main(state, f"pathgan eval: note: {real.note}")
     for source, name in zip(sources, _names(sources), strict=True):
         if trained_against(read_generator_config(source.folder), spec, encoder.encoder_id):
-            log_main(state, f"pathgan eval: note: {name} trained against this encoder "
-                            f"({encoder.encoder_id}), so its generator learnt to match these "
-                            "very features and its figures flatter it: pass --encoder with "
-                            "another encoder to compare fairly")
+            log_main(state, f"pathgan eval: note: {name}'s discriminator trained against "
+                            f"{encoder.encoder_id}, the encoder these figures are in, so FD/KID "
+                            "favour it (Kynkaanniemi et al. 2023); --encoder another one for a "
+                            "fair comparison")
 
     real_rows = real_features(real, extractors, state, batch_size=batch_size,
                               num_workers=num_workers)
     out = EvalDir(out_dir if out_dir is not None else default_out_dir(sources))
+    real_spectrum = None
     if state.is_main_process:
         out.path.mkdir(parents=True, exist_ok=True)
-        save_image_grid(real_grid(real), out.path / EvalDir.REAL_GRID)
+        real_images = real_grid(real)
+        save_image_grid(real_images, out.path / EvalDir.REAL_GRID)
+        real_spectrum = spectral_figures(real_images.float())
 
     runs = []
     for source, name in zip(sources, _names(sources), strict=True):
@@ -158,7 +165,7 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
         "real": {"shards": str(real.shards_dir), "split": real.split,
                  "n": len(real_rows[ENCODER]), "available": real.available,
                  "source": real.source.get(ENCODER), "note": real.note,
-                 "grid": EvalDir.REAL_GRID},
+                 "grid": EvalDir.REAL_GRID, **(real_spectrum or {})},
         "n": n,
         "seed": seed,
         "processes": state.num_processes,
@@ -198,13 +205,20 @@ def real_grid(real: RealSet, count: int = GRID_COUNT) -> torch.Tensor:
     return torch.stack([image for image in images if image is not None])
 
 
+def spectral_figures(images: torch.Tensor) -> dict:
+    """eval.json's upsampling-artefact keys for a set of images: the spectral peak and its
+    period in pixels."""
+    artefact = upsampling_artefact(images)
+    return {"spectral_peak": artefact["peak"], "spectral_period": artefact["period"]}
+
+
 def _write_run_figures(generator, nz: int, count: int, seed: int, run: RunDir, name: str,
                        out: EvalDir) -> dict:
     """A grid of the run's first ``count`` samples and a copy of its loss plot, into ``out``;
     the eval.json keys that name them."""
     images = generate(generator, noise_batch(count, nz, seed), batch_size=count)  # one batch
     save_image_grid(signed_to_uint8(images).cpu(), out.path / EvalDir.fake_grid(name))
-    figures = {"fake_grid": EvalDir.fake_grid(name)}
+    figures = {"fake_grid": EvalDir.fake_grid(name), **spectral_figures(images)}
     if run.loss_plot.is_file():
         shutil.copyfile(run.loss_plot, out.path / EvalDir.loss_plot(name))
         figures["loss_plot"] = EvalDir.loss_plot(name)

@@ -287,7 +287,8 @@ def public_encoder_spec(spec: str | None) -> str | None:
 
 
 def card_metadata(config: Config) -> str:
-    kind_tags = ["embedding-gan"] if config.model.kind == "embgan" else ["dcgan"]
+    kind_tags = {"embgan": ["embedding-gan"], "r3gan": ["r3gan"]}.get(config.model.kind,
+                                                                     ["dcgan"])
     metadata = {"library_name": "pathgan", "pipeline_tag": "unconditional-image-generation",
                 "tags": [*TAGS, *kind_tags]}
     return f"---\n{yaml.safe_dump(metadata, sort_keys=False)}{LICENSE_COMMENT}\n---\n"
@@ -296,6 +297,8 @@ def card_metadata(config: Config) -> str:
 def _gan_title(model) -> str:
     if model.kind == "dcgan":
         return "DCGAN"
+    if model.kind == "r3gan":
+        return "modern GAN (R3GAN-style ResNets, relativistic loss with R1/R2)"
     return "Embedding GAN" + (" (hybrid: embedding and pixel discriminators)"
                               if model.hybrid else "")
 
@@ -305,6 +308,10 @@ def _discriminator_text(model, encoder_id: str | None) -> str:
              f"ndf {model.ndf}")
     if model.kind == "dcgan":
         return pixel
+    if model.kind == "r3gan":
+        return (f"residual bottleneck blocks on pixels (grouped 3x3 convolutions, no "
+                f"normalisation, low-pass downsampling) down to 7x7, one logit; ndf "
+                f"{model.ndf}, up to {model.max_width} channels, {model.blocks} block(s) a stage")
     identity = f"id `{encoder_id}`" if encoder_id else "id not resolved here"
     text = (f"`Linear` layers {model.disc_hidden} on the embeddings of the frozen encoder "
             f"`{public_encoder_spec(model.encoder)}` ({identity}); dropout "
@@ -315,6 +322,35 @@ def _discriminator_text(model, encoder_id: str | None) -> str:
     return text
 
 
+def _objective_text(model, train) -> str:
+    if model.kind != "r3gan":
+        return "non-saturating GAN loss: binary cross-entropy on discriminator logits"
+    gamma = train.gamma if train.gamma_end is None else f"{train.gamma} -> {train.gamma_end}"
+    return (f"relativistic pairing loss with R1 and R2 gradient penalties, gamma {gamma}, "
+            f"taken every {train.penalty_every} step(s)")
+
+
+def _generator_text(facts: RunFacts, ngf: int) -> str:
+    parameters = f"{facts.generator_parameters:,} parameters"
+    if facts.config.model.kind == "r3gan":
+        model = facts.config.model
+        return (f"residual bottleneck blocks, bilinear upsampling (no transposed convolution), "
+                f"per-pixel noise from {model.noise_from} px, `Tanh` output, 224x224 RGB; nz "
+                f"{facts.generator['nz']}, {ngf} channels at 224 px up to {model.max_width}; "
+                f"{parameters}")
+    return (f"`ConvTranspose2d` + `BatchNorm2d` + `ReLU`, `Tanh` output, 224x224 RGB; "
+            f"nz {facts.generator['nz']}, ngf {ngf} ({16 * ngf} channels at 7x7 down "
+            f"to {ngf} at 112x112); {parameters}")
+
+
+def _optimizer_text(train) -> str:
+    def span(start, end) -> str:
+        return str(start) if end is None else f"{start} -> {end} (half a cosine)"
+
+    return (f"Adam, lr {span(train.lr, train.lr_end)}, betas ({train.beta1}, "
+            f"{span(train.beta2, train.beta2_end)})")
+
+
 def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
     model, train = facts.config.model, facts.config.train
     ngf = facts.generator["ngf"]
@@ -322,13 +358,11 @@ def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
            "exported generator is the EMA copy)" if train.ema else "off")
     rows = [
         ("GAN", _gan_title(model)),
-        ("objective", "non-saturating GAN loss: binary cross-entropy on discriminator logits"),
-        ("generator", f"`ConvTranspose2d` + `BatchNorm2d` + `ReLU`, `Tanh` output, 224x224 RGB; "
-                      f"nz {facts.generator['nz']}, ngf {ngf} ({16 * ngf} channels at 7x7 down "
-                      f"to {ngf} at 112x112); {facts.generator_parameters:,} parameters"),
+        ("objective", _objective_text(model, train)),
+        ("generator", _generator_text(facts, ngf)),
         ("discriminator", _discriminator_text(model, facts.encoder_id)),
         ("batch", f"{train.batch_size} (global, across all processes)"),
-        ("optimizer", f"Adam, lr {train.lr}, betas ({train.beta1}, {train.beta2})"),
+        ("optimizer", _optimizer_text(train)),
         ("mixed precision", facts.mixed_precision),
         ("EMA", ema),
         ("augmentation", f"DiffAugment: {train.augment}" if train.augment else "none"),

@@ -1,9 +1,19 @@
-"""CAMELYON16 tumour annotations: ASAP XML polygons -> a label per patch.
+"""ASAP XML annotations (the CAMELYON16 format): polygons -> a label per patch.
 
-CAMELYON16 groups its polygons as ``Tumor``, ``_0`` and ``_1`` (tumour regions) and ``_2``
-(normal tissue cut out of a tumour region). A patch is ``tumor`` when the fraction of it inside
-tumour polygons, and outside exclusions, reaches a threshold; a threshold of 0 means "its
-centre lies inside". Slides without an annotation file are all ``normal``.
+An annotation's ``PartOfGroup`` says what its polygon holds. Two conventions:
+
+- **CAMELYON16 tumours**: groups ``Tumor``, ``_0``, ``_1`` (or ``metastases``) are tumour
+  regions and ``_2`` is normal tissue cut out of a tumour region. A patch is ``tumor`` when it
+  lies in tumour polygons (outside exclusions), else ``normal``; a slide without a file is all
+  ``normal``.
+- **Named classes** (any other group name, e.g. ``epidermis`` and ``dermis``; lower-cased): each
+  group is a class. A patch takes the class of the polygons it lies in; a patch in no class
+  polygon has no label, and neither has a slide without a file. ``_2`` / ``exclusion`` polygons
+  are cut out of every class.
+
+"Lies in": the share of the patch inside the class's polygons, measured on an 8x8 grid of
+points, reaches a threshold (the class with the largest share wins when several do); a
+threshold of 0 means "its centre does".
 """
 
 import xml.etree.ElementTree as ElementTree
@@ -15,51 +25,100 @@ from matplotlib.path import Path as PolygonPath
 
 TUMOR_GROUPS = {"tumor", "_0", "_1", "metastases"}
 EXCLUSION_GROUPS = {"_2", "exclusion", "normal"}
-SAMPLES_PER_SIDE = 8  # a patch's tumour fraction is measured on an 8x8 grid of points
+TUMOR, NORMAL = "tumor", "normal"
+SAMPLES_PER_SIDE = 8  # a patch's class fractions are measured on an 8x8 grid of points
+
+
+def group_class(group: str) -> str | None:
+    """The class an annotation group stands for; None for an exclusion group."""
+    group = group.strip().lower()
+    if group in EXCLUSION_GROUPS:
+        return None
+    return TUMOR if group in TUMOR_GROUPS else group
 
 
 @dataclass
 class SlideAnnotations:
-    tumor: list[PolygonPath] = field(default_factory=list)
-    exclusion: list[PolygonPath] = field(default_factory=list)
+    """One slide's class polygons, its exclusions, and the label of a patch in no class
+    polygon (``normal`` under CAMELYON16's convention, else None)."""
 
-    def _inside(self, points: np.ndarray) -> np.ndarray:
+    classes: dict[str, list[PolygonPath]] = field(default_factory=dict)
+    exclusion: list[PolygonPath] = field(default_factory=list)
+    outside: str | None = None
+
+    def _inside(self, polygons: list[PolygonPath], points: np.ndarray) -> np.ndarray:
         inside = np.zeros(len(points), dtype=bool)
-        for polygon in self.tumor:
+        for polygon in polygons:
             inside |= polygon.contains_points(points)
         for polygon in self.exclusion:
             inside &= ~polygon.contains_points(points)
         return inside
 
-    def tumor_fraction(self, x: int, y: int, size: int) -> float:
+    def class_fractions(self, x: int, y: int, size: int) -> dict[str, float]:
+        """The share of the patch at (x, y) of side ``size`` inside each class's polygons."""
         offsets = (np.arange(SAMPLES_PER_SIDE) + 0.5) * size / SAMPLES_PER_SIDE
         grid_x, grid_y = np.meshgrid(x + offsets, y + offsets)
-        return float(self._inside(np.column_stack([grid_x.ravel(), grid_y.ravel()])).mean())
+        points = np.column_stack([grid_x.ravel(), grid_y.ravel()])
+        return {name: float(self._inside(polygons, points).mean())
+                for name, polygons in self.classes.items()}
 
-    def label(self, x: int, y: int, size: int, min_fraction: float) -> str:
+    def label(self, x: int, y: int, size: int, min_fraction: float) -> str | None:
         if min_fraction <= 0:
             centre = np.array([[x + size / 2.0, y + size / 2.0]])
-            return "tumor" if self._inside(centre)[0] else "normal"
-        return "tumor" if self.tumor_fraction(x, y, size) >= min_fraction else "normal"
+            for name, polygons in self.classes.items():
+                if self._inside(polygons, centre)[0]:
+                    return name
+            return self.outside
+        fractions = self.class_fractions(x, y, size)
+        best = max(fractions, key=fractions.get, default=None)
+        return best if best is not None and fractions[best] >= min_fraction else self.outside
 
 
-def read_asap_xml(path: str | Path) -> SlideAnnotations:
-    """Parse an ASAP annotation file (the CAMELYON16 format) into tumour/exclusion polygons."""
-    annotations = SlideAnnotations()
+def read_groups(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """(group, polygon vertices) of every polygon of an ASAP XML file, in file order."""
+    polygons = []
     for element in ElementTree.parse(path).getroot().iter("Annotation"):
         group = (element.get("PartOfGroup") or element.get("Name") or "").strip().lower()
         points = [
             (float(c.get("X")), float(c.get("Y")))
             for c in sorted(element.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
         ]
-        if len(points) < 3:
-            continue
-        polygon = PolygonPath(np.array(points), closed=False)
-        if group in EXCLUSION_GROUPS:
+        if len(points) >= 3:
+            polygons.append((group, np.array(points)))
+    return polygons
+
+
+def is_camelyon16(classes: set[str]) -> bool:
+    """CAMELYON16's convention: tumour polygons only (outside them, tissue is normal)."""
+    return classes <= {TUMOR}
+
+
+def read_asap_xml(path: str | Path) -> SlideAnnotations:
+    """Parse an ASAP annotation file into class and exclusion polygons."""
+    annotations = SlideAnnotations()
+    for group, points in read_groups(path):
+        polygon = PolygonPath(points, closed=False)
+        name = group_class(group)
+        if name is None:
             annotations.exclusion.append(polygon)
-        elif group in TUMOR_GROUPS:
-            annotations.tumor.append(polygon)
+        else:
+            annotations.classes.setdefault(name, []).append(polygon)
+    annotations.outside = NORMAL if is_camelyon16(set(annotations.classes)) else None
     return annotations
+
+
+def folder_classes(annotations_dir: Path) -> set[str]:
+    """Every class named by the ASAP files of a folder."""
+    return {name for path in sorted(annotations_dir.glob("*.xml"))
+            for group, _ in read_groups(path) if (name := group_class(group)) is not None}
+
+
+def unannotated_label(annotations_dir: Path | None) -> str | None:
+    """The label of a slide without an annotation file: ``normal`` when the folder follows
+    CAMELYON16's convention, None (no label) when its files name other classes."""
+    if annotations_dir is None:
+        return None
+    return NORMAL if is_camelyon16(folder_classes(annotations_dir)) else None
 
 
 def find_annotation(annotations_dir: Path | None, slide_path: Path) -> Path | None:

@@ -157,7 +157,8 @@ def build_manifest(sources: list[Source], plans: list, records: list[dict],
         split_of.update(dict.fromkeys(record["per_plan"], record["split"]))
         labels.update(record["labels"])
     return make_manifest(
-        [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256")} for r in records],
+        [{k: r[k] for k in ("name", "split", "samples", "bytes", "sha256", "labels")}
+         for r in records],
         {"inputs": list(inputs), **asdict(options)},
         fingerprint=fingerprint,
         groups=groups,

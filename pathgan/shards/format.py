@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ SHARDS_FORMAT = "pathgan-shards/1"  # the manifest's "format"
 IMAGE_EXTENSIONS = ("png", "jpg", "npy")
 IMAGE_SIDE = 224  # every image of a shard set is IMAGE_SIDE x IMAGE_SIDE RGB
 SPLITS = ("train", "val")
+UNLABELLED = "None"  # the key of samples without a label in a manifest's label counts
 
 
 SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")  # what shard_name makes
@@ -65,9 +67,11 @@ def make_manifest(shards: list[dict], config: dict, *, created: str | None = Non
     """The ``manifest.json`` of a shard set; every writer of one (pack, merge, sample) calls this.
 
     ``shards``: the entries of :func:`shard_entry` (more keys allowed), in manifest order; the
-    totals and per-split counts are computed from them. ``groups``: split groups with samples,
-    per split. ``config``: what made the set. ``extra`` keys come last (``synthetic``,
-    ``merged_from``, ``embeddings``). Optional parts are left out when not given.
+    totals and per-split counts are computed from them, and each split's ``labels`` (samples per
+    label, :data:`UNLABELLED` for those without) when every entry of the split has its own.
+    ``groups``: split groups with samples, per split. ``config``: what made the set. ``extra``
+    keys come last (``synthetic``, ``merged_from``, ``embeddings``). Optional parts are left out
+    when not given.
     """
     splits = {}
     for split in SPLITS:
@@ -75,6 +79,11 @@ def make_manifest(shards: list[dict], config: dict, *, created: str | None = Non
         splits[split] = {"samples": sum(shard["samples"] for shard in members),
                          "shards": len(members),
                          **({"groups": groups[split]} if groups is not None else {})}
+        if all("labels" in shard for shard in members):
+            counts = Counter()
+            for shard in members:
+                counts.update(shard["labels"])
+            splits[split]["labels"] = dict(sorted(counts.items()))
     optional = {"sources": sources, "labels": labels}
     return {
         "format": SHARDS_FORMAT,
@@ -88,6 +97,20 @@ def make_manifest(shards: list[dict], config: dict, *, created: str | None = Non
         "config": config,
         **extra,
     }
+
+
+def split_labels(manifest: dict, split: str) -> dict[str, int] | None:
+    """Samples per label of one split (:data:`UNLABELLED` for those without), or None when the
+    manifest does not say (written before it recorded labels per split)."""
+    return manifest["splits"].get(split, {}).get("labels")
+
+
+def class_names(manifest: dict) -> list[str]:
+    """The labels a shard set's samples carry, sorted: the classes of a conditional GAN."""
+    names = set()
+    for split in SPLITS:
+        names |= set(split_labels(manifest, split) or {})
+    return sorted(names - {UNLABELLED})
 
 
 def safe_key_part(text: str) -> str:

@@ -9,8 +9,8 @@ import torch
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import sha256_file
 from pathgan.core.images import save_image_grid
-from pathgan.shards.format import decode_sample, load_manifest
-from pathgan.shards.reading import ShardSamples, index_shard, iter_tar_samples
+from pathgan.shards.format import class_names, decode_sample, load_manifest
+from pathgan.shards.reading import ShardSamples, iter_tar_samples, labelled_items, split_entries
 
 
 def verify_shards(shards_dir: str | Path) -> list[str]:
@@ -44,12 +44,20 @@ def verify_shards(shards_dir: str | Path) -> list[str]:
     return problems
 
 
-def random_samples(shards_dir: str | Path, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` random images of a shard set as uint8 (N, 3, 224, 224); only they are decoded."""
-    shards_dir = Path(shards_dir)
-    dataset = ShardSamples([(shards_dir / shard["name"], index_shard(shards_dir / shard["name"]))
-                            for shard in load_manifest(shards_dir)["shards"]])
-    chosen = random.Random(seed).sample(range(len(dataset)), min(count, len(dataset)))
+def random_samples(shards_dir: str | Path, count: int, seed: int = 0,
+                   label: str | None = None) -> torch.Tensor:
+    """``count`` random images of a shard set (those labelled ``label`` only, when given) as
+    uint8 (N, 3, 224, 224); only they are decoded."""
+    shards = split_entries(shards_dir)
+    dataset = ShardSamples(shards)
+    candidates = range(len(dataset))
+    if label is not None:
+        candidates = [index for index, (*_, found) in enumerate(labelled_items(shards))
+                      if found == label]
+        if not candidates:
+            raise PathganError(f"{shards_dir} has no sample labelled {label!r} (labels: "
+                               f"{', '.join(class_names(load_manifest(shards_dir))) or 'none'})")
+    chosen = random.Random(seed).sample(list(candidates), min(count, len(candidates)))
     images = [image for _, image, _ in map(dataset.__getitem__, sorted(chosen))
               if image is not None]
     dataset.close()
@@ -59,9 +67,10 @@ def random_samples(shards_dir: str | Path, count: int, seed: int = 0) -> torch.T
 
 
 def save_samples_grid(shards_dir: str | Path, out_path: str | Path, count: int,
-                      seed: int = 0) -> int:
-    """The reference's "training images" figure: a grid of random samples; returns the count."""
-    images = random_samples(shards_dir, count, seed)
+                      seed: int = 0, label: str | None = None) -> int:
+    """The reference's "training images" figure: a grid of random samples (of one label, when
+    given); returns the count."""
+    images = random_samples(shards_dir, count, seed, label)
     save_image_grid(images, out_path, nrow=math.ceil(math.sqrt(len(images))))
     return len(images)
 
@@ -78,4 +87,8 @@ def summary_lines(manifest: dict) -> list[str]:
     ]
     if manifest.get("labels"):
         lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in manifest["labels"].items()))
+    for name, info in manifest.get("splits", {}).items():
+        if info.get("labels") and info["samples"]:
+            lines.append(f"labels in {name}: "
+                         + ", ".join(f"{k} {v}" for k, v in info["labels"].items()))
     return lines

@@ -31,8 +31,10 @@ class PackOptions:
     min_tissue: float = 0.5
     min_saturation: int = 20
     annotations: str | None = None
-    tumor_fraction: float = 0.0  # 0: a patch is tumour when its centre is inside a polygon
+    label_fraction: float = 0.0  # 0: a patch takes the class whose polygon holds its centre
+    labelled_only: bool = False  # leave out patches without a label
     group_pattern: str | None = None  # regex on file names; group 1 = the split group
+    region_groups: int | None = None  # square regions of a slide as split groups (their side)
     seed: int = 0  # the order of samples in the shards
     max_count: int = 1000
     max_bytes: int = 1 << 30
@@ -59,7 +61,8 @@ class PackOptions:
             "--val-fraction": 0.0 <= self.val_fraction < 1.0,
             "--overlap": 0.0 <= self.overlap < 1.0,
             "--min-tissue": 0.0 <= self.min_tissue <= 1.0,
-            "--tumor-fraction": 0.0 <= self.tumor_fraction <= 1.0,
+            "--label-fraction": 0.0 <= self.label_fraction <= 1.0,
+            "--region-groups": self.region_groups is None or self.region_groups >= 1,
             "--workers": self.workers >= 1,
             "--max-count": self.max_count >= 1,
             "--jpeg-quality": 1 <= self.jpeg_quality <= 100,

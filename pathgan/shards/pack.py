@@ -65,6 +65,7 @@ from pathgan.shards.embedding_files import embedding_path, embeddings_dir
 from pathgan.shards.format import IMAGE_SIDE, MANIFEST, SHARD_NAME
 from pathgan.shards.options import PackOptions
 from pathgan.shards.plan import plan_images, plan_slide, plan_table
+from pathgan.shards.regions import split_by_region
 from pathgan.shards.sources import (
     Source,
     check_table_options,
@@ -234,6 +235,7 @@ def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
     pool = _process_pool(options.workers) if options.workers > 1 else None
     try:
         plans = _plan_all(sources, options, pool)
+        sources, plans = split_by_region(sources, plans, options)
         splits = split_of_sources(sources, options)
         jobs = plan_shards(plans, splits, options, out_dir, fingerprint, embeddings)
         if not jobs:

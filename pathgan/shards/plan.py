@@ -58,7 +58,7 @@ def key_prefix(path: str) -> str:
 WINDOW_ROW = np.dtype([("x", "i8"), ("y", "i8"), ("size", "i8"), ("level", "i8"),
                        ("read_size", "i8"), ("tissue_fraction", "f8"), ("column", "i8"),
                        ("row", "i8"), ("label", "i1")])
-LABELS = (None, "normal", "tumor")
+LABELS = (None, "normal", "tumor")  # CAMELYON16's; a slide with named classes has its own
 
 
 @dataclass
@@ -73,6 +73,7 @@ class SlidePlan:
     mpp_source: str = "unknown"
     output_size: int = 0
     windows: np.ndarray = field(default_factory=lambda: np.empty(0, WINDOW_ROW))
+    label_names: tuple = LABELS  # what the windows' label codes stand for
     kind = "slide"
 
     def __len__(self) -> int:
@@ -114,21 +115,36 @@ class SlidePlan:
             "mpp": self.mpp,
             "mpp_source": self.mpp_source,
             "output_mpp": self.mpp * size / self.output_size if self.mpp else None,
-            "label": LABELS[label],
+            "label": self.label_names[label],
             "tissue_fraction": tissue_fraction,
         }
 
 
-def _label_code(window: slides.PatchWindow, tumors, options: PackOptions) -> int:
-    if tumors:
-        return LABELS.index(tumors.label(window.x, window.y, window.size,
-                                         options.tumor_fraction))
-    # With annotations, a slide that has no annotation file has no tumour.
-    return LABELS.index("normal") if options.annotations else LABELS.index(None)
+def slide_labels(source: Source, options: PackOptions):
+    """A function (window -> label) for a slide, and the label names it can return: the classes
+    of its annotation file, or ``source.label`` (what a slide without a file is, see
+    ``sources.discover_sources``) for every window."""
+    annotation_file = annotation_io.find_annotation(
+        Path(options.annotations) if options.annotations else None, Path(source.path))
+    if annotation_file is None:
+        return (lambda window: source.label), (None, source.label)
+    annotations = annotation_io.read_asap_xml(annotation_file)
+
+    def label(window: slides.PatchWindow) -> str | None:
+        return annotations.label(window.x, window.y, window.size, options.label_fraction)
+
+    return label, (None, *sorted({*annotations.classes, annotations.outside} - {None}))
+
+
+def label_names_of(names: tuple) -> tuple:
+    """CAMELYON16's codes when they suffice (its plans stay as they were), else ``names``."""
+    names = tuple(dict.fromkeys(names))  # unique, in order
+    return LABELS if set(names) <= set(LABELS) else names
 
 
 def plan_slide(source: Source, options: PackOptions, output_size: int) -> SlidePlan:
-    """All tissue windows of one slide, or the reason it was skipped."""
+    """All tissue windows of one slide (those with a label only, under ``--labelled-only``),
+    or the reason it was skipped."""
     path = Path(source.path)
     try:
         slide = slides.open_slide(path)
@@ -139,19 +155,20 @@ def plan_slide(source: Source, options: PackOptions, output_size: int) -> SlideP
             options.min_saturation
         )
         cells = [slides.region_cell(slide, window) for window in windows]
-        annotation_file = annotation_io.find_annotation(
-            Path(options.annotations) if options.annotations else None, path
-        )
-        tumors = annotation_io.read_asap_xml(annotation_file) if annotation_file else None
+        label_of, names = slide_labels(source, options)
         slide.close()
     except Exception as error:  # an unreadable slide is skipped and reported, never fatal
         return SlidePlan(source.path, skipped=skip_reason(error))
-    rows = [(w.x, w.y, w.size, w.level, w.read_size, w.tissue_fraction, column, row,
-             _label_code(w, tumors, options))
-            for w, (_, column, row) in zip(windows, cells, strict=True)]
+    names = label_names_of(names)
+    rows = []
+    for window, (_, column, row) in zip(windows, cells, strict=True):
+        label = label_of(window)
+        if label is not None or not options.labelled_only:
+            rows.append((window.x, window.y, window.size, window.level, window.read_size,
+                         window.tissue_fraction, column, row, names.index(label)))
     return SlidePlan(source.path, prefix=key_prefix(source.path), mpp=mpp,
                      mpp_source=mpp_source, output_size=output_size,
-                     windows=np.array(rows, dtype=WINDOW_ROW))
+                     windows=np.array(rows, dtype=WINDOW_ROW), label_names=names)
 
 
 # --- patch images ---------------------------------------------------------------------------------
@@ -285,6 +302,8 @@ def plan_table(sources: list[Source], options: PackOptions) -> list[TablePlan]:
     for source in sources:
         code = code_of[source.group]
         rows = order[bounds[code]:bounds[code + 1]]
+        if options.labelled_only:
+            rows = rows[labels[rows] >= 0]
         plans.append(TablePlan(source.path, source.group, key_prefix(source.path), rows,
                                labels[rows], label_names, units))
     return plans

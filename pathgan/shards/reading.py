@@ -4,6 +4,7 @@
 workers, without streaming whole shards through WebDataset.
 """
 
+import json
 import re
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from pathgan.core.errors import PathganError
 from pathgan.core.images import hwc_to_chw
-from pathgan.shards.format import IMAGE_SIDE, decode_sample
+from pathgan.shards.format import IMAGE_SIDE, decode_sample, shard_paths
 
 # WebDataset's rule: the key is the member name up to the first dot of its last component.
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -50,6 +51,35 @@ def iter_tar_samples(path: str | Path):
 
 def shard_keys(path: str | Path) -> list[str]:
     return [key for key, _ in index_shard(path)]
+
+
+def sample_labels(path: str | Path, entries: list) -> list[str | None]:
+    """The ``label`` in each sample's metadata (``entries`` from :func:`index_shard`), read from
+    the ``.json`` members alone; None for a sample without one."""
+    labels = []
+    with open(path, "rb") as handle:
+        for _, members in entries:
+            label = None
+            if "json" in members:
+                offset, size = members["json"]
+                handle.seek(offset)
+                try:
+                    label = json.loads(handle.read(size)).get("label")
+                except (ValueError, AttributeError):
+                    label = None  # unreadable metadata: the sample is as good as unlabelled
+            labels.append(None if label is None else str(label))
+    return labels
+
+
+def split_entries(shards_dir: str | Path, split: str | None = None) -> list[tuple[Path, list]]:
+    """``(path, index_shard(path))`` of every shard of a split (all splits: None)."""
+    return [(path, index_shard(path)) for path in shard_paths(shards_dir, split)]
+
+
+def labelled_items(shards: list[tuple[Path, list]]) -> list[tuple[int, int, str | None]]:
+    """``(shard, entry, label)`` of every sample of ``shards`` (from :func:`split_entries`)."""
+    return [(shard, entry, label) for shard, (path, entries) in enumerate(shards)
+            for entry, label in enumerate(sample_labels(path, entries))]
 
 
 class ShardSamples(torch.utils.data.Dataset):

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from pathgan.core.errors import PathganError
-from pathgan.shards import slides
+from pathgan.shards import annotations, slides
 from pathgan.shards.format import SPLITS
 from pathgan.shards.options import PackOptions
 from pathgan.shards.patches import PATCH_IMAGE_EXTENSIONS
@@ -68,6 +68,14 @@ def _source(path: Path, kind: str, label: str | None, options: PackOptions) -> S
     return Source(str(path), kind, label, source_group(path, kind, options))
 
 
+def unannotated_slide_label(options: PackOptions) -> str | None:
+    """What a slide without an annotation file is (its source's label): ``normal`` beside
+    CAMELYON16's tumour annotations, nothing beside named classes or without ``--annotations``."""
+    if not options.annotations:
+        return None
+    return annotations.unannotated_label(Path(options.annotations))
+
+
 def table_sources(table: str, options: PackOptions) -> list[Source]:
     """The sources of a parquet table (a file, a folder, ``hf-dataset:``), checked when opened:
     one per split group of each file (``--group-column``), else one per file."""
@@ -87,6 +95,7 @@ def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
     """Expand slide files, patch images, parquet tables and folders of them into sources; a
     missing input is a one-line error."""
     sources: list[Source] = []
+    slide_label = unannotated_slide_label(options)
     for raw in inputs:
         if _is_table(raw):
             sources += table_sources(raw, options)
@@ -96,7 +105,7 @@ def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
             raise PathganError(f"input {raw}: no such file or folder")
         if root.is_file():
             if _is_slide_file(root):
-                sources.append(_source(root, "slide", None, options))
+                sources.append(_source(root, "slide", slide_label, options))
             elif root.suffix.lower() in PATCH_IMAGE_EXTENSIONS:
                 sources.append(_source(root, "image", None, options))
             else:
@@ -107,11 +116,13 @@ def discover_sources(inputs: list[str], options: PackOptions) -> list[Source]:
             sources += table_sources(raw, options)
         for path in files:
             if _is_slide_file(path):
-                sources.append(_source(path, "slide", None, options))
+                sources.append(_source(path, "slide", slide_label, options))
             elif path.suffix.lower() in PATCH_IMAGE_EXTENSIONS:
                 # Patch images in a class sub-folder take the folder name as their label.
                 label = path.parent.name if path.parent != root else None
                 sources.append(_source(path, "image", label, options))
+    if options.labelled_only:  # patch images outside a class folder have no label
+        sources = [s for s in sources if s.kind != "image" or s.label is not None]
     return sources
 
 

@@ -19,6 +19,13 @@ corrupt), the stream stops with one clear error instead of skipping for ever.
 
 The loader is a ``wds.WebLoader`` and must *not* go through ``accelerator.prepare`` (that would
 dispatch every batch from rank 0).
+
+**Labels.** Given the class names of a conditional run (``classes=``), each sample is decoded
+with its label, as the class's index in ``classes`` (a sample whose label is not one of them
+is skipped like a corrupt one), and every stage carries the pair: worker batches, the mixing
+buffer and the main process's batches are ``(images, labels)``, uint8 (B, 3, 224, 224) and
+int64 (B,). That pair is all a consumer (``train/real_data.py``, or a device-side cache of
+decoded patches) needs to keep labels with their images.
 """
 
 import gc
@@ -126,21 +133,40 @@ class WorkerShuffle:
 
 
 class DecodeSample:
-    """Raw sample -> image tensor (uint8 CHW, or float in [-1, 1]); None when corrupt."""
+    """Raw sample -> image tensor (uint8 CHW, or float in [-1, 1]), or ``(image, class index)``
+    when ``classes`` are given; None when corrupt (or its label is not one of the classes)."""
 
-    def __init__(self, failures: FailureCounter, as_uint8: bool) -> None:
+    def __init__(self, failures: FailureCounter, as_uint8: bool,
+                 classes: list[str] | None = None) -> None:
         self.failures = failures
         self.as_uint8 = as_uint8
+        self.codes = {name: code for code, name in enumerate(classes)} if classes else None
 
     def __call__(self, sample: dict):
         try:
-            _, image, _ = decode_sample(sample)
+            _, image, metadata = decode_sample(sample)
+            code = self._code(metadata) if self.codes is not None else None
         except Exception as error:
             self.failures.failed(f"corrupt sample {sample.get('__key__')}", error)
             return None
         self.failures.succeeded()
         pixels = hwc_to_chw(image)
-        return pixels if self.as_uint8 else uint8_to_signed(pixels)
+        pixels = pixels if self.as_uint8 else uint8_to_signed(pixels)
+        return pixels if code is None else (pixels, code)
+
+    def _code(self, metadata: dict) -> int:
+        label = metadata.get("label")
+        if label is None or str(label) not in self.codes:
+            raise ValueError(f"label {label!r} is not one of {', '.join(self.codes)}")
+        return self.codes[str(label)]
+
+
+def collate(samples: list):
+    """A worker's batch: stacked images, or (stacked images, int64 labels) of labelled ones."""
+    if isinstance(samples[0], tuple):
+        images, labels = zip(*samples, strict=True)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return torch.stack(samples)
 
 
 def skip_unreadable_shard(failures: FailureCounter):
@@ -153,9 +179,11 @@ def skip_unreadable_shard(failures: FailureCounter):
     return handler
 
 
-def unbatch(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+def unbatch(batches: Iterable) -> Iterator:
+    """Batches -> samples; a labelled batch (images, labels) -> (image, label) pairs. (The
+    DataLoader hands a worker's tuple over as a list.)"""
     for batch in batches:
-        yield from batch
+        yield from (zip(*batch, strict=True) if isinstance(batch, (tuple, list)) else batch)
 
 
 @dataclass
@@ -173,13 +201,19 @@ class Batches:
     size: int
     pin: bool
 
-    def __call__(self, samples: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def __call__(self, samples: Iterable) -> Iterator:
         batch = []
         for sample in samples:
             batch.append(sample)
             if len(batch) == self.size:
-                yield stack_samples(batch, self.pin)
+                yield self._stack(batch)
                 batch = []
+
+    def _stack(self, batch: list):
+        if isinstance(batch[0], tuple):  # (image, label) pairs: labels stay with their images
+            images, labels = zip(*batch, strict=True)
+            return stack_samples(list(images), self.pin), torch.stack(list(labels))
+        return stack_samples(batch, self.pin)
 
 
 def stack_samples(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
@@ -298,8 +332,10 @@ def make_image_stream(
     shuffle_buffer: int = 1000,
     as_uint8: bool = False,
     max_consecutive_failures: int = MAX_CONSECUTIVE_FAILURES,
+    classes: list[str] | None = None,
 ) -> ImageStream:
-    """Batches of ``batch_size`` images (per rank) from a shard set's ``split``.
+    """Batches of ``batch_size`` images (per rank) from a shard set's ``split``; with
+    ``classes``, ``(images, labels)`` batches (see the module docstring).
 
     One epoch is the split's sample count divided by the global batch (at least one batch),
     identical on every rank. The same ``seed``, rank and ``num_workers`` give the same batches.
@@ -318,9 +354,9 @@ def make_image_stream(
         ShardOrder(urls, seed, rank),
         wds.tarfile_to_samples(handler=skip_unreadable_shard(failures)),
         WorkerShuffle(shuffle_buffer, seed, rank),
-        wds.map(DecodeSample(failures, as_uint8)),
-        wds.select(lambda image: image is not None),
-        wds.batched(batch_size, collation_fn=torch.stack, partial=False),  # for the transfer
+        wds.map(DecodeSample(failures, as_uint8, classes)),
+        wds.select(lambda sample: sample is not None),
+        wds.batched(batch_size, collation_fn=collate, partial=False),  # for the transfer
     )
     loader = wds.WebLoader(
         decoded,

@@ -1,9 +1,11 @@
 """Config -> the networks of a GAN, its encoder ready to train with, and its objective.
 
 No Accelerate and no data here: of the shard set, only the precision its precomputed embeddings
-were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`).
+were computed in is read, since the encoder must run in it (:func:`resolve_encoder_precision`),
+and, for a conditional run (``model.conditional``), its classes (:mod:`pathgan.train.classes`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,26 +14,45 @@ from torch import nn
 from pathgan.config import Config
 from pathgan.core.errors import PathganError
 from pathgan.encoders import Encoder, load_encoder
-from pathgan.models import Discriminator, EmbeddingDiscriminator, Generator
+from pathgan.models import Discriminator, EmbeddingDiscriminator
 from pathgan.models.augment import DiffAugment
+from pathgan.models.conditional import (
+    ConditionalDiscriminator,
+    ConditionalEmbeddingDiscriminator,
+    ConditionalGenerator,
+)
+from pathgan.models.r3gan import R3Discriminator
+from pathgan.runs import build_generator, generator_config
 from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
-from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.classes import Classes, training_classes
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective, RelativisticObjective
 
 
 @dataclass
 class GAN:
-    generator: Generator
+    generator: nn.Module
     discriminators: dict[str, nn.Module]  # view name -> discriminator
     weights: dict[str, float]
     encoder: Encoder | None
     augment: DiffAugment
+    relativistic: bool = False  # the modern GAN's loss (with R1/R2) instead of cross-entropy
+    penalty_every: int = 1
+    classes: Classes | None = None  # a conditional GAN's
 
     @property
     def encoder_id(self) -> str | None:
         return self.encoder.encoder_id if self.encoder is not None else None
 
-    def objective(self, discriminators: dict[str, nn.Module]) -> GANObjective:
-        """The objective over the (prepared, possibly DDP-wrapped) discriminators."""
+    def objective(self, discriminators: dict[str, nn.Module],
+                  penalty_discriminators: dict[str, nn.Module] | None = None,
+                  loss_scale: Callable[[], float] = lambda: 1.0) -> GANObjective:
+        """The objective over the (prepared, possibly DDP-wrapped and compiled) discriminators;
+        the relativistic one takes its R1/R2 steps with ``penalty_discriminators`` (the same,
+        never compiled) and scales the penalty's gradient by ``loss_scale()`` (fp16)."""
+        if self.relativistic:
+            return RelativisticObjective(discriminators, self.weights, self.encoder, self.augment,
+                                         penalty_discriminators=penalty_discriminators,
+                                         penalty_every=self.penalty_every, loss_scale=loss_scale)
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
     @property
@@ -100,32 +121,51 @@ def set_encoder_precision(encoder: Encoder, precision: str) -> None:
                            f"{precision}: set model.encoder_precision=fp32")
 
 
-def build_networks(config: Config, device: torch.device) -> GAN:
+def build_networks(config: Config, device: torch.device,
+                   classes: Classes | None = None) -> GAN:
     """The networks a config describes; the Embedding GAN's encoder frozen on ``device``, in its
-    default precision (``pathgan arch`` draws them; training takes :func:`build_gan`)."""
+    default precision (``pathgan arch`` draws them; training takes :func:`build_gan`). A
+    conditional config needs its ``classes``."""
     model = config.model
-    generator = Generator(model.nz, model.ngf, model.channels)
+    if model.conditional and classes is None:
+        raise ValueError("a conditional GAN is built for its classes")
+    count = len(classes.names) if model.conditional else None
+    generator = (ConditionalGenerator(model.nz, model.ngf, model.channels, count)
+                 if count else build_generator(generator_config(model)))
+    if count:
+        generator.class_mix.copy_(torch.tensor(classes.mix))
     discriminators: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     encoder = None
+    if model.kind == "r3gan":
+        discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
+                                                 model.expansion, model.group_width,
+                                                 model.channels)
+        return GAN(generator, discriminators, {IMAGES: 1.0}, None,
+                   DiffAugment(config.train.augment or ""), relativistic=True,
+                   penalty_every=config.train.penalty_every)
     if model.kind == "dcgan" or model.hybrid:
-        discriminators[IMAGES] = Discriminator(model.ndf, model.channels)
+        discriminators[IMAGES] = (ConditionalDiscriminator(model.ndf, model.channels, count)
+                                  if count else Discriminator(model.ndf, model.channels))
         weights[IMAGES] = model.pixel_weight if model.hybrid else 1.0
     if model.kind == "embgan":
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
-        discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
-            encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
-            model.minibatch_std,
-        )
+        shape = (encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
+                 model.minibatch_std)
+        discriminators[EMBEDDINGS] = (ConditionalEmbeddingDiscriminator(*shape, count)
+                                      if count else EmbeddingDiscriminator(*shape))
         weights[EMBEDDINGS] = model.embedding_weight
-    return GAN(generator, discriminators, weights, encoder, DiffAugment(config.train.augment or ""))
+    return GAN(generator, discriminators, weights, encoder,
+               DiffAugment(config.train.augment or ""), classes=classes if count else None)
 
 
 def build_gan(config: Config, device: torch.device) -> GAN:
-    """The GAN to train: :func:`build_networks`, its encoder set to run in the precision of the
-    shard set's real embeddings (:func:`resolve_encoder_precision`)."""
-    gan = build_networks(config, device)
+    """The GAN to train: :func:`build_networks` (for the shard set's classes when conditional,
+    checked first: :func:`~pathgan.train.classes.training_classes`), its encoder set to run in
+    the precision of the shard set's real embeddings (:func:`resolve_encoder_precision`)."""
+    classes = training_classes(config) if config.model.conditional else None
+    gan = build_networks(config, device, classes)
     if gan.encoder is not None:
         set_encoder_precision(gan.encoder,
                               resolve_encoder_precision(config, gan.real_inputs, gan.encoder_id))

@@ -39,17 +39,21 @@ class Logbook:
             handle.write(json.dumps(row) + "\n")
         self._to_wandb(row, step)
 
-    def samples(self, step: int, images: torch.Tensor) -> Path | None:
-        """A grid of generated images ([-1, 1]) as PNG, and as a W&B image."""
+    def samples(self, step: int, images: torch.Tensor, label: str | None = None) -> Path | None:
+        """A grid of generated images ([-1, 1]) as PNG, and as a W&B image; ``label``: a
+        conditional run's grid of that class."""
         if not self.active:
             return None
-        path = self.run.sample_grid(step)
+        path = self.run.sample_grid(step) if label is None else \
+            self.run.class_sample_grid(step, label)
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(signed_to_uint8(images).cpu(), path,
                         nrow=max(1, int(math.sqrt(images.shape[0]))))
         if self.use_wandb:
             import wandb  # here: a second to import, and unused with log.wandb false
 
-            self._to_wandb({"samples": wandb.Image(str(path))}, step)
+            key = "samples" if label is None else f"samples/{label}"
+            self._to_wandb({key: wandb.Image(str(path))}, step)
         return path
 
     def _to_wandb(self, values: dict, step: int) -> None:

@@ -1,11 +1,13 @@
-"""The training loop shared by the DCGAN and the Embedding GAN.
+"""The training loop shared by the DCGAN, the Embedding GAN and the modern GAN (r3gan).
 
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
 that calls :func:`train_step` (a discriminator update and a generator update on the same fake
 batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
 and checkpoints at step boundaries; a step is counted once both updates were taken, and the
 epoch is derived from it. What differs between the GANs lives in
-:class:`~pathgan.train.objective.GANObjective`; where real samples come from lives in
+:class:`~pathgan.train.objective.GANObjective` (the modern GAN's loss and penalties:
+:class:`~pathgan.train.objective.RelativisticObjective`); the values that change over the run
+(learning rate, beta2, gamma) in :mod:`pathgan.train.schedules`; where real samples come from in
 :mod:`pathgan.train.real_data`; what is measured along the way in
 :mod:`pathgan.train.statistics`.
 """
@@ -31,11 +33,13 @@ from pathgan.models.generation import calibrate_batchnorm
 from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
 from pathgan.train.build import GAN, build_gan, to_device
+from pathgan.train.classes import Classes
 from pathgan.train.ema import GeneratorEMA
 from pathgan.train.logbook import Logbook
 from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
 from pathgan.train.precision import resolve_mixed_precision
 from pathgan.train.real_data import build_real_data
+from pathgan.train.schedules import Schedule
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, WindowStats
 from pathgan.train.tracking import end_trackers, init_trackers
@@ -108,6 +112,7 @@ class Networks:
     g_optimizer: torch.optim.Optimizer
     d_optimizer: torch.optim.Optimizer
     ema: GeneratorEMA | None
+    class_mix: torch.Tensor | None = None  # a conditional run's: how often G draws each class
 
     def sample_model(self, config: Config) -> torch.nn.Module:
         """The generator that draws samples, is evaluated and exported (the EMA copy if any),
@@ -145,11 +150,32 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
         plain_generator=accelerator.unwrap_model(generator, keep_torch_compile=False),
         discriminators=discriminators,
         objective=gan.objective({k: torch.compile(d) if compiled else d
-                                 for k, d in discriminators.items()}),
+                                 for k, d in discriminators.items()},
+                                penalty_discriminators=discriminators,
+                                loss_scale=lambda: _loss_scale(accelerator)),
         g_optimizer=g_optimizer,
         d_optimizer=d_optimizer,
         ema=ema,
+        class_mix=(torch.tensor(gan.classes.mix, device=accelerator.device)
+                   if gan.classes is not None else None),
     )
+
+
+def _loss_scale(accelerator: Accelerator) -> float:
+    """fp16's current loss scale (1 without a GradScaler): the R1/R2 penalty's inner gradient
+    is taken of logits multiplied by it, against underflow (PyTorch's AMP recipe for gradient
+    penalties)."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+
+
+def apply_schedule(nets: Networks, schedule: Schedule, step: int, batch_size: int) -> None:
+    """This step's learning rate and beta2 into both optimizers, its gamma into the objective."""
+    values = schedule.at(step * batch_size)
+    for optimizer in (nets.g_optimizer, nets.d_optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = values["lr"]
+            group["betas"] = (group["betas"][0], values["beta2"])
+    nets.objective.start_step(step, values["gamma"])
 
 
 @dataclass
@@ -177,6 +203,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
             memory_format=_memory_format(config))
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
+    # A conditional run's fake classes, drawn in the mix the real batches have.
+    labels = (torch.multinomial(nets.class_mix, len(noise), replacement=True)
+              if nets.class_mix is not None else None)
 
     # G, D and the losses in the run's mixed precision, said here rather than left to the
     # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
@@ -184,7 +213,9 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
     # GANObjective). Backward runs outside autocast.
     with accelerator.autocast():
         real = nets.objective.real_views(real)
-        fake = nets.objective.fake_views(nets.run_generator(noise))
+        fake_images = (nets.run_generator(noise) if labels is None
+                       else nets.run_generator(noise, labels))
+        fake = nets.objective.fake_views(fake_images, labels)
         d_loss, d_stats = nets.objective.d_loss(real, fake)
     d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
     if not d_bad:
@@ -207,6 +238,21 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
                         config.train.batch_size)
     return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake,
                       finite=not (d_bad or g_bad), stop_requested=stop_requested)
+
+
+def write_sample_grids(logbook: Logbook, step: int, model: torch.nn.Module, noise: torch.Tensor,
+                       batch_size: int, classes: Classes | None) -> None:
+    """The grid of the fixed noise; for a conditional run, its classes in blocks (in reading
+    order), then the same noise drawn as each class in a grid of its own."""
+    if classes is None:
+        logbook.samples(step, generate(model, noise, batch_size))
+        return
+    count = len(classes.names)
+    blocks = torch.arange(len(noise)) * count // len(noise)
+    logbook.samples(step, generate(model, noise, batch_size, blocks))
+    for code, name in enumerate(classes.names):
+        logbook.samples(step, generate(model, noise, batch_size,
+                                       torch.full((len(noise),), code)), name)
 
 
 def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
@@ -298,7 +344,11 @@ def _train(config: Config, resume: str | None, changes: list[Change],
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
     # Seeded with the step: a resumed run does not replay the data order of its first epochs.
     data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
-                           gan.encoder_id, seed=config.run.seed + state.step)
+                           gan.encoder_id, seed=config.run.seed + state.step, classes=gan.classes)
+    if gan.classes is not None:  # the mix of this run's data, whatever a checkpoint held
+        nets.plain_generator.class_mix.copy_(nets.class_mix)
+        accelerator.print(f"classes: {gan.classes.describe()} train samples; batches "
+                          f"{gan.classes.balance}")
     logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
     if accelerator.is_main_process:
@@ -308,14 +358,15 @@ def _train(config: Config, resume: str | None, changes: list[Change],
     logbook.use_wandb = init_trackers(accelerator, config, state, run)
 
     def exported() -> dict:  # generator.json of the generator as it is now
-        return {**generator_config(config.model, gan.encoder_id), "step": state.step,
-                "images_seen": run.images_seen(state.step),
+        return {**generator_config(config.model, gan.encoder_id, gan.classes),
+                "step": state.step, "images_seen": run.images_seen(state.step),
                 "mixed_precision": accelerator.mixed_precision}
 
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
                    if config.train.max_steps is None else config.train.max_steps)
+    schedule = Schedule.of(config.train, total_steps)
 
     def save_checkpoint() -> Path:
         path = run.checkpoint_dir(state.step)
@@ -340,6 +391,7 @@ def _train(config: Config, resume: str | None, changes: list[Change],
                     disable=not accelerator.is_main_process, desc=run.name)
     try:
         while not done:
+            apply_schedule(nets, schedule, state.step, config.train.batch_size)
             result = train_step(nets, next(data), accelerator, config, preemption, state.step)
             if not result.finite:  # no rank updated anything: the step does not count
                 nonfinite_run += 1
@@ -371,8 +423,8 @@ def _train(config: Config, resume: str | None, changes: list[Change],
                 if state.step % config.log.sample_every == 0:
                     sample_model = nets.sample_model(config)
                     if logbook.active:
-                        logbook.samples(state.step, generate(sample_model, fixed_noise,
-                                                             per_rank_batch))
+                        write_sample_grids(logbook, state.step, sample_model, fixed_noise,
+                                           per_rank_batch, gan.classes)
                 if evaluator is not None and state.step % config.eval.every == 0:
                     evaluate(evaluator, nets.sample_model(config), state, logbook, exported, run)
                 if state.step % config.ckpt.every == 0:
@@ -395,7 +447,8 @@ def _train(config: Config, resume: str | None, changes: list[Change],
                   "rerun with --resume latest", flush=True)
         else:
             run.clear_preempted()
-            logbook.samples(state.step, generate(sample_model, fixed_noise, per_rank_batch))
+            write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
+                               gan.classes)
             export_generator(sample_model, exported(), run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()

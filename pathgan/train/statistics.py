@@ -13,13 +13,17 @@ from accelerate import Accelerator
 
 
 class WindowStats:
-    """Sums of per-step statistics between two log lines, averaged across ranks when read."""
+    """Sums of per-step statistics between two log lines, averaged across ranks when read.
+
+    A statistic is averaged over the steps that reported it: the R1/R2 penalties are measured
+    only on the steps that take them (every ``train.penalty_every``-th, on every rank alike)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.steps = 0
         self.started = time.perf_counter()
 
@@ -27,12 +31,13 @@ class WindowStats:
         for name, value in stats.items():
             value = value.detach().float()
             self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
 
     def read(self, accelerator: Accelerator, global_batch: int) -> dict[str, float]:
         """The window's means across ranks (every rank calls it); a new window starts."""
         names = sorted(self.sums)
-        means = torch.stack([self.sums[n] for n in names]) / max(self.steps, 1)
+        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
         means = accelerator.reduce(means, reduction="mean")
         elapsed = time.perf_counter() - self.started
         values = dict(zip(names, means.tolist(), strict=True))

@@ -1,0 +1,144 @@
+"""Conditional training on the bundled slide's two tissues, and labelled synthetic shards."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import REPO, cli_command, run_cli
+
+from pathgan.config import load_config
+from pathgan.core.errors import PathganError
+from pathgan.runs import RunDir, load_generator, read_generator_config
+from pathgan.shards.format import load_manifest, split_labels
+from pathgan.shards.reading import iter_tar_samples, shard_paths
+from pathgan.train.classes import training_classes
+
+SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
+CLASSES = ["dermis", "epidermis"]
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory, labelled_shards):
+    run_dir = tmp_path_factory.mktemp("runs") / "conditional"
+    result = subprocess.run(cli_command(
+        "train", "--config", SMOKE, f"data.shards={labelled_shards}", f"run.dir={run_dir}",
+        "model.conditional=true", "data.class_balance=balanced", "train.max_steps=4",
+        "log.sample_every=2", "ckpt.every=4"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "classes: dermis (" in result.stdout
+    return run_dir
+
+
+def test_generator_json_lists_the_classes_and_grids_are_per_class(conditional_run,
+                                                                   labelled_shards):
+    config = read_generator_config(conditional_run)
+    counts = split_labels(load_manifest(labelled_shards), "train")
+    assert config["classes"] == CLASSES
+    assert config["class_counts"] == [counts[name] for name in CLASSES]
+    assert config["class_balance"] == "balanced"
+    grids = RunDir(conditional_run).newest_class_sample_grids(CLASSES)
+    assert sorted(grids) == CLASSES and all(grid.name == "step_000004.png"
+                                            for grid in grids.values())
+    generator, _ = load_generator(conditional_run)
+    torch.testing.assert_close(generator.class_mix, torch.tensor([0.5, 0.5]))
+    noise = torch.randn(2, config["nz"])
+    one, other = (generator(noise, torch.full((2,), code)) for code in (0, 1))
+    assert not torch.allclose(one, other)  # the class steers the picture
+
+
+def _samples(shards_dir):
+    return [json.loads(members["json"]) for path in shard_paths(shards_dir)
+            for _, members in iter_tar_samples(path)]
+
+
+def test_sample_writes_labelled_shards_any_webdataset_client_reads(conditional_run, tmp_path):
+    out = tmp_path / "epidermis"
+    assert run_cli("sample", conditional_run, "-n", "5", "--label", "epidermis",
+                   "--format", "shards", "--out", out, "--per-shard", "3") == 0
+    manifest = load_manifest(out)
+    assert manifest["labels"] == {"epidermis": 5}
+    assert split_labels(manifest, "train") == {"epidermis": 5}
+    assert [sample["label"] for sample in _samples(out)] == ["epidermis"] * 5
+    assert run_cli("shards", "verify", out) == 0
+    urls = [str(path) for path in shard_paths(out)]
+    read = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("png", "json"))
+    assert len(read) == 5 and read[0][0].shape == (224, 224, 3)
+    assert {metadata["label"] for _, metadata in read} == {"epidermis"}
+
+
+def test_labels_shared_equally_or_like_a_real_set(conditional_run, labelled_shards, tmp_path):
+    assert run_cli("sample", conditional_run, "-n", "5", "--label", "dermis,epidermis",
+                   "--format", "shards", "--out", tmp_path / "both") == 0
+    assert load_manifest(tmp_path / "both")["labels"] == {"dermis": 3, "epidermis": 2}
+    assert run_cli("sample", conditional_run, "-n", "20", "--labels-like", labelled_shards,
+                   "--format", "shards", "--out", tmp_path / "like") == 0
+    real = split_labels(load_manifest(labelled_shards), "train")
+    like = load_manifest(tmp_path / "like")["labels"]
+    assert sum(like.values()) == 20
+    assert abs(like["dermis"] / 20 - real["dermis"] / sum(real.values())) <= 1 / 20
+    # PNG files go to class folders: what `pathgan shards pack` reads as classes
+    assert run_cli("sample", conditional_run, "-n", "4", "--out", tmp_path / "png") == 0
+    names = {path.parent.name for path in (tmp_path / "png").glob("*/*.png")}
+    assert names <= set(CLASSES) and len(list((tmp_path / "png").glob("*/*.png"))) == 4
+
+
+def test_the_same_sample_comes_back_with_the_same_class(conditional_run, tmp_path):
+    for name in ("a", "b"):
+        assert run_cli("sample", conditional_run, "-n", "3", "--label", "dermis",
+                       "--format", "shards", "--out", tmp_path / name) == 0
+    first, second = (np.frombuffer(members["png"], np.uint8) for name in ("a", "b")
+                     for path in shard_paths(tmp_path / name)
+                     for _, members in list(iter_tar_samples(path))[:1])
+    assert np.array_equal(first, second)
+
+
+def test_bad_labels_are_one_line_errors(conditional_run, tmp_path, capsys, smoke_generator):
+    assert run_cli("sample", conditional_run, "-n", "2", "--label", "tumor",
+                   "--out", tmp_path / "x") == 2
+    assert "class 'tumor' is not one this generator draws (dermis, epidermis)" in \
+        capsys.readouterr().err
+    assert run_cli("sample", smoke_generator, "-n", "2", "--label", "dermis",
+                   "--out", tmp_path / "y") == 2
+    assert "this generator is unconditional" in capsys.readouterr().err
+
+
+@pytest.fixture
+def smoke_generator(tmp_path, slide_shards):
+    """An untrained unconditional generator, exported (0 steps)."""
+    run_dir = tmp_path / "plain"
+    assert run_cli("train", "--config", SMOKE, f"data.shards={slide_shards}",
+                   f"run.dir={run_dir}", "train.max_steps=0") == 0
+    return run_dir
+
+
+def _config(shards, **overrides):
+    config = load_config(SMOKE, [f"data.shards={shards}", "model.conditional=true"])
+    for key, value in overrides.items():
+        setattr(config.data, key, value)
+    return config
+
+
+def _fake_set(folder, train: dict, val: dict):
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "pathgan-shards/1", "total_samples": 0, "shards": [],
+        "splits": {"train": {"samples": sum(train.values()), "shards": 0, "labels": train},
+                   "val": {"samples": sum(val.values()), "shards": 0, "labels": val}}}))
+    return folder
+
+
+def test_conditioning_needs_labels_for_every_training_sample_and_class(tmp_path, slide_shards):
+    with pytest.raises(PathganError, match="needs labelled samples"):
+        training_classes(_config(slide_shards))
+    missing = _fake_set(tmp_path / "missing", {"dermis": 5}, {"dermis": 1, "epidermis": 2})
+    with pytest.raises(PathganError, match="class 'epidermis' has no samples in the train"):
+        training_classes(_config(missing))
+    mixed = _fake_set(tmp_path / "mixed", {"dermis": 5, "None": 2}, {})
+    with pytest.raises(PathganError, match="2 of the 7 train samples .* have no label"):
+        training_classes(_config(mixed))
+    fine = _fake_set(tmp_path / "fine", {"dermis": 6, "epidermis": 2}, {})
+    classes = training_classes(_config(fine, class_balance="sampled"))
+    assert classes.names == ("dermis", "epidermis") and classes.mix == (0.75, 0.25)
