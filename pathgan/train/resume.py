@@ -45,24 +45,29 @@ def plan_run(config_path: str | None, overrides: list[str], resume: str | None,
                                "run.dir=RUN to continue a run from its own config.yaml)")
         return RunPlan(load_config(config_path, overrides))
     run = RunDir(_run_folder(config_path, overrides, resume))
-    step = _newest_checkpoint_step(run, resume)
-    if not run.has_config():
-        if step is not None:
-            raise PathganError(f"{run.path} holds checkpoints but no {CONFIG}, so what they hold "
-                               "is unknown: resume cannot check the settings")
-        if config_path is None:
+    checkpoint = _checkpoint(run, resume)
+    if checkpoint is None:  # nothing trained yet: a fresh start, with the run's settings if any
+        if config_path is None and not run.has_config():
             raise PathganError(f"{run.path} has no {CONFIG}: there is no run to resume there; "
                                "pass --config CONFIG to start one")
-        return RunPlan(load_config(config_path, overrides))
-    saved = run.read_config() if step is None else run.config_at(step)
+        config = (load_config(config_path, overrides) if config_path is not None
+                  else resume_config(run.read_config(), None, overrides))
+        config.run.dir = str(run.path)
+        return RunPlan(config)
+    origin = RunDir(checkpoint.parent.parent)  # the run that wrote it (--resume PATH: any)
+    if not origin.has_config():
+        raise PathganError(f"{origin.path} holds checkpoints but no {CONFIG}, so what they hold "
+                           "is unknown: resume cannot check the settings")
+    step = _step(checkpoint)
+    if step is None:
+        raise PathganError(f"--resume {resume}: its {COMPLETE} file is unreadable")
+    saved = origin.config_at(step)
     config = resume_config(saved, config_path, overrides)
     config.run.dir = str(run.path)
-    if step is None:  # nothing trained yet: a fresh start with the run's settings
-        return RunPlan(config)
     changes = [c for c in resume_changes(saved, config) if c.key != "run.dir"]
-    _refuse_unsafe(changes, run, step, config_path, allow_change)
+    _refuse_unsafe(changes, origin, step, config_path, allow_change)
     taken = [c for c in changes if c.on_resume in (OnResume.RECIPE, OnResume.LENGTH)]
-    notes = [f"resuming {run.path} at step {step} with its {CONFIG}"
+    notes = [f"resuming {origin.path} at step {step} with its {CONFIG}"
              + (f"; changed: {', '.join(map(str, changes))}" if changes else "")]
     return RunPlan(config, taken, notes)
 
@@ -81,16 +86,23 @@ def _run_folder(config_path: str | None, overrides: list[str], resume: str) -> P
     raise PathganError("--resume latest needs the run folder: add run.dir=RUN")
 
 
-def _newest_checkpoint_step(run: RunDir, resume: str) -> int | None:
-    """The step of the checkpoint the resume starts from (the newest complete one for
-    ``latest``; the loop checks its files again and may fall back to an older one)."""
-    path = Path(resume) if resume != "latest" else (run.checkpoints() or [None])[-1]
-    if path is None or not (path / COMPLETE).is_file():
-        return None
+def _checkpoint(run: RunDir, resume: str) -> Path | None:
+    """The checkpoint a resume starts from: ``--resume PATH`` itself, or the newest complete
+    one of the run (the loop checks its files again and may fall back to an older one)."""
+    if resume != "latest":
+        path = Path(resume).resolve()
+        if not (path / COMPLETE).is_file():
+            raise PathganError(f"--resume {resume}: not a complete checkpoint folder")
+        return path
+    readable = [path for path in run.checkpoints() if _step(path) is not None]
+    return readable[-1] if readable else None
+
+
+def _step(checkpoint: Path) -> int | None:
     try:
-        return int(read_json(path / COMPLETE)["step"])
-    except (OSError, ValueError, KeyError):
-        return None  # damaged: the loop says so, and resolves the fallback
+        return int(read_json(checkpoint / COMPLETE)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _refuse_unsafe(changes: list[Change], run: RunDir, step: int, config_path: str | None,
