@@ -63,6 +63,15 @@ def test_every_option_of_the_main_commands_is_documented():
                     assert f"`{flag}" in README, f"pathgan {' '.join(path)} {flag}"
 
 
+def test_the_packing_section_gives_the_demos_options():
+    from pathgan.demo import PACK_OPTIONS
+
+    section = _readme_section("Packing shards")
+    command = "pathgan shards pack shards/cmu_small_region.svs --out shards/sample " + \
+        " ".join(PACK_OPTIONS)
+    assert command in section
+
+
 def test_readme_starts_with_the_two_commands():
     head = README[:800]
     assert "make demo" in head and "make test" in head
