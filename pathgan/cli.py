@@ -2,7 +2,8 @@
 
 Each sub-command lives in ``pathgan/commands/<name>.py`` with a ``register(subparsers)``
 function; handlers import their stage lazily so that ``pathgan --help`` stays fast.
-A :class:`PathganError` is printed as one line and exits with code 2.
+A :class:`PathganError` (a file-system fault among them) is printed as one line and exits
+with code 2; an interrupt says what was kept and exits with 130.
 """
 
 import argparse
@@ -12,7 +13,7 @@ import sys
 
 import pathgan.commands
 from pathgan import __version__
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import FileSystemFault, PathganError, continue_command, writing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,21 +45,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_handler(handler, args) -> int:
-    """Run a command handler, turning a PathganError into one line on stderr and exit code 2."""
+def run_handler(handler, args, argv: list[str] | None = None) -> int:
+    """Run a command handler: a PathganError becomes one line on stderr and exit code 2 (a
+    file-system fault also says the command that continues, ``argv`` again); an interrupt says
+    what the stage kept and exits with 130; an unknown error met while writing a file says
+    which file before its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    # the output a command names (set_defaults(writes=...)): a fault there names it (stages
+    # that know what they kept wrap their own writes too)
+    output = getattr(args, getattr(args, "writes", ""), None)
     try:
-        return handler(args) or 0
+        with writing(output):
+            return handler(args) or 0
+    except FileSystemFault as fault:
+        fault.set_command(argv)
+        print(f"pathgan: error: {fault}", file=sys.stderr)
+        return 2
     except PathganError as error:
         print(f"pathgan: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pathgan: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(_interrupted_line(interrupt, argv), file=sys.stderr)
         return 130
+    except Exception as error:
+        if path := getattr(error, "pathgan_writing", None):
+            print(f"pathgan: {type(error).__name__} while writing {path}; not a known file-system "
+                  "fault, the traceback follows", file=sys.stderr, flush=True)
+        raise
+
+
+def _interrupted_line(interrupt: KeyboardInterrupt, argv: list[str]) -> str:
+    kept = getattr(interrupt, "pathgan_kept", None)
+    if kept is None:
+        return "pathgan: interrupted"
+    rerun = continue_command(argv, getattr(interrupt, "pathgan_rerun_args", ()))
+    return f"pathgan: interrupted; kept: {kept}; continue with: {rerun}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_handler(args.handler, args)
+    return run_handler(args.handler, args, argv)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pathgan.core.devices import default_device
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import PathganError, writing
 from pathgan.core.fileio import sha256_file
 from pathgan.core.images import uint8_to_signed
 from pathgan.encoders import load_encoder
 from pathgan.shards.embedding_files import (
+    EMBEDDINGS_DIR,
     as_encoder_id,
     check_embedding_file,
     embedding_path,
@@ -133,7 +134,22 @@ def _remove_stale_temporaries(output: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def embed_shards(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_BATCH_SIZE,
+def finished_embeddings_line(shards_dir: Path) -> str:
+    """What a stopped embed kept, in words: the files a rerun checks and keeps."""
+    count = len(list((shards_dir / EMBEDDINGS_DIR).glob("*/*.npz")))
+    return (f"{count} finished embedding file(s) under {shards_dir / EMBEDDINGS_DIR} (the rerun "
+            "checks and keeps them)")
+
+
+def embed_shards(shards_dir: str | Path, encoder, **options) -> dict:
+    """:func:`embed_job` of ``shards_dir``: a fault or an interrupt says which files were
+    kept (a rerun resumes)."""
+    shards_dir = Path(shards_dir)
+    with writing(shards_dir, kept=lambda: finished_embeddings_line(shards_dir)):
+        return embed_job(shards_dir, encoder, **options)
+
+
+def embed_job(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  task_index: int | None = None, num_tasks: int | None = None,
                  num_workers: int | None = None, precision: str = "fp32", device=None,
                  max_missing: float = DEFAULT_MAX_MISSING, progress: bool = True,

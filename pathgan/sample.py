@@ -32,7 +32,7 @@ from pathgan.core.fileio import atomic_path, timestamp, write_json
 from pathgan.core.hub import resolve_generator
 from pathgan.core.images import signed_to_uint8
 from pathgan.models import generated_batches, noise_batch
-from pathgan.models.generation import label_batch
+from pathgan.models.generation import class_shares, label_batch
 from pathgan.runs import GENERATOR_FILES, generator_classes, load_generator, safe_class_folder
 from pathgan.shards.format import (
     MANIFEST,
@@ -106,18 +106,6 @@ def write_sample_shards(batches, out_dir: Path, generator: str, seed: int, per_s
     return shards
 
 
-def shares(count: int, weights: list[float]) -> list[int]:
-    """``count`` split in proportion to ``weights``, rounded so the shares add up (largest
-    remainders first, ties to the earlier)."""
-    total = sum(weights)
-    exact = [count * weight / total for weight in weights]
-    floors = [int(share) for share in exact]
-    by_remainder = sorted(range(len(exact)), key=lambda i: (floors[i] - exact[i], i))
-    for i in by_remainder[:count - sum(floors)]:
-        floors[i] += 1
-    return floors
-
-
 def proportions_like(shards_dir: str | Path) -> dict[str, int]:
     """Samples per class of a real shard set's training split (of the whole set, for a manifest
     written before labels were counted per split)."""
@@ -149,7 +137,7 @@ def requested_classes(known: list[str] | None, count: int, labels: list[str] | N
         raise PathganError(f"class {unknown[0]!r} is not one this generator draws "
                            f"({', '.join(known)})")
     names = []
-    for name, share in zip(weights, shares(count, list(weights.values())), strict=True):
+    for name, share in zip(weights, class_shares(count, list(weights.values())), strict=True):
         names += [name] * share
     return names
 

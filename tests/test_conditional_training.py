@@ -11,6 +11,7 @@ from conftest import REPO, cli_command, run_cli
 
 from pathgan.config import load_config
 from pathgan.core.errors import PathganError
+from pathgan.evaluation.utility_job import check_splits
 from pathgan.runs import RunDir, load_generator, read_generator_config
 from pathgan.shards.format import load_manifest, split_labels
 from pathgan.shards.reading import iter_tar_samples, shard_paths
@@ -142,3 +143,61 @@ def test_conditioning_needs_labels_for_every_training_sample_and_class(tmp_path,
     fine = _fake_set(tmp_path / "fine", {"dermis": 6, "epidermis": 2}, {})
     classes = training_classes(_config(fine, class_balance="sampled"))
     assert classes.names == ("dermis", "epidermis") and classes.mix == (0.75, 0.25)
+
+
+def test_eval_scores_a_conditional_run_per_class(conditional_run, labelled_shards, tmp_path):
+    assert run_cli("eval", conditional_run, "--real", labelled_shards, "-n", "16",
+                   "--encoder", "stain-texture", "--out", tmp_path / "eval") == 0
+    entry = json.loads((tmp_path / "eval" / "eval.json").read_text())["runs"][0]
+    val = split_labels(load_manifest(labelled_shards), "val")
+    assert sorted(entry["classes"]) == CLASSES
+    assert sum(scores["n"] for scores in entry["classes"].values()) == 16
+    drawn = min(16, sum(val.values()))  # real samples in the draw
+    for name, scores in entry["classes"].items():
+        assert scores["n_real"] <= val[name]
+        assert abs(scores["n"] - scores["n_real"] * 16 / drawn) <= 1  # in the real draw's mix
+        if min(scores["n"], scores["n_real"]) >= 4:  # k + 1 a side
+            assert scores["fd"] > 0 and scores["swd"] > 0
+        else:
+            assert "not scored" in scores["note"]
+    assert any("fd" in scores for scores in entry["classes"].values())
+    assert "| epidermis |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_utility_trains_three_ways_and_tests_on_the_held_out_val(conditional_run,
+                                                                 labelled_shards, tmp_path):
+    out = tmp_path / "utility"
+    assert run_cli("utility", conditional_run, "--real", labelled_shards, "--seeds", "2",
+                   "--out", out) == 0
+    result = json.loads((out / "utility.json").read_text())
+    assert result["classes"] == CLASSES and len(result["per_seed"]) == 2
+    assert result["held_out"].startswith("yes")
+    assert result["counts"]["synthetic"] == result["counts"]["train"]
+    for way in ("real", "synthetic", "real+synthetic", "gan-test"):
+        for metric in ("accuracy", "balanced_accuracy", "auroc"):
+            figure = result["summary"][way][metric]
+            assert 0 <= figure["min"] <= figure["mean"] <= figure["max"] <= 1
+    # the real epidermis and dermis are told apart by the fixed classifier
+    assert result["summary"]["real"]["balanced_accuracy"]["mean"] > 0.7
+    report = (out / "utility.md").read_text()
+    assert "| synthetic |" in report and "GAN-test" in report
+    assert (out / "utility.png").stat().st_size > 0
+
+
+def test_utility_refuses_what_it_cannot_test(conditional_run, smoke_generator, slide_shards,
+                                             labelled_shards, tmp_path, capsys):
+    assert run_cli("utility", smoke_generator, "--real", labelled_shards, "--out", tmp_path) == 2
+    assert "is unconditional" in capsys.readouterr().err
+    assert run_cli("utility", conditional_run, "--real", slide_shards, "--out", tmp_path) == 2
+    assert "has no sample of the generator's classes" in capsys.readouterr().err
+
+
+def test_a_one_class_val_split_cannot_test_a_classifier():
+    two = torch.tensor([0, 1, 1])
+    with pytest.raises(PathganError, match="val split of S has only dermis of the classes"):
+        check_splits(two, torch.tensor([0, 0]), CLASSES, "S")
+    with pytest.raises(PathganError, match="val split of S has no sample"):
+        check_splits(two, torch.tensor([], dtype=torch.long), CLASSES, "S")
+    with pytest.raises(PathganError, match="train split of S has only epidermis"):
+        check_splits(torch.tensor([1]), two, CLASSES, "S")
+    check_splits(two, two, CLASSES, "S")

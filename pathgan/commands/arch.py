@@ -6,7 +6,7 @@ def register(subparsers) -> None:
     arch.add_argument("--config", required=True)
     arch.add_argument("--out", required=True, help="output folder")
     arch.add_argument("overrides", nargs="*", metavar="key=value")
-    arch.set_defaults(handler=run)
+    arch.set_defaults(handler=run, writes="out")
 
 
 def run(args) -> int:

@@ -12,7 +12,7 @@ def register(subparsers) -> None:
                         help="small: a few steps per stage (a quick check)")
     parser.add_argument("--encoder", help="encoder spec (default: Path Foundation when it is "
                         "in the local cache, else a random-init timm ViT)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, writes="out")
 
 
 def run(args) -> int:

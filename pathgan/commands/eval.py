@@ -39,7 +39,7 @@ def register(subparsers) -> None:
                         help="weights-inception-2015-12-05-6726825d.pth (default: torch hub cache)")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="processes decoding real patches (default 0: in the main process)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, writes="out")
 
 
 def run(args) -> int:

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                              "one under RUN_DIR that scored this generator)")
     parser.add_argument("--dry-run", default=None, metavar="DIR",
                         help="write the folder into DIR (new or empty) and upload nothing")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, writes="dry_run")
 
 
 def run(args) -> int:

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     sample.add_argument("--labels-like", metavar="SHARDS",
                         help="conditional generators: share -n among the classes in the "
                              "proportions of this shard set's training split")
-    sample.set_defaults(handler=run_sample)
+    sample.set_defaults(handler=run_sample, writes="out")
 
 
 def run_sample(args) -> int:

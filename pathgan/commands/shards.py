@@ -104,7 +104,7 @@ def register(subparsers) -> None:
     merge.add_argument("--if-complete", action="store_true",
                        help="exit 0 without merging while some task has not finished (the last "
                        "task to finish merges)")
-    merge.set_defaults(handler=run_merge)
+    merge.set_defaults(handler=run_merge, writes="out_dir")
 
     show = actions.add_parser("show", help="print totals and write a grid of random samples")
     show.add_argument("shards_dir", metavar="DIR")
@@ -112,7 +112,7 @@ def register(subparsers) -> None:
     show.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--label", help="only samples with this label (a grid per class)")
-    show.set_defaults(handler=run_show)
+    show.set_defaults(handler=run_show, writes="out")
 
 
 def run_pack(args) -> int:

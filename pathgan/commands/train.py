@@ -49,4 +49,4 @@ def run(args) -> int:
     result = train(plan.config, resume=args.resume, changes=plan.changes)
     if not result.preempted and main_rank:
         print(f"finished at step {result.step}; run folder: {result.run_dir}", flush=True)
-    return 0
+    return 130 if result.interrupted else 0  # preempted: 0, the batch script requeues

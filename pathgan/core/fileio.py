@@ -12,19 +12,23 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pathgan.core.errors import writing
+
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it into place only on success."""
+    """Yield a temporary path next to ``final``; rename it into place only on success. A
+    file-system fault names ``final`` (what was being written; it is left as it was)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        yield temporary
-        fsync_file(temporary)
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with writing(final, exact=True):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield temporary
+            fsync_file(temporary)
+            os.replace(temporary, final)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -5,8 +5,9 @@ embeddings, the Laplacian-pyramid descriptors of the SWD, or Inception-v3's pool
 real side is a seeded draw of a shard set's split (:func:`select_real`), whose encoder features
 come from precomputed embeddings (``pathgan embed``) when they exist for the same encoder id,
 else from the shard images; the fake side is ``n`` samples of a generator, sample ``i`` from
-noise row ``i`` of one seeded matrix. Either way each rank computes its slice and every rank ends
-with the whole set, in index order (:mod:`pathgan.evaluation.ranks`).
+noise row ``i`` of one seeded matrix (and class ``labels[i]`` for a conditional generator).
+Either way each rank computes its slice and every rank ends with the whole set, in index order
+(:mod:`pathgan.evaluation.ranks`). The real draw keeps each sample's label, for per-class scores.
 """
 
 import math
@@ -28,7 +29,7 @@ from pathgan.evaluation.ranks import gather_rows, progress_bar, rank_slice
 from pathgan.models import generated_batches, noise_batch
 from pathgan.shards.embedding_files import read_embeddings, stored_precision
 from pathgan.shards.format import IMAGE_SIDE, load_manifest
-from pathgan.shards.reading import ShardSamples, collate_samples, index_shard
+from pathgan.shards.reading import ShardSamples, collate_samples, index_shard, sample_labels
 
 MIN_SAMPLES = 4  # k-NN precision/recall with k = 3 needs k + 1 samples a side
 DEFAULT_BATCH_SIZE = 64
@@ -128,6 +129,7 @@ class RealSet:
     available: int  # samples in the split
     note: str = ""
     source: dict = field(default_factory=dict)  # extractor name -> "embeddings" | "images"
+    labels: list = field(default_factory=list)  # each sample's label (None: unlabelled)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -158,12 +160,14 @@ def select_real(shards_dir: str | Path, n: int, seed: int = 0,
     for position in chosen:
         i, j = flat[position]
         picked.setdefault(i, []).append(entries[i][1][j])
-    dataset = ShardSamples([(entries[i][0], items) for i, items in sorted(picked.items())])
+    chosen_shards = [(entries[i][0], items) for i, items in sorted(picked.items())]
+    dataset = ShardSamples(chosen_shards)
     keys = [key for _, key, _ in dataset.items]
+    labels = [label for path, items in chosen_shards for label in sample_labels(path, items)]
     if count < n:
         extra = f"only {count} {split} samples (asked for {n})"
         note = f"{note}; {extra}" if note else extra
-    return RealSet(shards_dir, split, keys, dataset, len(flat), note)
+    return RealSet(shards_dir, split, keys, dataset, len(flat), note, labels=labels)
 
 
 def _precomputed(real: RealSet, encoder) -> torch.Tensor | None:
@@ -226,9 +230,11 @@ def real_features(real: RealSet, extractors: list[Extractor], state, *,
 # -- the fake side -----------------------------------------------------------------------------
 def fake_features(generator: torch.nn.Module, n: int, extractors: list[Extractor], state, *,
                   nz: int | None = None, seed: int = 0,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  labels: torch.Tensor | None = None) -> dict:
     """``{extractor name: float32 (n, D)}`` of ``n`` generated samples, on every rank; this rank
-    generates its slice of the sample indices. The generator is put in eval mode for the call
+    generates its slice of the sample indices (of classes ``labels``, for a conditional
+    generator: else drawn in its mix). The generator is put in eval mode for the call
     (BatchNorm running statistics) and restored afterwards."""
     nz = nz or getattr(generator, "nz", None) or getattr(
         getattr(generator, "module", None), "nz", None)
@@ -236,7 +242,9 @@ def fake_features(generator: torch.nn.Module, n: int, extractors: list[Extractor
         raise ValueError("cannot tell the generator's nz: pass nz=")
     mine = rank_slice(n, state.process_index, state.num_processes)
     batches = generated_batches(generator, noise_batch(n, nz, seed)[mine.start:mine.stop],
-                                batch_size)
+                                batch_size,
+                                labels[mine.start:mine.stop] if labels is not None else None,
+                                seed=seed)
     rows = {e.name: [] for e in extractors}
     with progress_bar(state, len(mine), "generated features") as bar:
         for start, images in zip(range(mine.start, mine.stop, batch_size), batches, strict=True):

@@ -4,6 +4,8 @@ For each run, ``n`` patches are generated from its exported generator and ``n`` 
 drawn from the shard set's ``val`` split (``train`` when there is no ``val``; the JSON says which);
 both go through the same frozen encoder and are compared (Fréchet distance, KID, k-NN
 precision/recall), and on their pixels by the SWD; optionally by the classic Inception FID too.
+A conditional run's patches are drawn in the real draw's class proportions and also scored per
+class (:mod:`pathgan.evaluation.per_class`).
 The grids' images (up to 64 a side) also give the upsampling-artefact figure (the spectral peak at
 a generator's resampling periods, :func:`~pathgan.evaluation.metrics.upsampling_artefact`), the
 real patches' as its floor.
@@ -39,6 +41,7 @@ from pathgan.evaluation.features import (
     swd_extractor,
 )
 from pathgan.evaluation.metrics import upsampling_artefact
+from pathgan.evaluation.per_class import class_matched_labels, per_class_scores
 from pathgan.evaluation.ranks import log_main, make_state
 from pathgan.evaluation.report import summary_line, write_report
 from pathgan.models import generate, noise_batch
@@ -46,6 +49,7 @@ from pathgan.runs import (
     GENERATOR_FILES,
     EvalDir,
     RunDir,
+    generator_classes,
     load_generator,
     read_generator_config,
     require_generator,
@@ -141,19 +145,29 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     runs = []
     for source, name in zip(sources, _names(sources), strict=True):
         generator, model_config = load_generator(source.folder, state.device)
+        classes = generator_classes(model_config)
+        fake_labels = class_matched_labels(real.labels, classes, n) if classes else None
         fake_rows = fake_features(generator, n, extractors, state, nz=model_config["nz"],
-                                  seed=seed, batch_size=batch_size)
+                                  seed=seed, batch_size=batch_size, labels=fake_labels)
         scores = score_features(real_rows, fake_rows, state, k=k, subsets=subsets,
                                 subset_size=subset_size, seed=seed)
         entry = {"run": source.pinned, **({"hub": source.hub} if source.hub else {}),
                  "name": name, "step": RunDir(source.folder).last_logged_step(), **scores,
                  "encoder": encoder.encoder_id, "real_split": real.split}
+        if classes:
+            entry["classes"] = _class_entry(real, real_rows, fake_rows, fake_labels, classes,
+                                            state, k=k, subsets=subsets,
+                                            subset_size=subset_size, seed=seed)
         if inception:
             entry["inception_encoder"] = extractors[-1].id
         if state.is_main_process:
             entry.update(_write_run_figures(generator, model_config["nz"], min(GRID_COUNT, n),
                                             seed, RunDir(source.folder), name, out))
             log_main(state, f"pathgan eval: {name}: " + summary_line(entry))
+            for class_name, class_scores in entry.get("classes", {}).items():
+                if "fd" in class_scores:
+                    log_main(state, f"pathgan eval: {name} [{class_name}]: "
+                                    + summary_line({**class_scores, "encoder": entry["encoder"]}))
         runs.append(entry)
         del generator
 
@@ -189,6 +203,18 @@ def trained_against(model_config: dict, spec: str, encoder_id: str) -> bool:
     GAN's discriminator judged it in that space."""
     return bool(model_config.get("encoder")) and (
         model_config.get("encoder_id") == encoder_id or model_config.get("encoder") == spec)
+
+
+def _class_entry(real: RealSet, real_rows: dict, fake_rows: dict, fake_labels, classes,
+                 state, **statistics) -> dict:
+    """A conditional run's per-class scores, or a note saying why there are none."""
+    if fake_labels is None:
+        return {"note": f"no real sample of {real.split} has one of the run's classes "
+                        f"({', '.join(classes)})"}
+    if any(len(rows) != len(real) for rows in real_rows.values()):
+        return {"note": "some real samples could not be read: no per-class scores"}
+    return per_class_scores(real_rows, real.labels, fake_rows, fake_labels, classes, state,
+                            **statistics)
 
 
 def _check_generators(folders: list[Path]) -> None:

@@ -85,5 +85,27 @@ def format_report(result: dict) -> str:
                   "| real | generated | losses |", "|---|---|---|",
                   f"| ![real]({real['grid']}) | ![generated]({run.get('fake_grid', '')}) | "
                   f"{loss} |"]
+        if "classes" in run:
+            lines += class_table(run["classes"])
     return "\n".join(lines) + "\n"
+
+
+def class_table(classes: dict) -> list[str]:
+    """A conditional run's per-class scores (generated in the real draw's class proportions,
+    each class against the real samples of that class)."""
+    if "note" in classes and not isinstance(classes["note"], dict):
+        return ["", f"Per class: {classes['note']}."]
+    lines = ["", "Per class (each class's generated patches against the real ones of that "
+             "class):", "", "| class | n | real n | FD ↓ | KID ↓ | precision ↑ | recall ↑ | "
+             "SWD ↓ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, scores in classes.items():
+        if "fd" not in scores:
+            lines.append(f"| {name} | {scores['n']} | {scores['n_real']} | {scores['note']} "
+                         "| | | | |")
+            continue
+        lines.append(f"| {name} | {scores['n']} | {scores['n_real']} | {_number(scores['fd'])} "
+                     f"| {_number(scores['kid_mean'])} ± {_number(scores['kid_std'], 2)} | "
+                     f"{_number(scores['precision'], 3)} | {_number(scores['recall'], 3)} | "
+                     f"{_number(scores['swd'], 4)} |")
+    return lines
 

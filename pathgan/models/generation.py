@@ -36,6 +36,18 @@ def label_batch(count: int, mix: torch.Tensor, seed: int) -> torch.Tensor:
         max=len(mix) - 1)
 
 
+def class_shares(count: int, weights: list[float]) -> list[int]:
+    """``count`` split in proportion to ``weights``, rounded so the shares add up (largest
+    remainders first, ties to the earlier)."""
+    total = sum(weights)
+    exact = [count * weight / total for weight in weights]
+    floors = [int(share) for share in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (floors[i] - exact[i], i))
+    for i in by_remainder[:count - sum(floors)]:
+        floors[i] += 1
+    return floors
+
+
 def _labels_for(generator: nn.Module, labels: torch.Tensor | None, count: int,
                 seed: int) -> torch.Tensor | None:
     """The class codes a batch of ``count`` is drawn with: None for an unconditional

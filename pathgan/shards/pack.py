@@ -41,6 +41,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -48,7 +49,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import PathganError, writing
 from pathgan.core.fileio import read_json, write_json
 from pathgan.shards.assemble import (
     RECORDS_DIR,
@@ -100,8 +101,11 @@ def plan_fingerprint(sources: list[Source], options: PackOptions) -> str:
 def _process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     # spawn: slide readers and torch do not survive fork reliably. The workers run plan.py
     # and spool.py only, which import no torch, so they start quickly.
+    # Ctrl-C is this process's to handle: it stops the pack and says what was kept, while the
+    # workers finish their unit (a worker's own KeyboardInterrupt would print its traceback).
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN),
     )
 
 
@@ -219,11 +223,24 @@ def _remove_stale_shards(out_dir: Path, jobs: list[ShardJob],
                 embedding_path(out_dir, embeddings.encoder_id, path.name).unlink(missing_ok=True)
 
 
+def finished_shards_line(out_dir: Path) -> str:
+    """What a stopped pack kept, in words: the shards a rerun checks and keeps."""
+    count = len(list((out_dir / RECORDS_DIR).glob("*.json")))
+    return (f"{count} finished shard(s) in {out_dir} (the rerun checks and keeps them, and "
+            "the regions already read)")
+
+
 def pack(inputs: list[str], out_dir: str | Path, options: PackOptions,
          overwrite: bool = False) -> dict:
-    """Pack ``inputs`` into shards under ``out_dir``; returns the manifest."""
+    """Pack ``inputs`` into shards under ``out_dir``; returns the manifest. A fault or an
+    interrupt says which shards were kept (a rerun resumes)."""
     options.validate()
     out_dir = Path(out_dir)
+    with writing(out_dir, kept=lambda: finished_shards_line(out_dir)):
+        return _pack(inputs, out_dir, options, overwrite)
+
+
+def _pack(inputs: list[str], out_dir: Path, options: PackOptions, overwrite: bool) -> dict:
     sources = discover_sources(inputs, options)
     if not sources:
         raise PathganError("no slides or patch images (or parquet tables) found in "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import fsync_dir, fsync_file, read_json, sha256_file, write_json
-from pathgan.runs import COMPLETE, RunDir, replaced_dir
+from pathgan.runs import CHECKPOINT_NAME, COMPLETE, REPLACED, STAGING, RunDir, replaced_dir
 
 
 class TrainState:
@@ -113,3 +113,28 @@ def prune_checkpoints(run: RunDir, keep: int) -> None:
     """Keep the newest ``keep``; also drop what saves killed half-way left behind."""
     for old in [*run.checkpoints()[:-keep], *run.unfinished_checkpoints()]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_unfinished(run: RunDir) -> None:
+    """Undo what a save stopped half-way (a full disk, a kill) left, before anything is resumed:
+    a staging folder is removed, never resumed from; a checkpoint set aside for a newer one of
+    the same step that never took its place is put back."""
+    if not run.checkpoints_dir.is_dir():
+        return
+    for old in run.checkpoints_dir.glob(f"checkpoint-*{REPLACED}"):
+        final = old.with_name(old.name.removesuffix(REPLACED))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(final)
+    for staging in run.checkpoints_dir.glob(f"checkpoint-*{STAGING}"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def last_checkpoint_line(run: RunDir) -> str:
+    """What a stopped run kept, in words: its newest complete checkpoint and its step."""
+    checkpoints = run.checkpoints()
+    if not checkpoints:
+        return f"no complete checkpoint yet in {run.checkpoints_dir}"
+    step = int(CHECKPOINT_NAME.match(checkpoints[-1].name).group(1))
+    return f"the last complete checkpoint, {checkpoints[-1]} (step {step})"

@@ -13,6 +13,7 @@ epoch is derived from it. What differs between the GANs lives in
 """
 
 import contextlib
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pathgan.config import Change, Config
 from pathgan.core.devices import switch_on
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import PathganError, writing
 from pathgan.core.images import uint8_to_signed
 from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 from pathgan.models import generate, noise_batch
@@ -52,6 +53,7 @@ class TrainResult:
     run_dir: Path
     generator: torch.nn.Module  # this rank's networks, unwrapped (for notebooks and tests)
     discriminators: dict[str, torch.nn.Module]
+    interrupted: bool = False  # stopped by Ctrl-C: a checkpoint was saved, the run goes on later
 
 
 def _memory_format(config: Config) -> torch.memory_format:
@@ -260,6 +262,9 @@ def restore_state(accelerator: Accelerator, run: RunDir, resume: str | None,
     """The run's progress (step, W&B run id, best FD), registered for checkpointing with the EMA.
     With ``resume`` it is restored, with the prepared networks and optimizers, from that
     checkpoint; without, a run folder that already holds checkpoints is refused."""
+    if accelerator.is_main_process:  # before any rank looks for a checkpoint
+        ckpt.clean_unfinished(run)
+    accelerator.wait_for_everyone()
     state = ckpt.TrainState()
     accelerator.register_for_checkpointing(state)
     if ema is not None:
@@ -310,8 +315,11 @@ def train(config: Config, resume: str | None = None,
     recorded at the step the resume starts from)."""
     # First of all: a preemption signal during set-up must not kill the process.
     preemption = PreemptionFlag().install()
-    try:
-        return _train(config, resume, list(changes), preemption)
+    run = RunDir(config.run.dir)
+    try:  # a file-system fault says which checkpoint is kept, and how to go on from it
+        with writing(run.path, kept=lambda: ckpt.last_checkpoint_line(run),
+                     rerun_args=("--resume", "latest")):
+            return _train(config, resume, list(changes), preemption)
     finally:
         preemption.uninstall()
 
@@ -371,12 +379,14 @@ def _train(config: Config, resume: str | None, changes: list[Change],
     def save_checkpoint() -> Path:
         path = run.checkpoint_dir(state.step)
         staging = staging_dir(path)
-        accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            ckpt.commit_checkpoint(staging, path, state.step)
-            ckpt.prune_checkpoints(run, config.ckpt.keep)
-            logbook.loss_plot()
+        # a save that fails is removed at once: only a committed checkpoint is ever resumed
+        with writing(staging, discard=lambda: shutil.rmtree(staging, ignore_errors=True)):
+            accelerator.save_state(str(staging))  # every rank writes its part (RNG states)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.commit_checkpoint(staging, path, state.step)
+                ckpt.prune_checkpoints(run, config.ckpt.keep)
+                logbook.loss_plot()
         accelerator.wait_for_everyone()
         return path
 
@@ -437,14 +447,20 @@ def _train(config: Config, resume: str | None, changes: list[Change],
         data.close()
 
     preempted = stop_requested and state.step < total_steps
+    # Ctrl-C on any rank (accelerate launch forwards it to all): every rank says the same
+    interrupted = preempted and _reduce_flags(accelerator, preemption.interrupted)[0]
     if saved_at != state.step:
         save_checkpoint()
     sample_model = None if preempted else nets.sample_model(config)
     if accelerator.is_main_process:
         if preempted:
             run.mark_preempted(state.step)
-            print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
-                  "rerun with --resume latest", flush=True)
+            if interrupted:
+                print(f"interrupted at step {state.step}; checkpoint saved; rerun with "
+                      "--resume latest", flush=True)
+            else:
+                print(f"preempted at step {state.step} ({preemption.name}); checkpoint saved, "
+                      "rerun with --resume latest", flush=True)
         else:
             run.clear_preempted()
             write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
@@ -454,4 +470,5 @@ def _train(config: Config, resume: str | None, changes: list[Change],
     accelerator.wait_for_everyone()
     end_trackers(accelerator, run)
     return TrainResult(state.step, preempted, run.path, nets.plain_generator,
-                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()})
+                       {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()},
+                       interrupted=interrupted)

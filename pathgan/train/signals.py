@@ -1,15 +1,17 @@
-"""Preemption: a signal only sets a flag; the loop acts on it at a step boundary.
+"""Preemption and Ctrl-C: a signal only sets a flag; the loop acts on it at a step boundary.
 
 SLURM sends SIGUSR1 (``--signal=B:USR1@N``, forwarded to the trainers) or SIGTERM before it
-kills a job. Doing real work inside a signal handler is unsafe (it can interrupt a collective
-or a file write), so the handler records the signal and returns.
+kills a job; a user presses Ctrl-C (SIGINT; ``accelerate launch`` forwards it to every rank).
+Doing real work inside a signal handler is unsafe (it can interrupt a collective or a file
+write), so the handler records the signal and returns: the loop finishes the step, saves and
+stops. A second Ctrl-C is the user insisting: it aborts at once (KeyboardInterrupt).
 """
 
 import signal
 
 
 class PreemptionFlag:
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -26,7 +28,14 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, number, frame) -> None:
+        if number == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt
         self.received = number
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT), not by the scheduler."""
+        return self.received == signal.SIGINT
 
     @property
     def requested(self) -> bool:
