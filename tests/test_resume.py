@@ -151,6 +151,30 @@ def test_a_resume_continues_the_run_and_records_its_changes(tmp_path, slide_shar
     assert exported["mixed_precision"] == "no" and exported["ngf"] == 8
     saved = yaml.safe_load(run.config_path.read_text())
     assert saved["train"]["batch_size"] == 4 and saved["model"]["ngf"] == 8
+    assert_metrics_documented(run_dir)
+
+
+def assert_metrics_documented(run_dir: Path) -> None:
+    """Every key a run logged is in the README's table of metrics.jsonl."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("#### What metrics.jsonl holds", 1)[1].split("\n**", 1)[0]
+    keys = {key for row in RunDir(run_dir).read_metrics() for key in row}
+    assert keys, run_dir
+    missing = sorted(key for key in keys if f"`{key}`" not in table)
+    assert not missing, f"{run_dir.name} logs {missing}: add them to the README's table"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "config", "overrides"), [
+    ("hybrid", EMBGAN_SMOKE, ["model.hybrid=true", "train.augment=color"]),  # encoded in the loop
+    ("r3gan", REPO / "configs" / "r3gan-smoke.yaml", ["train.ema=false"]),
+])
+def test_what_each_gan_logs_is_documented(tmp_path, slide_shards, name, config, overrides):
+    run_dir = tmp_path / name
+    assert main(["train", "--config", str(config), f"data.shards={slide_shards}",
+                 f"run.dir={run_dir}", "train.max_steps=2", "log.every=1", "log.wandb=false",
+                 "data.num_workers=0", "ckpt.every=2", *overrides]) == 0
+    assert_metrics_documented(run_dir)
 
 
 @pytest.mark.slow
