@@ -28,6 +28,10 @@ from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path
 from pathgan.models.augment import parse_policy
 
+#: The modern GAN's discriminator heads (model.heads), and those that judge an encoder's output.
+HEADS = ("pixels", "projected", "embedding")
+ENCODER_HEADS = ("projected", "embedding")
+
 #: A performance switch: ``auto`` is on where there is CUDA (``core.devices.switch_on``).
 #: Config files that say true/false (``channels_last`` was a boolean) still load as on/off.
 Switch = Literal["auto", "on", "off"]
@@ -159,6 +163,15 @@ class ModelConfig:
     group_width: Positive = held(8)
     noise_from: Annotated[int, NOT_NEGATIVE] = held(28)
     noise_strength: Annotated[float, NOT_NEGATIVE] = held(0.1)
+    # r3gan's discriminator heads, each with its loss weight: pixels (its ResNet on the images),
+    # projected (small discriminators on feature maps of the frozen model.encoder, through fixed
+    # random projections: Projected GAN), embedding (the Embedding GAN's Linear discriminator on
+    # model.encoder's embedding). Held: the checkpoint has a discriminator per head.
+    heads: dict[str, float] = held(factory=lambda: {"pixels": 1.0})
+    # the encoder's blocks (ViT) or stages (CNN) the projected head judges; null: the last four
+    head_levels: list[int] | None = held(None)
+    # images over which the encoder heads' weights ramp up from 0 (0: full from the start)
+    head_warmup: Annotated[int, NOT_NEGATIVE] = recipe(0)
 
 
 @dataclass
@@ -250,6 +263,10 @@ class Config:
             raise PathganError("model.encoder is required when model.kind is embgan")
         if self.model.kind == "r3gan":
             self._validate_r3gan()
+        elif self.model.heads != {"pixels": 1.0}:
+            raise PathganError("model.heads are the modern GAN's (model.kind r3gan); the "
+                               "Embedding GAN weighs its two by model.pixel_weight and "
+                               "model.embedding_weight")
         if self.model.hybrid and self.model.kind != "embgan":
             raise PathganError("model.hybrid adds a pixel discriminator to the Embedding GAN: "
                                "it needs model.kind embgan")
@@ -260,17 +277,32 @@ class Config:
         return self
 
     def _validate_r3gan(self) -> None:
-        """The modern GAN's widths must split into its blocks' groups; it trains its own
-        discriminator on pixels (no encoder yet), unconditionally."""
+        """The modern GAN's widths must split into its blocks' groups; its heads are known ones,
+        and those on an encoder have one; it is unconditional."""
         model = self.model
         for key in ("ngf", "ndf", "max_width"):
             if (getattr(model, key) * model.expansion) % model.group_width:
                 raise PathganError(f"model.{key} x model.expansion ({getattr(model, key)} x "
                                    f"{model.expansion}) must be a multiple of model.group_width "
                                    f"({model.group_width})")
-        if model.encoder or model.hybrid:
-            raise PathganError("model.kind r3gan trains a pixel discriminator: unset "
-                               "model.encoder and model.hybrid")
+        unknown = sorted(set(model.heads) - set(HEADS))
+        if unknown or not model.heads:
+            raise PathganError(f"model.heads: unknown head {', '.join(unknown)} (known: "
+                               f"{', '.join(HEADS)})" if unknown else
+                               "model.heads: name at least one head")
+        for name, weight in model.heads.items():
+            if weight <= 0:
+                raise PathganError(f"model.heads.{name}: a weight must be positive, not {weight}")
+        on_encoder = sorted(set(model.heads) & set(ENCODER_HEADS))
+        if on_encoder and not model.encoder:
+            raise PathganError(f"model.heads: the {' and '.join(on_encoder)} head needs "
+                               "model.encoder (e.g. timm:vit_small_patch16_224)")
+        if model.encoder and not on_encoder:
+            raise PathganError("model.encoder is used by r3gan's projected and embedding heads "
+                               "only: name one in model.heads, or unset model.encoder")
+        if model.hybrid:
+            raise PathganError("model.hybrid is the Embedding GAN's; r3gan names its heads in "
+                               "model.heads")
         if model.conditional:
             raise PathganError("model.conditional is for the dcgan and embgan kinds; the modern "
                                "GAN (r3gan) is unconditional so far")
@@ -319,6 +351,10 @@ def _coerce(value, kind, key: str):
         if not isinstance(value, list):
             raise PathganError(f"{key}: expected a list, got {value!r}")
         return [_coerce(item, args[0], key) for item in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PathganError(f"{key}: expected a mapping, got {value!r}")
+        return {str(name): _coerce(item, args[1], f"{key}.{name}") for name, item in value.items()}
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

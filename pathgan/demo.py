@@ -1,6 +1,7 @@
 """``pathgan demo``: the whole pipeline on the bundled slide, on a CPU, with no key or login.
 
-pack -> embed -> train the DCGAN -> train the Embedding GAN -> evaluate both -> report.
+pack -> embed -> train the DCGAN -> train the Embedding GAN -> train the modern GAN ->
+evaluate the three -> report.
 Each stage runs as the command a user would type (printed before it runs), in its own process.
 W&B runs are written offline unless the user set ``WANDB_MODE``.
 """
@@ -33,13 +34,16 @@ RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
 class DemoSize:
     dcgan_steps: int
     embgan_steps: int
+    r3gan_steps: int  # the modern GAN's steps cost about twice the DCGAN's (its R1/R2 penalties)
     eval_samples: int
     ngf: int
 
 
 SIZES = {
-    "full": DemoSize(dcgan_steps=300, embgan_steps=300, eval_samples=128, ngf=16),  # ~6 min
-    "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8),  # for tests
+    "full": DemoSize(dcgan_steps=300, embgan_steps=300, r3gan_steps=150, eval_samples=128,
+                     ngf=16),  # ~9 min
+    "small": DemoSize(dcgan_steps=6, embgan_steps=4, r3gan_steps=4, eval_samples=16,
+                      ngf=8),  # for tests
 }
 
 
@@ -87,6 +91,7 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     print(f"pathgan demo in {out_dir}\nencoder: {encoder_spec} ({why})", flush=True)
     shards, runs = out_dir / "shards", out_dir / "runs"
     untrained, dcgan, embgan = runs / "untrained", runs / "dcgan", runs / "embgan"
+    r3gan = runs / "r3gan"
     evaluation = EvalDir(out_dir / "eval")
     widths = [f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}", "data.num_workers=1"]
     common = ["log.wandb=true", *widths]
@@ -116,8 +121,14 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
             f"train.max_steps={sizes.embgan_steps}",
             f"log.sample_every={max(1, sizes.embgan_steps // 3)}",
             f"ckpt.every={sizes.embgan_steps}", *common]),
+        # Its own widths (4 channels at 224 px): at the DCGAN's, a step would take 4 s here.
+        "r3gan": run_stage("Modern GAN training (R3GAN-style, relativistic loss with R1/R2)", [
+            "train", "--config", REPO / "configs" / "r3gan-smoke.yaml", f"data.shards={shards}",
+            f"run.dir={r3gan}", f"train.max_steps={sizes.r3gan_steps}",
+            f"log.sample_every={max(1, sizes.r3gan_steps // 3)}",
+            f"ckpt.every={sizes.r3gan_steps}", "log.wandb=true", "data.num_workers=1"]),
         "eval": run_stage("Evaluation: untrained vs trained generators", [
-            "eval", untrained, dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
+            "eval", untrained, dcgan, embgan, r3gan, "--real", shards, "-n", sizes.eval_samples,
             "--encoder", encoder_spec, "--out", evaluation.path]),
     }
     print_learning(evaluation.read_result(), encoder_spec)
@@ -127,6 +138,8 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
         ("DCGAN samples", RunDir(dcgan).samples_dir), ("DCGAN loss plot", RunDir(dcgan).loss_plot),
         ("Embedding GAN samples", RunDir(embgan).samples_dir),
         ("Embedding GAN loss plot", RunDir(embgan).loss_plot),
+        ("modern GAN samples", RunDir(r3gan).samples_dir),
+        ("modern GAN loss plot", RunDir(r3gan).loss_plot),
         ("evaluation report (grids side by side)", evaluation.report_path),
         ("evaluation figures", evaluation.result_path),
         ("W&B offline runs (wandb sync DIR to upload)", RunDir(runs / "*").wandb_dir),
@@ -138,16 +151,21 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
 
 def print_learning(result: dict, encoder_spec: str) -> None:
     """What training changed, by SWD on pixels (no model involved), against the untrained
-    generator of the same architecture and seed."""
+    generator of the DCGAN's architecture and seed; and the upsampling lattice of each, by the
+    spectral peak of its samples against the real patches'."""
     runs = {run["name"]: run for run in result["runs"]}
     baseline = runs["untrained"]["swd"]
     print(f"\n== Did they learn? SWD on the pixels' Laplacian pyramids (lower is closer to real "
           f"patches; n = {result['n']} generated vs {result['real']['n']} real "
           f"{result['real']['split']} patches)")
     print(f"  untrained generator   SWD {baseline:8.1f}")
-    for name, label in (("dcgan", "DCGAN"), ("embgan", "Embedding GAN")):
+    for name, label in (("dcgan", "DCGAN"), ("embgan", "Embedding GAN"), ("r3gan", "modern GAN")):
         swd = runs[name]["swd"]
-        print(f"  {label:21s} SWD {swd:8.1f}  ({(swd - baseline) / baseline:+.0%} vs untrained)")
+        print(f"  {label:21s} SWD {swd:8.1f}  ({(swd - baseline) / baseline:+.0%} vs untrained)"
+              f"   spectral peak {runs[name]['spectral_peak']:7.1f} at "
+              f"{runs[name]['spectral_period']} px")
+    print(f"  (real patches' spectral peak: {result['real']['spectral_peak']:.1f}; a dot lattice "
+          "from transposed convolutions is hundreds)")
     if encoder_spec == RANDOM_ENCODER:
         print("  The Embedding GAN's encoder here is a RANDOM-INIT ViT, not a pathology encoder: "
               "its embeddings\n  (and FD/KID/precision/recall in its space) say nothing about "
