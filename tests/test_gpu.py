@@ -235,7 +235,7 @@ def test_a_compiled_gpu_checkpoint_resumes_on_the_cpu_with_equal_weights(runs, s
     result = subprocess.run(
         cli_command("train", "--config", DCGAN, f"data.shards={shards}", f"run.dir={run_dir}",
                     *COMMON, "train.compile=off", "train.mixed_precision='no'",
-                    "train.ema=false", "--resume", "latest"),
+                    "train.ema=false", "--resume", "latest", "--allow-change"),
         capture_output=True, text=True, env={**QUIET, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert result.returncode == 0, failure(result.stderr)
     assert "resumed from" in result.stdout + result.stderr

@@ -16,11 +16,10 @@ GANs lives in
 """
 
 import contextlib
-import secrets
 import shutil
-import string
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from pathgan.config import Config, config_to_dict
+from pathgan.config import Change, Config
 from pathgan.core.devices import switch_on
 from pathgan.core.errors import PathganError, writing
 from pathgan.core.images import uint8_to_signed
@@ -49,6 +48,7 @@ from pathgan.train.real_data import build_real_data
 from pathgan.train.schedules import Schedule
 from pathgan.train.signals import PreemptionFlag
 from pathgan.train.statistics import EmbeddingGap, SkippedUpdates, WindowStats
+from pathgan.train.tracking import end_trackers, init_trackers
 
 
 @dataclass
@@ -334,29 +334,8 @@ def make_evaluator(config: Config, gan, device: torch.device):
                            seed=config.run.seed)
 
 
-def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
-                   run: RunDir) -> None:
-    if not config.log.wandb:
-        return
-    if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
-        state.wandb_run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
-                                     for _ in range(8))
-    accelerator.init_trackers(
-        config.log.project,
-        config=config_to_dict(config),
-        init_kwargs={"wandb": {
-            "name": config.run.name or run.name,
-            "entity": config.log.entity,
-            "tags": config.log.tags,
-            "id": state.wandb_run_id,  # a resumed run continues the same W&B run
-            "resume": "allow",
-            "dir": str(run.path),  # W&B writes its files into RUN/wandb
-        }},
-    )
-
-
 def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
-             exported: dict, run: RunDir) -> None:
+             exported: Callable[[], dict], run: RunDir) -> None:
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
@@ -366,7 +345,7 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     if fd is not None and (state.best_fd is None or fd < state.best_fd):
         state.best_fd = fd
         if logbook.active:
-            export_generator(sample_model, exported, run.best_dir)
+            export_generator(sample_model, exported(), run.best_dir)
             run.write_best({"step": state.step, **scores})
 
 
@@ -389,19 +368,23 @@ def stop_on_nonfinite(values: dict, step: int, config: Config, accelerator: Acce
             "Lower train.lr, or try train.mixed_precision=bf16 or no")
 
 
-def train(config: Config, resume: str | None = None) -> TrainResult:
+def train(config: Config, resume: str | None = None,
+          changes: list[Change] = ()) -> TrainResult:
+    """Train (or resume, with the config changes :func:`pathgan.train.resume.plan_run` took,
+    recorded at the step the resume starts from)."""
     # First of all: a preemption signal during set-up must not kill the process.
     preemption = PreemptionFlag().install()
     run = RunDir(config.run.dir)
     try:  # a file-system fault says which checkpoint is kept, and how to go on from it
         with writing(run.path, kept=lambda: ckpt.last_checkpoint_line(run),
                      rerun_args=("--resume", "latest")):
-            return _train(config, resume, preemption)
+            return _train(config, resume, list(changes), preemption)
     finally:
         preemption.uninstall()
 
 
-def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
+def _train(config: Config, resume: str | None, changes: list[Change],
+           preemption: PreemptionFlag) -> TrainResult:
     run = RunDir(config.run.dir)
     accelerator = make_accelerator(config, run.path)
     world = accelerator.num_processes
@@ -440,8 +423,17 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
                           f"{gan.classes.balance}")
     logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
-    _init_trackers(accelerator, config, state, run)
-    exported = generator_config(config.model, gan.encoder_id, gan.classes)  # generator.json
+    if accelerator.is_main_process:
+        run.drop_changes_after(state.step)  # undone with the steps they ran
+        if changes:
+            run.record_changes(state.step, changes)
+    logbook.use_wandb = init_trackers(accelerator, config, state, run)
+
+    def exported() -> dict:  # generator.json of the generator as it is now
+        return {**generator_config(config.model, gan.encoder_id, gan.classes),
+                "step": state.step, "images_seen": run.images_seen(state.step),
+                "mixed_precision": accelerator.mixed_precision}
+
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
@@ -532,10 +524,10 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
             run.clear_preempted()
             write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
                                gan.classes)
-            export_generator(sample_model, exported, run.path)
+            export_generator(sample_model, exported(), run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator, run)
     return TrainResult(state.step, preempted, run.path, nets.plain_generator,
                        {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()},
                        interrupted=interrupted)
