@@ -166,7 +166,9 @@ def assert_metrics_documented(run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "config", "overrides"), [
-    ("hybrid", EMBGAN_SMOKE, ["model.hybrid=true", "train.augment=color"]),  # encoded in the loop
+    # augmented: real images are encoded in the loop (no embedding files needed)
+    ("embgan", EMBGAN_SMOKE, ["train.augment=color"]),
+    ("hybrid", EMBGAN_SMOKE, ["model.hybrid=true", "train.augment=color"]),
     ("r3gan", REPO / "configs" / "r3gan-smoke.yaml", ["train.ema=false"]),
 ])
 def test_what_each_gan_logs_is_documented(tmp_path, slide_shards, name, config, overrides):
