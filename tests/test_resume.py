@@ -12,22 +12,12 @@ from conftest import REPO, cli_command
 from test_train import QUIET, SMOKE
 
 from pathgan.cli import main, parse_args
-from pathgan.config import OnResume, declared_on_resume, load_config
+from pathgan.config import load_config
 from pathgan.core.fileio import write_json
 from pathgan.runs import COMPLETE, RunDir
 from pathgan.train.resume import plan_run
 
 EMBGAN_SMOKE = REPO / "configs" / "embgan-smoke.yaml"
-
-
-def test_every_config_key_declares_what_a_resume_may_do():
-    undeclared = [key for key, meaning in declared_on_resume().items() if meaning is None]
-    assert not undeclared, f"declare these with held/recipe/length/setting: {undeclared}"
-    meaning = declared_on_resume()
-    assert meaning["model.kind"] is OnResume.HELD and meaning["model.ngf"] is OnResume.HELD
-    assert meaning["train.batch_size"] is OnResume.RECIPE
-    assert meaning["train.max_steps"] is OnResume.LENGTH
-    assert meaning["log.every"] is OnResume.SETTING
 
 
 @pytest.mark.parametrize("line", [
