@@ -22,6 +22,11 @@ from pathgan.runs import EvalDir, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
+#: How the demo packs the bundled slide (the README's packing section gives the same command):
+#: two patch sizes, half-overlapping tiles, shards of at most 64 patches (several shards, so that
+#: loader workers and ranks each get some).
+PACK_OPTIONS = ("--patch-sizes", "224,512", "--overlap", "0.5", "--max-count", "64",
+                "--workers", "2")
 RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
 
 
@@ -93,8 +98,7 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}"]
     timings = {
         "pack": run_stage("Pack the bundled slide into shards", [
-            "shards", "pack", SLIDE, "--out", shards, "--patch-sizes", "224,512",
-            "--overlap", "0.5", "--max-count", "64", "--workers", "2"]),
+            "shards", "pack", SLIDE, "--out", shards, *PACK_OPTIONS]),
         "show": run_stage("Show random training patches", [
             "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"]),
         "embed": run_stage("Embed every patch", [

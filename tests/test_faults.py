@@ -378,3 +378,18 @@ def test_every_command_that_writes_names_its_output_for_a_fault_line():
             f"pathgan {name}: set_defaults(writes=<the argument naming its output>)"
         if writes is not None:
             assert writes in {a.dest for a in parser._actions}, name
+
+
+def test_the_first_ctrl_c_asks_the_loop_to_stop_and_the_second_aborts_at_once():
+    from pathgan.train.signals import PreemptionFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, on the main thread
+        assert flag.requested and flag.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before
