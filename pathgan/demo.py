@@ -1,6 +1,9 @@
 """``pathgan demo``: the whole pipeline on the bundled slide, on a CPU, with no key or login.
 
 pack -> embed -> train the DCGAN -> train the Embedding GAN -> evaluate both -> report.
+The pack is the bundled slide's labelled patches (epidermis and dermis, ``shards/README.md``) with
+a held-out region as the val split; the DCGAN is class-conditional (a grid per class), and
+``pathgan utility`` says whether its patches would train a tissue classifier.
 Each stage runs as the command a user would type (printed before it runs), in its own process.
 W&B runs are written offline unless the user set ``WANDB_MODE``.
 """
@@ -17,10 +20,11 @@ from pathlib import Path
 import huggingface_hub
 
 from pathgan.core.errors import PathganError
-from pathgan.runs import EvalDir, RunDir
+from pathgan.runs import EvalDir, RunDir, safe_class_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
+CLASSES = ("dermis", "epidermis")  # the groups of shards/cmu_small_region.xml
 RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
 
 
@@ -30,11 +34,15 @@ class DemoSize:
     embgan_steps: int
     eval_samples: int
     ngf: int
+    utility_seeds: int
 
 
 SIZES = {
-    "full": DemoSize(dcgan_steps=300, embgan_steps=300, eval_samples=128, ngf=16),  # ~6 min
-    "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8),  # for tests
+    # The conditional DCGAN's classes look alike at 300 steps and apart from about 450.
+    "full": DemoSize(dcgan_steps=450, embgan_steps=300, eval_samples=128, ngf=16,
+                     utility_seeds=3),
+    "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8,
+                      utility_seeds=2),  # for tests
 }
 
 
@@ -85,19 +93,25 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     evaluation = EvalDir(out_dir / "eval")
     widths = [f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}", "data.num_workers=1"]
     common = ["log.wandb=true", *widths]
-    dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}"]
+    dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}",
+                    "model.conditional=true"]
     timings = {
-        "pack": run_stage("Pack the bundled slide into shards", [
-            "shards", "pack", SLIDE, "--out", shards, "--patch-sizes", "224,512",
-            "--overlap", "0.5", "--max-count", "64", "--workers", "2"]),
+        "pack": run_stage("Pack the bundled slide's epidermis and dermis, one region held out", [
+            "shards", "pack", SLIDE, "--out", shards, "--annotations", REPO / "shards",
+            "--label-fraction", "0.7", "--labelled-only", "--patch-sizes", "224",
+            "--overlap", "0.75", "--region-groups", "1100", "--val-fraction", "0.2",
+            "--max-count", "64", "--workers", "2"]),
         "show": run_stage("Show random training patches", [
             "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"]),
+        **{f"show {name}": run_stage(f"Show real {name} patches", [
+            "shards", "show", shards, "--label", name, "--out", real_class_grid(out_dir, name),
+            "-n", "16"]) for name in CLASSES},
         "embed": run_stage("Embed every patch", [
             "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"]),
         "untrained": run_stage("The untrained generator, exported as a baseline (0 steps)", [
             "train", *dcgan_config, f"run.dir={untrained}", "train.max_steps=0", *widths,
             "log.wandb=false"]),
-        "dcgan": run_stage("DCGAN training", [
+        "dcgan": run_stage("Conditional DCGAN training (epidermis, dermis)", [
             "train", *dcgan_config, f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
             f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
             f"ckpt.every={sizes.dcgan_steps}", *common]),
@@ -115,21 +129,34 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
         "eval": run_stage("Evaluation: untrained vs trained generators", [
             "eval", untrained, dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
             "--encoder", encoder_spec, "--out", evaluation.path]),
+        "utility": run_stage("Downstream utility: a tissue classifier trained on real, "
+                             "synthetic, both", [
+            "utility", dcgan, "--real", shards, "--seeds", sizes.utility_seeds,
+            "--out", evaluation.path]),
     }
     print_learning(evaluation.read_result(), encoder_spec)
     print("\n== Where to look")
     for label, path in [
         ("training patches grid", out_dir / "training-patches.png"),
-        ("DCGAN samples", RunDir(dcgan).samples_dir), ("DCGAN loss plot", RunDir(dcgan).loss_plot),
+        ("DCGAN samples (classes in blocks)", RunDir(dcgan).samples_dir),
+        *[(f"DCGAN {name} grid / real {name} patches",
+           f"{RunDir(dcgan).samples_dir / safe_class_folder(name)} / "
+           f"{real_class_grid(out_dir, name)}") for name in CLASSES],
+        ("DCGAN loss plot", RunDir(dcgan).loss_plot),
         ("Embedding GAN samples", RunDir(embgan).samples_dir),
         ("Embedding GAN loss plot", RunDir(embgan).loss_plot),
         ("evaluation report (grids side by side)", evaluation.report_path),
         ("evaluation figures", evaluation.result_path),
+        ("downstream utility (table and figure)", evaluation.path / EvalDir.UTILITY_REPORT),
         ("W&B offline runs (wandb sync DIR to upload)", RunDir(runs / "*").wandb_dir),
     ]:
         print(f"  {label:45s} {path}")
     print("  stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return timings
+
+
+def real_class_grid(out_dir: Path, name: str) -> Path:
+    return out_dir / f"training-patches-{safe_class_folder(name)}.png"
 
 
 def print_learning(result: dict, encoder_spec: str) -> None:
