@@ -31,3 +31,11 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     for run in report["runs"]:
         assert f"SWD {run['swd']:8.1f}" in result.stdout
     assert (out / "eval" / "report.md").is_file()
+    # the DCGAN is the conditional one: a grid per class beside the real patches of the class
+    for name in ("dermis", "epidermis"):
+        assert list((out / "runs" / "dcgan" / "samples" / name).glob("step_*.png"))
+        assert (out / f"training-patches-{name}.png").is_file()
+    assert report["runs"][1]["classes"].keys() == {"dermis", "epidermis"}
+    utility = json.loads((out / "eval" / "utility.json").read_text())
+    assert utility["held_out"].startswith("yes") and len(utility["per_seed"]) == 2
+    assert "| synthetic |" in result.stderr  # the utility table is printed (log lines)
