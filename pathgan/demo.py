@@ -1,9 +1,7 @@
 """``pathgan demo``: the whole pipeline on the bundled slide, on a CPU, with no key or login.
 
-pack -> embed -> train the DCGAN -> train the Embedding GAN -> evaluate both -> report.
-The pack is the bundled slide's labelled patches (epidermis and dermis, ``shards/README.md``) with
-a held-out region as the val split; the DCGAN is class-conditional (a grid per class), and
-``pathgan utility`` says whether its patches would train a tissue classifier.
+pack -> embed -> train the DCGAN -> train the Embedding GAN -> train the modern GAN ->
+evaluate the three -> report.
 Each stage runs as the command a user would type (printed before it runs), in its own process.
 W&B runs are written offline unless the user set ``WANDB_MODE``.
 """
@@ -20,11 +18,15 @@ from pathlib import Path
 import huggingface_hub
 
 from pathgan.core.errors import PathganError
-from pathgan.runs import EvalDir, RunDir, safe_class_folder
+from pathgan.runs import EvalDir, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
-CLASSES = ("dermis", "epidermis")  # the groups of shards/cmu_small_region.xml
+#: How the demo packs the bundled slide (the README's packing section gives the same command):
+#: two patch sizes, half-overlapping tiles, shards of at most 64 patches (several shards, so that
+#: loader workers and ranks each get some).
+PACK_OPTIONS = ("--patch-sizes", "224,512", "--overlap", "0.5", "--max-count", "64",
+                "--workers", "2")
 RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
 
 
@@ -32,17 +34,16 @@ RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
 class DemoSize:
     dcgan_steps: int
     embgan_steps: int
+    r3gan_steps: int  # the modern GAN's steps cost about twice the DCGAN's (its R1/R2 penalties)
     eval_samples: int
     ngf: int
-    utility_seeds: int
 
 
 SIZES = {
-    # The conditional DCGAN's classes look alike at 300 steps and apart from about 450.
-    "full": DemoSize(dcgan_steps=450, embgan_steps=300, eval_samples=128, ngf=16,
-                     utility_seeds=3),
-    "small": DemoSize(dcgan_steps=6, embgan_steps=4, eval_samples=16, ngf=8,
-                      utility_seeds=2),  # for tests
+    "full": DemoSize(dcgan_steps=300, embgan_steps=300, r3gan_steps=150, eval_samples=128,
+                     ngf=16),  # ~9 min
+    "small": DemoSize(dcgan_steps=6, embgan_steps=4, r3gan_steps=4, eval_samples=16,
+                      ngf=8),  # for tests
 }
 
 
@@ -90,28 +91,22 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     print(f"pathgan demo in {out_dir}\nencoder: {encoder_spec} ({why})", flush=True)
     shards, runs = out_dir / "shards", out_dir / "runs"
     untrained, dcgan, embgan = runs / "untrained", runs / "dcgan", runs / "embgan"
+    r3gan = runs / "r3gan"
     evaluation = EvalDir(out_dir / "eval")
     widths = [f"model.ngf={sizes.ngf}", f"model.ndf={sizes.ngf}", "data.num_workers=1"]
     common = ["log.wandb=true", *widths]
-    dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}",
-                    "model.conditional=true"]
+    dcgan_config = ["--config", REPO / "configs" / "dcgan-smoke.yaml", f"data.shards={shards}"]
     timings = {
-        "pack": run_stage("Pack the bundled slide's epidermis and dermis, one region held out", [
-            "shards", "pack", SLIDE, "--out", shards, "--annotations", REPO / "shards",
-            "--label-fraction", "0.7", "--labelled-only", "--patch-sizes", "224",
-            "--overlap", "0.75", "--region-groups", "1100", "--val-fraction", "0.2",
-            "--max-count", "64", "--workers", "2"]),
+        "pack": run_stage("Pack the bundled slide into shards", [
+            "shards", "pack", SLIDE, "--out", shards, *PACK_OPTIONS]),
         "show": run_stage("Show random training patches", [
             "shards", "show", shards, "--out", out_dir / "training-patches.png", "-n", "36"]),
-        **{f"show {name}": run_stage(f"Show real {name} patches", [
-            "shards", "show", shards, "--label", name, "--out", real_class_grid(out_dir, name),
-            "-n", "16"]) for name in CLASSES},
         "embed": run_stage("Embed every patch", [
             "embed", shards, "--encoder", encoder_spec, "--batch-size", "16"]),
         "untrained": run_stage("The untrained generator, exported as a baseline (0 steps)", [
             "train", *dcgan_config, f"run.dir={untrained}", "train.max_steps=0", *widths,
             "log.wandb=false"]),
-        "dcgan": run_stage("Conditional DCGAN training (epidermis, dermis)", [
+        "dcgan": run_stage("DCGAN training", [
             "train", *dcgan_config, f"run.dir={dcgan}", f"train.max_steps={sizes.dcgan_steps}",
             f"log.sample_every={max(1, sizes.dcgan_steps // 3)}",
             f"ckpt.every={sizes.dcgan_steps}", *common]),
@@ -126,28 +121,27 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
             f"train.max_steps={sizes.embgan_steps}",
             f"log.sample_every={max(1, sizes.embgan_steps // 3)}",
             f"ckpt.every={sizes.embgan_steps}", *common]),
+        # Its own widths (4 channels at 224 px): at the DCGAN's, a step would take 4 s here.
+        "r3gan": run_stage("Modern GAN training (R3GAN-style, relativistic loss with R1/R2)", [
+            "train", "--config", REPO / "configs" / "r3gan-smoke.yaml", f"data.shards={shards}",
+            f"run.dir={r3gan}", f"train.max_steps={sizes.r3gan_steps}",
+            f"log.sample_every={max(1, sizes.r3gan_steps // 3)}",
+            f"ckpt.every={sizes.r3gan_steps}", "log.wandb=true", "data.num_workers=1"]),
         "eval": run_stage("Evaluation: untrained vs trained generators", [
-            "eval", untrained, dcgan, embgan, "--real", shards, "-n", sizes.eval_samples,
+            "eval", untrained, dcgan, embgan, r3gan, "--real", shards, "-n", sizes.eval_samples,
             "--encoder", encoder_spec, "--out", evaluation.path]),
-        "utility": run_stage("Downstream utility: a tissue classifier trained on real, "
-                             "synthetic, both", [
-            "utility", dcgan, "--real", shards, "--seeds", sizes.utility_seeds,
-            "--out", evaluation.path]),
     }
     print_learning(evaluation.read_result(), encoder_spec)
     print("\n== Where to look")
     for label, path in [
         ("training patches grid", out_dir / "training-patches.png"),
-        ("DCGAN samples (classes in blocks)", RunDir(dcgan).samples_dir),
-        *[(f"DCGAN {name} grid / real {name} patches",
-           f"{RunDir(dcgan).samples_dir / safe_class_folder(name)} / "
-           f"{real_class_grid(out_dir, name)}") for name in CLASSES],
-        ("DCGAN loss plot", RunDir(dcgan).loss_plot),
+        ("DCGAN samples", RunDir(dcgan).samples_dir), ("DCGAN loss plot", RunDir(dcgan).loss_plot),
         ("Embedding GAN samples", RunDir(embgan).samples_dir),
         ("Embedding GAN loss plot", RunDir(embgan).loss_plot),
+        ("modern GAN samples", RunDir(r3gan).samples_dir),
+        ("modern GAN loss plot", RunDir(r3gan).loss_plot),
         ("evaluation report (grids side by side)", evaluation.report_path),
         ("evaluation figures", evaluation.result_path),
-        ("downstream utility (table and figure)", evaluation.path / EvalDir.UTILITY_REPORT),
         ("W&B offline runs (wandb sync DIR to upload)", RunDir(runs / "*").wandb_dir),
     ]:
         print(f"  {label:45s} {path}")
@@ -155,22 +149,23 @@ def run_demo(out_dir: str | Path = "demo", size: str = "full",
     return timings
 
 
-def real_class_grid(out_dir: Path, name: str) -> Path:
-    return out_dir / f"training-patches-{safe_class_folder(name)}.png"
-
-
 def print_learning(result: dict, encoder_spec: str) -> None:
     """What training changed, by SWD on pixels (no model involved), against the untrained
-    generator of the same architecture and seed."""
+    generator of the DCGAN's architecture and seed; and the upsampling lattice of each, by the
+    spectral peak of its samples against the real patches'."""
     runs = {run["name"]: run for run in result["runs"]}
     baseline = runs["untrained"]["swd"]
     print(f"\n== Did they learn? SWD on the pixels' Laplacian pyramids (lower is closer to real "
           f"patches; n = {result['n']} generated vs {result['real']['n']} real "
           f"{result['real']['split']} patches)")
     print(f"  untrained generator   SWD {baseline:8.1f}")
-    for name, label in (("dcgan", "DCGAN"), ("embgan", "Embedding GAN")):
+    for name, label in (("dcgan", "DCGAN"), ("embgan", "Embedding GAN"), ("r3gan", "modern GAN")):
         swd = runs[name]["swd"]
-        print(f"  {label:21s} SWD {swd:8.1f}  ({(swd - baseline) / baseline:+.0%} vs untrained)")
+        print(f"  {label:21s} SWD {swd:8.1f}  ({(swd - baseline) / baseline:+.0%} vs untrained)"
+              f"   spectral peak {runs[name]['spectral_peak']:7.1f} at "
+              f"{runs[name]['spectral_period']} px")
+    print(f"  (real patches' spectral peak: {result['real']['spectral_peak']:.1f}; a dot lattice "
+          "from transposed convolutions is hundreds)")
     if encoder_spec == RANDOM_ENCODER:
         print("  The Embedding GAN's encoder here is a RANDOM-INIT ViT, not a pathology encoder: "
               "its embeddings\n  (and FD/KID/precision/recall in its space) say nothing about "
