@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check (issue 12): every GPU path of pathgan and every GPU figure of BENCHMARKS.md in
-# one run of at most 8 minutes on one H100, on a bare machine with no network.
+# The GPU check (issues 12 and 20): every GPU path of pathgan and every GPU figure of
+# BENCHMARKS.md in one run of at most 9 minutes on one H100/H200, on a bare machine with no
+# network: the training loop with the decoded-patch cache on the device and with the stream,
+# the networks alone and the plain fp32 loop; each shard format; `pathgan embed` from shards
+# against the encoder's forward-only rate.
 #
 #   bench/gpu_check.sh             on a GPU machine (make gpu-check)
 #   bench/gpu_check.sh --dry-run   the same steps at tiny sizes on the CPU (tests/test_gpu_check.py)
@@ -44,30 +47,40 @@ COMMIT=$(git rev-parse HEAD 2>/dev/null) && [[ -n $(git status --porcelain 2>/de
     && COMMIT="$COMMIT (with uncommitted changes)"
 [[ -n $COMMIT ]] || COMMIT="$(cat .whl/COMMIT 2>/dev/null || echo unknown) (from .whl/COMMIT)"
 
-# Sizes and time limits (seconds). On the GPU the limits add up to 480 s (a cold Python on a
-# fresh machine takes 10-20 s to import torch, timm and pytest; inductor compiles for a minute),
-# so that the whole check takes at most 8 minutes; LIMIT_<STEP>=N in the environment moves time
-# between steps for a rerun. On the CPU they only stop a hung step (a loaded 2-core machine is slow).
+# Sizes and time limits (seconds). On the GPU the limits add up to 530 s (a cold Python on a
+# fresh machine takes 10-20 s to import torch, timm and pytest; inductor compiles for a minute,
+# later processes reuse its cache), so that the whole check takes at most 9 minutes;
+# LIMIT_<STEP>=N in the environment moves time between steps for a rerun. On the CPU they only
+# stop a hung step (a loaded 2-core machine is slow).
 if ((DRY_RUN)); then
-    LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_STACKING=300 LIMIT_PYTEST=900 LIMIT_TRAIN=600
-    LIMIT_EMBED=600 LIMIT_EMBGAN=600 LIMIT_REPORT=120
+    LIMIT_SETUP=300 LIMIT_DATA=300 LIMIT_STACKING=300 LIMIT_PYTEST=900 LIMIT_TRAIN=900
+    LIMIT_FORMATS=600 LIMIT_EMBED=600 LIMIT_EMBGAN=600 LIMIT_REPORT=120
     DATA_ARGS=(--stride 448 --device cpu --workers 1)
     STACKING_ARGS=(--batch-size 4 --workers 1 --batches 2 --rounds 1)
     TRAIN_ARGS=(--ngf 8 --ndf 8 --batch-size 4 --workers 1 --warmup-steps 1 --window-steps 1
-                --windows 1 --variants bf16-channels-last)
+                --windows 1 --networks-precision bf16
+                --variants bf16-channels-last-cache,bf16-channels-last-stream)
+    FORMATS_ARGS=(--batch-size 4 --batches 2 --rounds 1 --train --ngf 8 --workers 1)
     EMBED_ARGS=(--timm-model vit_tiny_patch16_224 --images 4 --per-shard 2 --batch-sizes 2,4
                 --repeats 1 --matmul-size 256 --forward-iterations 1 --num-workers 1)
     EMBGAN_ARGS=(--batch-size 2 --ngf 8 --repeats 1
                  --torch-encoder timm:vit_tiny_patch16_224:random)
     export PATHGAN_GPU_TESTS_ON_CPU=1 OMP_NUM_THREADS=1
 else
-    : "${LIMIT_SETUP:=30}" "${LIMIT_DATA:=40}" "${LIMIT_STACKING:=30}" "${LIMIT_PYTEST:=140}"
-    : "${LIMIT_TRAIN:=130}" "${LIMIT_EMBED:=75}" "${LIMIT_EMBGAN:=25}" "${LIMIT_REPORT:=10}"
+    : "${LIMIT_SETUP:=30}" "${LIMIT_DATA:=40}" "${LIMIT_STACKING:=20}" "${LIMIT_PYTEST:=140}"
+    : "${LIMIT_TRAIN:=150}" "${LIMIT_FORMATS:=60}" "${LIMIT_EMBED:=60}" "${LIMIT_EMBGAN:=20}"
+    : "${LIMIT_REPORT:=10}"
+    LOADERS=$(($(nproc) - 1))  # one loader worker per core but the trainer's
     DATA_ARGS=(--stride 112 --workers 8)
-    STACKING_ARGS=(--batch-size 128 --workers 8 --batches 8 --rounds 1)  # about 20 s
-    TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers 8 --warmup-steps 5
-                --window-steps 5 --windows 3
-                --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile)
+    STACKING_ARGS=(--batch-size 128 --workers "$LOADERS" --batches 8 --rounds 1)
+    # the plain fp32 loop, the networks alone (GPU defaults), the loop with the device cache
+    # and with the stream; bf16-channels-last-compile: compiled like the networks alone
+    TRAIN_ARGS=(--ngf 64 --ndf 64 --batch-size 128 --workers "$LOADERS" --warmup-steps 5
+                --window-steps 5 --windows 3 --networks-precision bf16 --networks-compile
+                --variants bf16-channels-last-compile-cache,bf16-channels-last-compile-stream)
+    # each format's loop streams, uncompiled (compiles would not fit the step's limit)
+    FORMATS_ARGS=(--batch-size 128 --batches 8 --rounds 1 --train --ngf 64
+                  --workers "$LOADERS")
     # no compiled forward figure: inductor's compile of ViT-S would not fit the step's limit
     # (bench/embed_throughput.py --compile-backend inductor measures it on its own)
     EMBED_ARGS=(--images 4096 --plain-images 512 --per-shard 512 --batch-sizes 64,128,256,512
@@ -117,7 +130,8 @@ export PYTHONPATH=$WORK/site:$PYTHONPATH  # the wheels, if any were needed
 echo "gpu_check: $( ((DRY_RUN)) && echo 'CPU dry run' || echo 'GPU run'), $PYTHON, commit $COMMIT"
 install_missing_wheels
 step setup "$LIMIT_SETUP" "$PYTHON" -c "import pathgan.cli, pathgan.shards.stream, \
-pathgan.train.loop, pathgan.evaluation, pathgan.sample, pathgan.embed, timm, pytest
+pathgan.shards.convert, pathgan.train.loop, pathgan.train.cache, pathgan.evaluation, \
+pathgan.sample, pathgan.embed, timm, pytest
 print('every module of the check imports')"
 step data "$LIMIT_DATA" "$PYTHON" bench/gpu_data.py --out "$WORK/data" "${DATA_ARGS[@]}"
 export PATHGAN_GPU_DATA=$WORK/data  # the tests use the shard set made by the data step
@@ -132,6 +146,8 @@ step pytest "$LIMIT_PYTEST" "$PYTHON" -m pytest -m gpu tests/test_gpu.py -q --du
     "${PER_TEST_LIMIT[@]}"
 step train_throughput "$LIMIT_TRAIN" "$PYTHON" bench/train_throughput.py \
     --shards "$WORK/data/shards" "${TRAIN_ARGS[@]}"
+step shard_formats "$LIMIT_FORMATS" "$PYTHON" bench/shard_formats.py \
+    --shards "$WORK/data/shards" "${FORMATS_ARGS[@]}"
 step embed_throughput "$LIMIT_EMBED" "$PYTHON" bench/embed_throughput.py --encoders timm \
     --precision bf16 "${EMBED_ARGS[@]}"
 step embgan_throughput "$LIMIT_EMBGAN" "$PYTHON" bench/embgan_throughput.py --encoders torch \

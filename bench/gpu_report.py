@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-STEPS = ("setup", "data", "batch_stacking", "pytest", "train_throughput", "embed_throughput",
-         "embgan_throughput")
-BENCHMARKS = ("data", "batch_stacking", "train_throughput", "embed_throughput",
+STEPS = ("setup", "data", "batch_stacking", "pytest", "train_throughput", "shard_formats",
+         "embed_throughput", "embgan_throughput")
+BENCHMARKS = ("data", "batch_stacking", "train_throughput", "shard_formats", "embed_throughput",
               "embgan_throughput")
 PACKAGES = ("accelerate", "timm", "webdataset", "numpy", "safetensors", "huggingface_hub")
 TIMED_OUT = (124, 137)  # timeout's own code, and SIGKILL after --kill-after
@@ -33,6 +33,14 @@ TIMED_OUT = (124, 137)  # timeout's own code, and SIGKILL after --kill-after
 TRAINING_SPEEDUP = 3.0  # pathgan's DCGAN loop over the plain fp32 eager loop, same GPU
 COMPUTE_BOUND_SHARE = 0.40  # embedding forward rate over the device's compute bound
 MEMORY_SHARE = 0.5  # "fits with room": the reference DCGAN's peak at most half the GPU
+# Issue 20's targets
+CACHE_VS_NETWORKS = 0.9  # the loop with the device cache over the networks alone
+STREAM_VS_NETWORKS = 0.5  # the loop streaming (16 cores) over the networks alone
+EMBED_BEFORE = 1080.5  # pathgan embed's best images/s on the H200 before issue 20 (BENCHMARKS.md)
+EMBED_SPEEDUP = 3.0
+# the GPU run's variants (compiled), else the dry run's (the same uncompiled)
+CACHE_VARIANTS = ("bf16-channels-last-compile-cache", "bf16-channels-last-cache")
+STREAM_VARIANTS = ("bf16-channels-last-compile-stream", "bf16-channels-last-stream")
 #: what a CPU dry run does not do as the GPU run does (the tests' own skips come from pytest)
 CPU_DIFFERENCES = [
     "torch.compile runs with the aot_eager backend in the tests (inductor's C++ build takes "
@@ -133,6 +141,7 @@ def targets(results: dict, dry_run: bool) -> dict:
         compiled_share = timm_results[0].get("compiled_forward_only", {}).get(
             "fraction_of_compute_bound")
     return {
+        **feeding_targets(train, embed, dry_run),
         "dcgan_training_speedup": judged(
             speedup, f">= {TRAINING_SPEEDUP}x the plain fp32 eager loop", speedup is not None
             and speedup >= TRAINING_SPEEDUP, dry_run, variant=fastest),
@@ -143,6 +152,48 @@ def targets(results: dict, dry_run: bool) -> dict:
         "reference_dcgan_memory_share": judged(
             memory, f"peak reserved <= {MEMORY_SHARE:.0%} of the GPU's memory at batch 128",
             memory is not None and memory <= MEMORY_SHARE, dry_run, variant=memory_variant),
+    }
+
+
+def feeding_targets(train: dict | None, embed: dict | None, dry_run: bool) -> dict:
+    """Issue 20's targets: the loop against its networks alone and the plain fp32 loop, with
+    the device cache and with the stream; ``pathgan embed`` against its rate before."""
+    variants = (train or {}).get("variants", {})
+    alone = (train or {}).get("networks_alone_images_per_s")
+    cache_variant = next((v for v in CACHE_VARIANTS if v in variants), CACHE_VARIANTS[0])
+    stream_variant = next((v for v in STREAM_VARIANTS if v in variants), STREAM_VARIANTS[0])
+    cache, stream = variants.get(cache_variant, {}), variants.get(stream_variant, {})
+    cache_ratio, cache_speedup = cache.get("vs_networks_alone"), cache.get("speedup")
+    stream_ratio = stream.get("vs_networks_alone")
+    timm = [e for e in (embed or {}).get("encoders", []) if "compute_bound" in e]
+    embed_best = forward_at_best = None
+    if timm:
+        runs = timm[0].get("pathgan_embed", [])
+        if runs:
+            best = max(runs, key=lambda r: r["images_per_s"])
+            embed_best = best["images_per_s"]
+            forward_at_best = next((f["images_per_s"] for f in timm[0]["forward_only"]
+                                    if f["batch_size"] == best["batch_size"]), None)
+    embed_speedup = round(embed_best / EMBED_BEFORE, 2) if embed_best else None
+    return {
+        "loop_with_device_cache_vs_networks_alone": judged(
+            cache_ratio, f">= {CACHE_VS_NETWORKS}x the networks alone (bf16, compiled)",
+            cache_ratio is not None and cache_ratio >= CACHE_VS_NETWORKS, dry_run,
+            variant=cache_variant, networks_alone_images_per_s=alone,
+            data_wait_share=cache.get("data_wait_share")),
+        "loop_with_device_cache_vs_plain_fp32": judged(
+            cache_speedup, f">= {TRAINING_SPEEDUP}x the plain fp32 eager loop",
+            cache_speedup is not None and cache_speedup >= TRAINING_SPEEDUP, dry_run,
+            variant=cache_variant),
+        "loop_with_stream_vs_networks_alone": judged(
+            stream_ratio, f">= {STREAM_VS_NETWORKS}x the networks alone on a 16-core machine",
+            stream_ratio is not None and stream_ratio >= STREAM_VS_NETWORKS, dry_run,
+            variant=stream_variant, cpu_count=os.cpu_count(),
+            data_wait_share=stream.get("data_wait_share")),
+        "embed_vs_before": judged(
+            embed_speedup, f">= {EMBED_SPEEDUP}x pathgan embed's {EMBED_BEFORE} images/s before",
+            embed_speedup is not None and embed_speedup >= EMBED_SPEEDUP, dry_run,
+            images_per_s=embed_best, forward_only_same_batch=forward_at_best),
     }
 
 

@@ -43,8 +43,8 @@ class PlainGAN:
         generator = to_device(gan.generator, device, switch_on(config.train.channels_last))
         discriminators = {k: to_device(d, device, switch_on(config.train.channels_last))
                           for k, d in gan.discriminators.items()}
-        g_optimizer = make_optimizer([generator], config)
-        d_optimizer = make_optimizer(discriminators.values(), config)
+        g_optimizer = make_optimizer([generator], config, device)
+        d_optimizer = make_optimizer(discriminators.values(), config, device)
         if compile_backend is not None:
             generator = torch.compile(generator, backend=compile_backend)
             discriminators = {k: torch.compile(d, backend=compile_backend)

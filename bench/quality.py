@@ -1,4 +1,5 @@
-"""Sample quality: the original study's DCGAN recipe vs pathgan's defaults, by SWD.
+"""Sample quality by SWD: the original study's DCGAN recipe vs pathgan's defaults
+(``--compare recipes``), or pathgan's three GANs at the same wall-clock (``--compare gans``).
 
 Both train the same networks (pathgan's Generator and Discriminator, 224x224) from the same
 seed for the same number of images, on the same patches (the bundled slide, packed as the demo
@@ -20,6 +21,18 @@ target at demo scale is <= 0.8). Grids of both go to ``--out``::
     .venv/bin/python bench/quality.py                       # demo scale on a CPU, ~10 min
     .venv/bin/python bench/quality.py --ngf 64 --batch-size 128 --steps 5000 -n 1024 \
         --shards shards/camelyon16                          # reference size on a GPU
+
+``--compare gans``: the DCGAN, the hybrid Embedding GAN and the modern GAN (r3gan) through
+``pathgan.train.loop.train`` on the same patches for the same wall-clock of training steps (set-up
+and export not counted): the DCGAN trains ``--steps`` steps and its time is the budget (or
+``--minutes``); each other GAN's step time is measured by a short probe run first and it gets as
+many steps as fit (its schedules then span exactly its run). Reported per GAN: SWD and per-level
+SWD of ``-n`` samples, the spectral peak (``pathgan eval``'s upsampling-artefact figure) of 64,
+with the real patches' as the floor, and ratios to the DCGAN; grids to ``--out``::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --compare gans     # CPU, ~15 min
+    .venv/bin/python bench/quality.py --compare gans --scale reference --minutes 30 -n 1024 \
+        --shards shards/camelyon16                          # reference configs on a GPU
 """
 
 import argparse
@@ -34,9 +47,9 @@ from torch import nn
 from pathgan.config import load_config
 from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation import fake_features, make_state, real_features, select_real, swd_extractor
-from pathgan.evaluation.metrics import sliced_wasserstein_distance
+from pathgan.evaluation.metrics import sliced_wasserstein_distance, upsampling_artefact
 from pathgan.models import Discriminator, Generator, noise_batch
-from pathgan.runs import load_generator
+from pathgan.runs import RunDir, load_generator
 from pathgan.shards.format import shard_paths
 from pathgan.shards.pack import PackOptions, pack
 from pathgan.shards.reading import ShardSamples, index_shard
@@ -44,6 +57,10 @@ from pathgan.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO / "shards" / "cmu_small_region.svs"
+CONFIGS = REPO / "configs"
+RANDOM_ENCODER = "timm:vit_tiny_patch16_224:random"
+PROBE_STEPS, PROBE_WINDOW = 12, 4  # a probe logs 3 windows of step times; the first is warm-up
+SPECTRUM_SAMPLES = 64
 
 
 def pack_demo_shards(out: Path) -> Path:
@@ -145,8 +162,104 @@ def save_grid(generator: nn.Module, path: Path, nz: int, seed: int) -> None:
     save_image_grid(signed_to_uint8(images), path, nrow=6)
 
 
+def gan_recipe(name: str, scale: str) -> tuple[Path, list[str]]:
+    """The config and overrides of each GAN: as ``make demo`` trains it (``demo``: 16-channel
+    DCGAN networks, the hybrid Embedding GAN on a random ViT-Tiny, the modern GAN's smoke
+    config), or the reference configs (the Embedding GAN with its config's encoder, hybrid)."""
+    if scale == "demo":
+        widths = ["model.ngf=16", "model.ndf=16"]
+        return {"dcgan": (CONFIGS / "dcgan-smoke.yaml", widths),
+                "embgan": (CONFIGS / "embgan-smoke.yaml",
+                           [*widths, f"model.encoder={RANDOM_ENCODER}", "model.hybrid=true",
+                            "train.augment=color,translation"]),
+                "r3gan": (CONFIGS / "r3gan-smoke.yaml", [])}[name]
+    return {"dcgan": (CONFIGS / "dcgan.yaml", []),
+            "embgan": (CONFIGS / "embgan.yaml", ["model.hybrid=true",
+                                                  "train.augment=color,translation"]),
+            "r3gan": (CONFIGS / "r3gan.yaml", [])}[name]
+
+
+def loop_seconds(run_dir: Path) -> float:
+    """Seconds the run's training steps took, from its logged windows' step times (set-up,
+    checkpoints between windows and export not counted)."""
+    seconds, previous = 0.0, 0
+    for row in RunDir(run_dir).read_metrics():
+        if "step_time" in row:
+            seconds += row["step_time"] * (row["step"] - previous)
+            previous = row["step"]
+    return seconds
+
+
+def train_gan(name: str, args, shards: Path, run_dir: Path, steps: int, log_every: int) -> Path:
+    config, overrides = gan_recipe(name, args.scale)
+    train(load_config(config, [
+        *overrides, f"data.shards={shards}", f"run.dir={run_dir}", f"run.seed={args.seed}",
+        f"train.max_steps={steps}", f"log.every={log_every}", f"log.sample_every={steps}",
+        f"ckpt.every={steps}", "log.wandb=false", "data.num_workers=1", *args.override]))
+    return run_dir
+
+
+def probe_step_seconds(name: str, args, shards: Path, work: Path) -> float:
+    """A GAN's seconds a step, from a short run (its first window, warm-up, left out)."""
+    run_dir = train_gan(name, args, shards, work / f"probe-{name}", PROBE_STEPS, PROBE_WINDOW)
+    times = [row["step_time"] for row in RunDir(run_dir).read_metrics() if "step_time" in row]
+    return sum(times[1:]) / len(times[1:])
+
+
+def judge_generator(run_dir: Path, real_rows, real_spectrum: dict, args, state) -> dict:
+    generator = load_generator(run_dir, "cpu")[0]
+    swd = swd_of(generator, real_rows, args, state)
+    with torch.no_grad():
+        images = generator(noise_batch(SPECTRUM_SAMPLES, generator.nz, args.seed))
+    artefact = upsampling_artefact(images)
+    save_grid(generator, args.out / f"{run_dir.name}.png", generator.nz, args.seed)
+    return {**swd, "spectral_peak": artefact["peak"], "spectral_period": artefact["period"],
+            "spectral_peak_over_real": artefact["peak"] / real_spectrum["peak"]}
+
+
+def compare_gans(args, shards: Path, work: Path, real, real_rows, state) -> dict:
+    """The three GANs at the DCGAN's wall-clock of training steps (or ``--minutes``)."""
+    real_images = torch.stack([real.dataset[i][1] for i in range(min(SPECTRUM_SAMPLES,
+                                                                   len(real)))])
+    real_spectrum = upsampling_artefact(real_images.float())
+    runs: dict[str, dict] = {}
+    budget = args.minutes * 60 if args.minutes else None
+    if budget is None:  # the DCGAN's own steps set the budget
+        dcgan = train_gan("dcgan", args, shards, work / "dcgan", args.steps, 10)
+        budget = loop_seconds(dcgan)
+        runs["dcgan"] = {"steps": args.steps, "train_seconds": round(budget, 1)}
+    for name in ("dcgan", "embgan", "r3gan"):
+        if name in runs:
+            continue
+        per_step = probe_step_seconds(name, args, shards, work)
+        steps = max(1, round(budget / per_step))
+        run_dir = train_gan(name, args, shards, work / name, steps, 10)
+        runs[name] = {"steps": steps, "probe_step_seconds": round(per_step, 3),
+                      "train_seconds": round(loop_seconds(run_dir), 1)}
+    for name, entry in runs.items():
+        entry.update(judge_generator(work / name, real_rows, real_spectrum, args, state))
+    dcgan = runs["dcgan"]
+    for entry in runs.values():
+        entry["swd_ratio_to_dcgan"] = entry["swd"] / dcgan["swd"]
+        entry["spectral_peak_ratio_to_dcgan"] = entry["spectral_peak"] / dcgan["spectral_peak"]
+    return {"benchmark": "quality-gans", "scale": args.scale, "n": args.n, "n_real": len(real),
+            "real_split": real.split, "seed": args.seed, "budget_seconds": round(budget, 1),
+            "real_spectral_peak": real_spectrum["peak"],
+            "real_spectral_period": real_spectrum["period"], "overrides": args.override,
+            "runs": runs, "grids": [str(args.out / f"{name}.png") for name in runs],
+            "gpu_command": "bench/quality.py --compare gans --scale reference --minutes 30 "
+                           "-n 1024 --shards shards/camelyon16"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=("recipes", "gans"), default="recipes",
+                        help="the original DCGAN recipe vs pathgan's (default), or the three "
+                        "GANs at the same wall-clock")
+    parser.add_argument("--scale", choices=("demo", "reference"), default="demo",
+                        help="--compare gans: the demo's settings or the reference configs")
+    parser.add_argument("--minutes", type=float, help="--compare gans: the budget of training "
+                        "steps per GAN (default: the DCGAN's time for --steps)")
     parser.add_argument("--shards", type=Path, help="a shard set (default: the demo's packing "
                         "of the bundled slide)")
     parser.add_argument("--ngf", type=int, default=16)
@@ -169,6 +282,10 @@ def main() -> None:
         shards = args.shards or pack_demo_shards(work / "shards")
         real = select_real(shards, args.n, args.seed)
         real_rows = real_features(real, [swd_extractor(args.n, args.seed)], state)
+        if args.compare == "gans":
+            print(json.dumps(compare_gans(args, shards, work, real, real_rows, state),
+                             indent=2))
+            return
 
         started = time.perf_counter()
         original = train_original(args, export_image_folder(shards, work / "folder"), device)

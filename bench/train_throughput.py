@@ -1,17 +1,25 @@
-"""Training images/s: pathgan's loop vs a plain fp32 eager single-process loop.
+"""Training images/s: pathgan's loop vs a plain fp32 eager single-process loop, and vs its own
+networks alone.
 
-Both train the same DCGAN networks at the same batch on the same device. The plain loop is the
-reference's: fp32, eager, contiguous tensors, default Adam, sigmoid-free BCE-with-logits, fed
+Both loops train the same DCGAN networks at the same batch on the same device. The plain loop is
+the reference's: fp32, eager, contiguous tensors, default Adam, sigmoid-free BCE-with-logits, fed
 from an in-memory batch (so data loading costs it nothing). pathgan's loop runs for real
-(``train()`` on packed shards, data pipeline included) with each variant's overrides, each
-variant in a fresh process (Accelerate's precision is fixed once per process; the peak GPU
-memory is then each variant's own). The data stream alone (``data_stream_images_per_s``) is the
-bound data puts on pathgan's loop. Rates are medians over timed windows after warm-up; one JSON
-object out::
+(``train()`` on packed shards, its data included: the decoded-patch cache or the stream, as
+``data.cache`` says) with each variant's overrides, each variant in a fresh process
+(Accelerate's precision is fixed once per process; the peak GPU memory is then each variant's
+own). The data stream alone (``data_stream_images_per_s``) is the bound the stream puts on the
+loop; the networks alone (``networks_alone_images_per_s``: pathgan's networks, objective and
+fused Adam stepped on a batch already on the device, in ``--networks-precision`` with
+channels_last, compiled with ``--networks-compile``) are the bound the networks put on it. Each
+variant also reports the share of its step time the host waited for data (``data_wait_share``,
+from the loop's own log). Rates are medians over timed windows after warm-up; one JSON object
+out::
 
     .venv/bin/python bench/train_throughput.py                      # CPU: small widths
+    .venv/bin/python bench/train_throughput.py --variants cache-host,stream   # CPU: data wait
     .venv/bin/python bench/train_throughput.py --ngf 64 --ndf 64 --batch-size 128 \
-        --variants fp32,bf16,bf16-channels-last,bf16-channels-last-compile    # on a GPU
+        --networks-precision bf16 --networks-compile \
+        --variants fp32,bf16-channels-last-compile-cache,bf16-channels-last-compile-stream
 """
 
 import argparse
@@ -49,6 +57,20 @@ VARIANTS = {
     "bf16-channels-last-compile": ["train.mixed_precision=bf16", "train.channels_last=on",
                                    "train.compile=on"],
     "fp32-contiguous": ["train.channels_last=off"],
+    # with the decoded-patch cache on the device, and streaming instead: uncompiled...
+    "bf16-channels-last-cache": ["train.mixed_precision=bf16", "train.channels_last=on",
+                                 "train.compile=off", "data.cache=device"],
+    "bf16-channels-last-stream": ["train.mixed_precision=bf16", "train.channels_last=on",
+                                  "train.compile=off", "data.cache=off"],
+    # ... and the GPU defaults (compiled)
+    "bf16-channels-last-compile-cache": ["train.mixed_precision=bf16", "train.channels_last=on",
+                                         "train.compile=on", "data.cache=device"],
+    "bf16-channels-last-compile-stream": ["train.mixed_precision=bf16",
+                                          "train.channels_last=on", "train.compile=on",
+                                          "data.cache=off"],
+    # the CPU defaults with the cache in host memory, and streaming instead
+    "cache-host": ["data.cache=host"],
+    "stream": ["data.cache=off"],
 }
 
 
@@ -81,6 +103,31 @@ def plain_loop_rate(args, device: torch.device) -> float:
         F.binary_cross_entropy_with_logits(discriminator(fake), ones).backward()
         g_optimizer.step()
 
+    return timed_rate(step, args, device)
+
+
+def networks_alone_rate(args, device: torch.device) -> float:
+    """pathgan's networks, objective and optimizer stepped without the loop (``PlainGAN``), on
+    one batch already on the device: what the loop could reach if nothing else cost time."""
+    from plain_gan import PlainGAN
+
+    config = load_config(REPO / "configs" / "dcgan.yaml",
+                         [f"model.nz={args.nz}", f"model.ngf={args.ngf}", f"model.ndf={args.ndf}",
+                          "train.channels_last=true"])
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.networks_precision]
+    backend = "inductor" if args.networks_compile else None
+    gan = PlainGAN.build(config, device, compile_backend=backend, autocast_dtype=dtype)
+    real = {"images": (torch.rand(args.batch_size, 3, 224, 224, device=device) * 2 - 1
+                       ).contiguous(memory_format=torch.channels_last)}
+
+    def step():
+        gan.step(real, torch.randn(args.batch_size, args.nz, device=device))
+
+    return timed_rate(step, args, device)
+
+
+def timed_rate(step, args, device: torch.device) -> float:
+    """Median images/s of ``step`` over ``args.windows`` windows, after warm-up steps."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -125,8 +172,10 @@ def pathgan_rate(args, shards: Path, variant: str, scratch: Path) -> dict:
     train(load_config(REPO / "configs" / "dcgan.yaml", overrides))
     rows = RunDir(scratch / variant).read_metrics()
     # Windows end every window_steps; the first warmup_steps belong to warm-up.
-    timed = [row["images_per_s"] for row in rows if row["step"] > args.warmup_steps]
-    return {"images_per_s": round(statistics.median(timed), 2), **peak_memory()}
+    timed = [row for row in rows if row["step"] > args.warmup_steps]
+    return {"images_per_s": round(statistics.median(r["images_per_s"] for r in timed), 2),
+            "data_wait_share": round(statistics.median(r["data_wait_share"] for r in timed), 4),
+            **peak_memory()}
 
 
 def pathgan_rate_in_own_process(args, shards: Path, variant: str, scratch: Path) -> dict:
@@ -156,6 +205,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--networks-precision", choices=["fp32", "bf16"], default="fp32",
+                        help="autocast of the networks-alone figure (bf16: the GPU default)")
+    parser.add_argument("--networks-compile", action="store_true",
+                        help="compile the networks-alone figure's networks (inductor)")
     parser.add_argument("--shards", type=Path, default=None,
                         help="a packed shard set (default: pack the bundled slide, which needs "
                              "tiffslide)")
@@ -181,6 +234,9 @@ def main() -> None:
         stream = stream_rate(args, shards)
         print(f"train_throughput: the data stream alone: {stream:.2f} images/s",
               file=sys.stderr, flush=True)
+        alone = networks_alone_rate(args, device)
+        print(f"train_throughput: the networks alone: {alone:.2f} images/s",
+              file=sys.stderr, flush=True)
         results = {v: pathgan_rate_in_own_process(args, shards, v, Path(scratch))
                    for v in variants}
 
@@ -194,8 +250,12 @@ def main() -> None:
         "plain_fp32_images_per_s": round(baseline, 2),
         "plain_fp32_memory": plain_fp32_memory,
         "data_stream_images_per_s": round(stream, 2),
-        "variants": {v: {**r, **({"speedup": round(rates[v] / baseline, 2)} if v in rates
-                                 else {})} for v, r in results.items()},
+        "networks_alone_images_per_s": round(alone, 2),
+        "networks_alone": {"precision": args.networks_precision,
+                           "compiled": args.networks_compile, "channels_last": True},
+        "variants": {v: {**r, **({"speedup": round(rates[v] / baseline, 2),
+                                  "vs_networks_alone": round(rates[v] / alone, 2)}
+                                 if v in rates else {})} for v, r in results.items()},
         "speedup": round(rates[variants[0]] / baseline, 2) if variants[0] in rates else None,
         "fastest_variant": max(rates, key=rates.get) if rates else None,
         "torch": torch.__version__,

@@ -28,6 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides anywhere on it for the commands that take
+    them (``--resume latest`` in the middle would otherwise end the overrides: argparse reads
+    one run of positionals only)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "intermixed_overrides", False):
+        stray = [word for word in extra if word.startswith("-") or "=" not in word]
+        if not stray:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def run_handler(handler, args, argv: list[str] | None = None) -> int:
     """Run a command handler: a PathganError becomes one line on stderr and exit code 2 (a
     file-system fault also says the command that continues, ``argv`` again); an interrupt says
@@ -66,7 +83,7 @@ def _interrupted_line(interrupt: KeyboardInterrupt, argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_handler(args.handler, args, argv)
 
 

@@ -179,8 +179,9 @@ def embed_job(shards_dir: str | Path, encoder, *, batch_size: int = DEFAULT_BATC
     encoder_id = loaded.encoder_id if loaded is not None else as_encoder_id(spec)
 
     pending, skipped, failed = _pending_shards(shards_dir, mine, encoder_id, log)
-    if num_workers is None:
-        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    if num_workers is None:  # the node's cores shared by its ranks, one left to each rank
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        num_workers = min(16, max(0, (os.cpu_count() or 1) // ranks_here - 1))
     embedded = Embedded()
     if pending:
         embedded = _run(EmbedJob(pending, loaded, spec, encoder_id, device, batch_size,
@@ -281,39 +282,52 @@ def _run(job: EmbedJob) -> Embedded:
     position = job.worker if job.workers > 1 and job.worker < 8 else None
     bar = tqdm(total=len(dataset), unit="img", desc=f"embed {job.worker + 1}/{job.workers}",
                disable=not job.progress, position=position, dynamic_ncols=True, mininterval=1.0)
-    next_to_write = 0
+    written = [0]  # shards written, in order
+
+    def record(indices: list[int], outputs: torch.Tensor | None, failures: list) -> None:
+        """A batch's results into its shards' rows; every shard complete by now is written."""
+        if outputs is not None:
+            rows = outputs.cpu().numpy()  # waits for this batch only: the next one is queued
+            for row, index in enumerate(indices):
+                item = shard_of(index)
+                item.embeddings[index - item.start] = rows[row]
+                item.ok[index - item.start] = True
+                item.done += 1
+        for index, error in failures:
+            item = shard_of(index)
+            key = item.keys[index - item.start]
+            item.errors[key] = error
+            item.done += 1
+            embedded.missing.append({"shard": item.shard["name"], "key": key, "reason": error})
+            job.log(f"pathgan embed: corrupt sample {key} in {item.shard['name']}: {error}")
+        embedded.images += len(indices)
+        bar.update(len(indices) + len(failures))
+        while written[0] < len(job.shards) and job.shards[written[0]].complete:
+            item = job.shards[written[0]]
+            _write_output(item, encoder)
+            embedded.shards_written += 1
+            item.embeddings = None  # free it
+            written[0] += 1
+
     compute_started = time.perf_counter()
+    previous = None  # the batch whose results are read once the next one is on the device
     try:
         for indices, images, failures in batches:
+            outputs = None
             if images is not None:
                 with torch.no_grad():
                     inputs = uint8_to_signed(images.to(job.device, non_blocking=True))
-                    outputs = encoder(inputs).float().cpu().numpy()
-                for row, index in enumerate(indices):
-                    item = shard_of(index)
-                    item.embeddings[index - item.start] = outputs[row]
-                    item.ok[index - item.start] = True
-                    item.done += 1
-            for index, error in failures:
-                item = shard_of(index)
-                key = item.keys[index - item.start]
-                item.errors[key] = error
-                item.done += 1
-                embedded.missing.append({"shard": item.shard["name"], "key": key,
-                                         "reason": error})
-                job.log(f"pathgan embed: corrupt sample {key} in {item.shard['name']}: {error}")
-            embedded.images += len(indices)
-            bar.update(len(indices) + len(failures))
-            while next_to_write < len(job.shards) and job.shards[next_to_write].complete:
-                item = job.shards[next_to_write]
-                _write_output(item, encoder)
-                embedded.shards_written += 1
-                item.embeddings = None  # free it
-                next_to_write += 1
+                    outputs = encoder(inputs).float()
+            if previous is not None:
+                record(*previous)
+            previous = (indices, outputs, failures)
+        if previous is not None:
+            record(*previous)
     finally:
         bar.close()
         dataset.close()
         embedded.seconds = round(time.perf_counter() - compute_started, 3)
+    next_to_write = written[0]
     for item in job.shards[next_to_write:]:  # only an empty shard can be left
         item.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
         item.ok = np.zeros(0, bool)

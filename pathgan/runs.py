@@ -4,6 +4,8 @@ The contract between ``pathgan train`` and the stages that read its runs (``samp
 ``push`` and its model card, the demo), as :mod:`pathgan.shards.format` is the shard set's::
 
     RUN/config.yaml                   the resolved config, read back as the typed Config
+    RUN/changes.jsonl                 what resumes changed, with the step ({"step": N,
+                                      "changes": {"train.lr": {"from": A, "to": B}}, ...})
     RUN/metrics.jsonl                 one JSON object per logged step ({"step": N, ...})
     RUN/samples/step_NNNNNN.png       grids drawn from the run's fixed noise
     RUN/samples/<class>/step_NNNNNN.png  a conditional run's: the same noise, all of one class
@@ -16,6 +18,8 @@ The contract between ``pathgan train`` and the stages that read its runs (``samp
     RUN/best/                         the generator of the best in-loop evaluation, and best.json
     RUN/PREEMPTED                     a run stopped by a signal before its end (holds the step)
     RUN/eval/                         ``pathgan eval``'s default output (:class:`EvalDir`)
+    RUN/evaluations.jsonl             where ``pathgan eval`` wrote each eval.json of this
+                                      generator ({"eval": PATH, "created": ...}), anywhere
     RUN/wandb/                        Weights & Biases' own files (offline runs)
 
 A *generator folder* is any folder that holds the two generator files: a run folder, its
@@ -30,14 +34,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pathgan.config import Config, load_config, save_config
+from pathgan.config import Change, Config, load_config, save_config, with_values
 from pathgan.core.errors import PathganError
-from pathgan.core.fileio import atomic_path, read_json, write_json
+from pathgan.core.fileio import atomic_path, read_json, timestamp, write_json
 from pathgan.models.conditional import ConditionalGenerator
 from pathgan.models.dcgan import Generator
 from pathgan.models.r3gan import R3Generator
 
 CONFIG = "config.yaml"
+CHANGES = "changes.jsonl"
+EVALUATIONS = "evaluations.jsonl"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 LOSS_PLOT = "loss.png"
@@ -85,6 +91,55 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(config, self.config_path)
 
+    # -- what resumes changed ---------------------------------------------------------------------
+    @property
+    def changes_path(self) -> Path:
+        return self.path / CHANGES
+
+    def read_changes(self) -> list[dict]:
+        """The records of ``changes.jsonl``, oldest first (a line torn by a kill is skipped)."""
+        return _read_jsonl(self.changes_path, "step")
+
+    def record_changes(self, step: int, changes: list[Change]) -> None:
+        """Append what a resume at ``step`` changed (its first step runs with the new values)."""
+        record = {"step": step, "time": timestamp(),
+                  "changes": {c.key: {"from": c.old, "to": c.new} for c in changes}}
+        with open(self.changes_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def drop_changes_after(self, step: int) -> None:
+        """On resume from ``step``: changes made later are undone with the steps they ran."""
+        records = self.read_changes()
+        kept = [record for record in records if record["step"] <= step]
+        if len(kept) != len(records):
+            _write_jsonl(self.changes_path, kept)
+
+    def config_at(self, step: int) -> Config:
+        """The config the steps up to ``step`` ran with: ``config.yaml`` with the changes
+        recorded after ``step`` undone, newest first."""
+        config = self.read_config()
+        for record in reversed(self.read_changes()):
+            if record["step"] > step:
+                config = with_values(config, {key: change["from"]
+                                              for key, change in record["changes"].items()})
+        return config
+
+    def images_seen(self, step: int) -> int:
+        """Real images the discriminator saw in ``step`` steps: each stretch of steps at the
+        global batch size it ran with (``changes.jsonl``, then ``config.yaml``)."""
+        stretches = []  # (first step, batch size from there on)
+        for record in self.read_changes():
+            change = record["changes"].get("train.batch_size")
+            if change is not None:
+                if not stretches:
+                    stretches.append((0, change["from"]))
+                stretches.append((record["step"], change["to"]))
+        if not stretches:
+            stretches = [(0, self.read_config().train.batch_size)]
+        ends = [start for start, _ in stretches[1:]] + [step]
+        return sum(max(0, min(end, step) - start) * batch
+                   for (start, batch), end in zip(stretches, ends, strict=True))
+
     # -- metrics, samples, the loss plot --------------------------------------------------------
     @property
     def metrics_path(self) -> Path:
@@ -92,17 +147,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """The rows of ``metrics.jsonl``; a line torn by a kill mid-append is skipped."""
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-        return rows
+        return _read_jsonl(self.metrics_path, "step")
 
     def last_logged_step(self) -> int | None:
         rows = self.read_metrics()
@@ -200,14 +245,47 @@ class RunDir:
         """Where ``pathgan eval`` of this run alone writes by default."""
         return self.path / EVAL
 
+    @property
+    def evaluations_path(self) -> Path:
+        return self.path / EVALUATIONS
+
+    def record_evaluation(self, result: Path) -> None:
+        """Note where ``pathgan eval`` wrote an ``eval.json`` that scored this generator."""
+        record = {"eval": str(Path(result).resolve()), "created": timestamp()}
+        with open(self.evaluations_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
     def eval_results(self) -> list[Path]:
-        """Every ``eval.json`` one folder down (``RUN/eval``, ``RUN/best/eval``, any ``--out``
-        put inside the run)."""
-        return sorted(self.path.glob(f"*/{EvalDir.RESULT}"))
+        """Every ``eval.json`` that may score this generator: those one folder down
+        (``RUN/eval``, any ``--out`` put inside the run) and those ``evaluations.jsonl`` points
+        to that are still there."""
+        recorded = [Path(record["eval"]) for record in _read_jsonl(self.evaluations_path, "eval")]
+        return sorted({*(path.resolve() for path in self.path.glob(f"*/{EvalDir.RESULT}")),
+                       *(path for path in recorded if path.is_file())})
 
     @property
     def wandb_dir(self) -> Path:
         return self.path / WANDB
+
+
+def _read_jsonl(path: Path, required: str) -> list[dict]:
+    """The objects of a JSON-lines file that have ``required``; a torn line is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and required in row:
+            rows.append(row)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def safe_class_folder(name: str) -> str:

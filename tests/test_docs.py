@@ -1,6 +1,9 @@
-"""The docs tell the truth: every config key and every packing flag is documented, and what the
+"""The docs tell the truth: every config key and every packing flag is documented, what the
 comments of launch/ and slurm/ name (commands, encoder specs, configs, environment variables)
-exists and parses."""
+exists and parses, and every command of the README's, launch/'s and slurm/'s examples runs as
+written as far as it can without data: through pathgan's own parser, its configs resolved, and
+`accelerate launch` lines through accelerate's parser with their config files loaded by
+accelerate's own loader."""
 
 import contextlib
 import dataclasses
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from pathgan.cli import build_parser
+from pathgan.cli import build_parser, parse_args
 from pathgan.config import Config, load_config
 from pathgan.core.errors import PathganError
 from pathgan.encoders import is_encoder_id, parse_spec
@@ -58,6 +61,15 @@ def test_every_option_of_the_main_commands_is_documented():
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     assert f"`{flag}" in README, f"pathgan {' '.join(path)} {flag}"
+
+
+def test_the_packing_section_gives_the_demos_options():
+    from pathgan.demo import PACK_OPTIONS
+
+    section = _readme_section("Packing shards")
+    command = "pathgan shards pack shards/cmu_small_region.svs --out shards/sample " + \
+        " ".join(PACK_OPTIONS)
+    assert command in section
 
 
 def test_readme_starts_with_the_two_commands():
@@ -129,7 +141,7 @@ def _parse(words: list[str]) -> tuple[object, str]:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         try:
-            return build_parser().parse_args(words), ""
+            return parse_args(words), ""
         except SystemExit as stop:  # --help exits 0
             return None, "" if stop.code == 0 else printed.getvalue().strip()
 
@@ -216,3 +228,93 @@ def test_the_gpu_request_of_train_sbatch_says_how_to_override_it():
     for name in ("slurm/train.sbatch", "slurm/README.md", "README.md (SLURM)"):
         text = SCRIPT_DOCS[name]
         assert "--gres=none" in text and re.search(r"--gres=gpu:[0-9N]\b", text), name
+
+
+# --- the README's examples run as written ------------------------------------------------------
+
+EXAMPLE_DOCS = {name: (REPO / name).read_text()
+                for name in ("README.md", "launch/README.md", "slurm/README.md")}
+
+
+def _example_lines() -> list[tuple[str, str]]:
+    """(document, line) for every line of a ```bash block, continuations joined."""
+    lines = []
+    for name, text in EXAMPLE_DOCS.items():
+        text = re.sub(r"\\\n\s*", " ", text)
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            lines.extend((name, line) for line in block.splitlines() if line.strip())
+    return lines
+
+
+def _example_commands(pattern: str) -> list[tuple[str, list[str]]]:
+    return [(name, _words(line[match.end():])) for name, line in _example_lines()
+            for match in re.finditer(pattern, line)]
+
+
+PATHGAN = r"(?:^|[\s\"'(=])(?:[\w./-]*/)?pathgan\s+"
+
+
+def test_every_pathgan_example_parses():
+    commands = [(name, words) for name, words in _example_commands(PATHGAN)
+                if words and words[0] in _subcommands(build_parser())]
+    assert len(commands) >= 30, commands
+    for name, words in commands:
+        _, error = _parse(words)
+        assert not error, f"{name}: `pathgan {' '.join(words)}`: {error}"
+
+
+def _resolves(name: str, words: list[str]) -> None:
+    """A training command's config, as pathgan train would resolve it (a resume needs its run
+    folder: it must name one)."""
+    args, _ = _parse(words)
+    if args.resume is not None:
+        assert args.config or any(o.startswith("run.dir=") for o in args.overrides), \
+            f"{name}: `pathgan {' '.join(words)}` names no run folder to resume"
+    if args.config and not _is_placeholder(args.config) and "{" not in args.config:
+        try:
+            load_config(REPO / args.config, args.overrides)
+        except PathganError as error:
+            raise AssertionError(f"{name}: `pathgan {' '.join(words)}`: {error}") from None
+
+
+def test_every_training_example_resolves_its_config():
+    commands = [(name, words) for name, words in _example_commands(PATHGAN)
+                if words and words[0] == "train"]
+    assert len(commands) >= 8, commands
+    for name, words in commands:
+        _resolves(name, words)
+
+
+def test_every_accelerate_launch_example_runs_as_written():
+    """Parsed by accelerate's own parser; its config file loaded by accelerate's own loader,
+    and a file that leaves the process count open (-1) comes with --num_processes, or
+    accelerate would stop to ask; the pathgan command it launches parses and resolves."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    commands = _example_commands(r"accelerate launch\s+")
+    assert len(commands) >= 4, commands
+    for name, words in commands:
+        args = launch_command_parser().parse_args(words)
+        shown = f"{name}: `accelerate launch {' '.join(words)}`"
+        if args.config_file:
+            loaded = load_config_from_file(str(REPO / args.config_file))
+            if loaded.num_processes in (None, -1):
+                assert args.num_processes, f"{shown}: {args.config_file} leaves num_processes " \
+                                           "to be asked: pass --num_processes N"
+        assert args.module and args.training_script == "pathgan", shown
+        pathgan = args.training_script_args
+        _, error = _parse(pathgan)
+        assert not error, f"{shown}: {error}"
+        if pathgan[0] == "train":
+            _resolves(name, pathgan)
+
+
+def test_every_launch_config_loads_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted(REPO.glob("launch/*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        loaded = load_config_from_file(str(path))
+        assert loaded.compute_environment.value == "LOCAL_MACHINE", path.name

@@ -70,6 +70,25 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def test_an_eval_written_outside_the_run_is_found_from_it(single, tiny_run):
+    from pathgan.runs import RunDir
+
+    out, _ = single
+    assert (out / "eval.json").resolve() in RunDir(tiny_run).eval_results()
+
+
+def test_a_run_scored_in_the_encoder_it_trained_against_is_said():
+    from pathgan.evaluation.job import trained_against
+
+    embgan = {"kind": "embgan", "encoder": "timm:x:random", "encoder_id": "timm-x--random-1"}
+    assert trained_against(embgan, "timm:x:random", "another-id")
+    assert trained_against(embgan, "path-foundation:/copy", "timm-x--random-1")
+    assert not trained_against(embgan, "timm:y:random", "timm-y--random-2")
+    assert not trained_against({"kind": "dcgan", "encoder": None, "encoder_id": None},
+                               "timm:x:random", "timm-x--random-1")
+
+
+@pytest.mark.slow
 def test_two_processes_give_the_same_figures(single, tiny_run, slide_shards, tmp_path):
     _, expected = single
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

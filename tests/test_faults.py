@@ -284,3 +284,112 @@ def test_ctrl_c_finishes_the_step_saves_and_the_resume_matches(tmp_path, slide_s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"finished at step {step + 2}" in resumed.stdout
     assert not RunDir(run_dir).preempted
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_stops_every_rank_at_the_same_step(tmp_path, slide_shards):
+    run_dir = tmp_path / "two-ranks"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "pathgan"]
+    command = [*launch, *train_argv(slide_shards, run_dir, "log.wandb=false", "log.every=1",
+                                    "ckpt.every=1000", "train.max_steps=1000")[3:]]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=QUIET, start_new_session=True)
+    wait_for(lambda: len(RunDir(run_dir).read_metrics()) >= 2, process)
+    # the terminal's Ctrl-C reaches the launcher alone (each rank has a session of its own);
+    # the launcher forwards it to every rank
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    step = RunDir(run_dir).last_logged_step()
+    assert f"interrupted at step {step}; checkpoint saved; rerun with --resume latest" in stdout
+    saved = RunDir(run_dir).checkpoint_dir(step)
+    # both ranks wrote their part of the same step's checkpoint, which is complete
+    assert {p.name for p in saved.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    assert [p.name for p in RunDir(run_dir).checkpoints_dir.iterdir()] == [saved.name]
+    assert int(read_json(saved / "COMPLETE")["step"]) == step
+
+
+def mount_tmpfs(folder: Path, megabytes: int, remount: bool = False) -> None:
+    """A small file system of its own (root with CAP_SYS_ADMIN only: skipped elsewhere)."""
+    options = f"{'remount,' if remount else ''}size={megabytes}m"
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()[:200]})")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_one_before_and_the_resume_goes_on(
+        tmp_path, slide_shards):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount_tmpfs(disk, 24)  # one checkpoint of the smoke DCGAN (about 15 MB) fits, not two
+    try:
+        run_dir = disk / "run"
+        common = ["log.wandb=false", "ckpt.every=2", "ckpt.keep=2", "log.every=1"]
+        failed = subprocess.run(train_argv(slide_shards, run_dir, *common, "train.max_steps=6"),
+                                capture_output=True, text=True, env=QUIET, timeout=300)
+        assert failed.returncode == 2
+        line = one_error_line(failed.stderr)  # torch.save's "unexpected pos" recognised
+        run = RunDir(run_dir)
+        assert line.startswith(f"{run.checkpoints_dir}/checkpoint-000004.partial")
+        assert "no space left on the device (" in line
+        assert f"kept: the last complete checkpoint, {run.checkpoint_dir(2)} (step 2)" in line
+        assert [p.name for p in run.checkpoints_dir.iterdir()] == ["checkpoint-000002"]
+        undisturbed = tmp_path / "undisturbed"
+        subprocess.run(train_argv(slide_shards, undisturbed, *common, "train.max_steps=2"),
+                       check=True, capture_output=True, env=QUIET, timeout=300)
+        assert_same_weights(
+            load_file(run.checkpoint_dir(2) / "model.safetensors"),
+            load_file(RunDir(undisturbed).checkpoint_dir(2) / "model.safetensors"))
+        mount_tmpfs(disk, 64, remount=True)  # space freed: the printed command goes on
+        resumed = subprocess.run(continue_argv(line), capture_output=True, text=True,
+                                 env=QUIET, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from" in resumed.stdout + resumed.stderr
+        assert "finished at step 6" in resumed.stdout
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# Commands whose stage wraps its own writes (and says what it kept), or that write nothing.
+STAGE_WRAPPED = {"train", "shards pack", "embed", "shards verify"}
+
+
+def test_every_command_that_writes_names_its_output_for_a_fault_line():
+    import argparse
+
+    from pathgan.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*prefix, name))
+        if prefix and parser.get_default("handler"):
+            yield " ".join(prefix), parser
+
+    for name, parser in commands(build_parser()):
+        writes = parser.get_default("writes")
+        assert name in STAGE_WRAPPED or writes is not None, \
+            f"pathgan {name}: set_defaults(writes=<the argument naming its output>)"
+        if writes is not None:
+            assert writes in {a.dest for a in parser._actions}, name
+
+
+def test_the_first_ctrl_c_asks_the_loop_to_stop_and_the_second_aborts_at_once():
+    from pathgan.train.signals import PreemptionFlag
+
+    before = signal.getsignal(signal.SIGINT)
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, on the main thread
+        assert flag.requested and flag.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -235,7 +235,7 @@ def test_a_compiled_gpu_checkpoint_resumes_on_the_cpu_with_equal_weights(runs, s
     result = subprocess.run(
         cli_command("train", "--config", DCGAN, f"data.shards={shards}", f"run.dir={run_dir}",
                     *COMMON, "train.compile=off", "train.mixed_precision='no'",
-                    "train.ema=false", "--resume", "latest"),
+                    "train.ema=false", "--resume", "latest", "--allow-change"),
         capture_output=True, text=True, env={**QUIET, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert result.returncode == 0, failure(result.stderr)
     assert "resumed from" in result.stdout + result.stderr
@@ -269,3 +269,56 @@ def test_timm_bf16_embeddings_are_within_one_percent_of_fp32(shards, device):
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape == (4, 384)
     relative_error = (bf16 - fp32).norm(dim=1) / fp32.norm(dim=1)
     assert relative_error.max() < 0.01, relative_error
+
+
+SYNC_SCRIPT = """
+import functools
+import json
+import sys
+
+import torch
+
+torch.compile = functools.partial(torch.compile, backend=sys.argv[1])
+from pathgan.config import load_config
+from pathgan.train import loop
+
+step = loop.train_step
+calls = [0]
+WARMUP = 2  # compilation and autotuning in the first steps may wait for the device
+
+
+def checked(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] <= WARMUP or not torch.cuda.is_available():
+        return step(*args, **kwargs)
+    torch.cuda.set_sync_debug_mode("error")  # any wait for the GPU in a step raises
+    try:
+        return step(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+loop.train_step = checked
+loop.train(load_config(sys.argv[2], sys.argv[3:]))
+print(json.dumps({"checked": max(calls[0] - WARMUP, 0) if torch.cuda.is_available() else 0}))
+"""
+
+
+def test_a_step_on_the_device_cache_never_waits_for_the_gpu(shards, device, tmp_path):
+    """The GPU defaults with the decoded-patch cache on the device: every step after warm-up
+    runs under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any host-device
+    synchronisation (the CPU test in test_train.py counts host reads instead)."""
+    script = tmp_path / "sync.py"
+    script.write_text(textwrap.dedent(SYNC_SCRIPT))
+    steps = STEPS + 2
+    result = subprocess.run(
+        [sys.executable, str(script), COMPILE_BACKEND, str(DCGAN), f"data.shards={shards}",
+         f"run.dir={tmp_path / 'run'}", *COMMON, f"train.max_steps={steps}", "log.every=1000",
+         f"ckpt.every={steps * 10}", f"log.sample_every={steps * 10}", "data.cache=device",
+         "train.mixed_precision=bf16", "train.compile=on"],
+        capture_output=True, text=True, env=QUIET, timeout=600)
+    assert result.returncode == 0, failure(result.stdout + result.stderr)
+    checked = json.loads(result.stdout.strip().splitlines()[-1])["checked"]
+    assert checked == (steps - 2 if device.type == "cuda" else 0)
+    if device.type == "cuda":
+        assert "in the memory of cuda" in result.stdout  # the cache was on the device

@@ -1,7 +1,8 @@
 """The GPU check (bench/gpu_check.sh) runs whole on the CPU, so that a GPU loan finds no typo.
 
 The dry run takes every step of the GPU run at tiny sizes: the wheels, the data, ``pytest -m
-gpu`` on the CPU, the three benchmarks and the JSON. It also runs the GPU tests, so it fails
+gpu`` on the CPU, the benchmarks (the loop with the cache and the stream, the shard formats,
+embedding, the Embedding GAN) and the JSON. It also runs the GPU tests, so it fails
 while they do (the compiled-checkpoint resume needs issue 11's wrapper-free checkpoints).
 """
 
@@ -55,9 +56,18 @@ def test_the_dry_run_json_has_every_figure(dry_run):
     stacking = steps["batch_stacking"]["result"]
     assert set(stacking["stream_images_per_s"]) == {"torch_stack", "numpy"}
     assert all(ms > 0 for ms in stacking["stack_ms_per_batch"].values())
+    assert train["networks_alone_images_per_s"] > 0
+    assert all(0 <= v["data_wait_share"] < 1 for v in train["variants"].values())
+    formats = steps["shard_formats"]["result"]["formats"]
+    assert set(formats) == {"png", "jpg", "raw"}
+    for figures in formats.values():
+        assert figures["bytes_per_patch"] > 0 and figures["stream_worker_vs_codec"] > 0
+        assert figures["loop"]["images_per_s"] > 0, figures["loop"]
     for target in dry_run["targets"].values():  # figures, but no verdict on a CPU
         assert target["pass"] is None
-    assert dry_run["targets"]["dcgan_training_speedup"]["value"] > 0
+    for name in ("dcgan_training_speedup", "loop_with_device_cache_vs_networks_alone",
+                 "loop_with_device_cache_vs_plain_fp32", "loop_with_stream_vs_networks_alone"):
+        assert dry_run["targets"][name]["value"] > 0, name
 
 
 def test_targets_are_judged_on_a_gpu():
@@ -74,6 +84,26 @@ def test_targets_are_judged_on_a_gpu():
     assert memory["value"] == 0.375 and memory["variant"] == "fp32" and memory["pass"] is True
     missing = gpu_report.targets({"train_throughput": None, "embed_throughput": None}, False)
     assert all(t["value"] is None and t["pass"] is None for t in missing.values())
+
+
+def test_the_feeding_targets_are_judged_on_a_gpu():
+    train = {"networks_alone_images_per_s": 4000.0, "variants": {
+        "bf16-channels-last-compile-cache": {"vs_networks_alone": 0.93, "speedup": 3.4,
+                                             "data_wait_share": 0.001},
+        "bf16-channels-last-compile-stream": {"vs_networks_alone": 0.42, "speedup": 1.5,
+                                              "data_wait_share": 0.3}}}
+    embed = {"encoders": [{"compute_bound": {}, "fraction_of_compute_bound": 0.3,
+                           "pathgan_embed": [{"batch_size": 128, "images_per_s": 3500.0},
+                                             {"batch_size": 256, "images_per_s": 3000.0}],
+                           "forward_only": [{"batch_size": 128, "images_per_s": 17000.0}]}]}
+    judged = gpu_report.targets({"train_throughput": train, "embed_throughput": embed},
+                                dry_run=False)
+    assert judged["loop_with_device_cache_vs_networks_alone"]["pass"] is True
+    assert judged["loop_with_device_cache_vs_plain_fp32"]["pass"] is True
+    assert judged["loop_with_stream_vs_networks_alone"]["pass"] is False
+    embed_target = judged["embed_vs_before"]
+    assert embed_target["value"] == 3.24 and embed_target["pass"] is True
+    assert embed_target["forward_only_same_batch"] == 17000.0
 
 
 def test_a_step_json_is_found_after_other_output(tmp_path):

@@ -90,7 +90,9 @@ def test_dry_run_writes_a_card_whose_figures_come_from_the_run(tiny_run, card_fo
     train = config["train"]
     parameters = sum(t.numel() for t in load_file(tiny_run / "generator.safetensors").values())
     assert "| steps | 4 |" in card
-    assert f"| images seen | {4 * train['batch_size']} (steps x global batch) |" in card
+    assert (f"| images seen | {4 * train['batch_size']} (steps x the global batch of each) |"
+            in card)
+    assert f"| mixed precision | {train['mixed_precision']} |" in card  # what ran: no (CPU)
     assert f"| batch | {train['batch_size']} (global" in card
     assert f"Adam, lr {train['lr']}, betas ({train['beta1']}, {train['beta2']})" in card
     assert f"ngf {config['model']['ngf']} " in card and f"{parameters:,} parameters" in card
@@ -166,9 +168,13 @@ def test_the_card_shows_every_metric_of_eval_json_with_its_space(tiny_run, tmp_p
 
 
 @pytest.mark.slow
-def test_push_best_publishes_the_best_generator(tiny_run, tmp_path):
+def test_push_best_publishes_the_best_generator(tiny_run, tmp_path, capsys):
     out = tmp_path / "repo"
     assert run_cli("push", tiny_run, "--repo", "lab/x", "--best", "--dry-run", out) == 0
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "no eval.json of `pathgan eval` scored this generator " \
+        f"(looked in {tiny_run}/*/eval.json" in note and f"{tiny_run / 'best'}/*/eval.json" in note
+    assert f"run `pathgan eval {tiny_run / 'best'} --real SHARDS` or pass --eval PATH" in note
     best = json.loads((tiny_run / "best" / "best.json").read_text())
     assert ((out / "generator.safetensors").read_bytes()
             == (tiny_run / "best" / "generator.safetensors").read_bytes())
@@ -302,14 +308,17 @@ def test_a_local_path_foundation_and_the_embedding_gan_recipe(tmp_path):
     public, notes = public_config(config)
     assert public["model"]["encoder"] == "path-foundation" and len(notes) == 3
     assert config.model.encoder == "path-foundation:/data/models/pf"  # not modified
-    facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8}, 1234, 10, None, None,
-                     "path-foundation--0123456789ab--unit01")
+    facts = RunFacts(config, tmp_path, {"nz": 100, "ngf": 8, "mixed_precision": "bf16"}, 1234,
+                     10, None, None, "path-foundation--0123456789ab--unit01",
+                     images_seen=10 * config.train.batch_size)
     recipe = dict(recipe_rows(facts))
     assert recipe["GAN"] == "Embedding GAN (hybrid: embedding and pixel discriminators)"
     assert ("`Linear` layers [64, 32] on the embeddings of the frozen encoder `path-foundation` "
             "(id `path-foundation--0123456789ab--unit01`)") in recipe["discriminator"]
     assert "/data/models" not in str(recipe)
-    assert recipe["images seen"] == f"{10 * config.train.batch_size} (steps x global batch)"
+    assert recipe["images seen"] == (f"{10 * config.train.batch_size} (steps x the global "
+                                     "batch of each)")
+    assert recipe["mixed precision"] == "bf16 (train.mixed_precision no)"
 
 
 def test_a_folder_naming_a_local_path_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """The modern GAN (model.kind r3gan) through the shared loop: its objective's penalty steps,
-config errors, the exported generator, a smoke run, resume and two-process DDP."""
+its heads (pixels, projected encoder features, the embedding), config errors, the exported
+generator, a smoke run, resume and two-process DDP."""
 
 import subprocess
 
@@ -11,12 +12,22 @@ from test_train import QUIET, train_two_processes
 
 from pathgan.config import load_config
 from pathgan.core.errors import PathganError
+from pathgan.encoders.base import Encoder
 from pathgan.models.r3gan import R3Discriminator, R3Generator
 from pathgan.runs import RunDir, build_generator, export_generator, generator_config, load_generator
 from pathgan.train.build import build_networks
-from pathgan.train.objective import IMAGES, RelativisticObjective, relativistic_loss
+from pathgan.train.objective import (
+    EMBEDDINGS,
+    FEATURES,
+    IMAGES,
+    RelativisticObjective,
+    gradient_penalty,
+    relativistic_loss,
+)
 
 SMOKE = REPO / "configs" / "r3gan-smoke.yaml"
+CNN = "timm:mobilenetv3_small_050:random"  # four stages: 56, 28, 14, 7 px
+HEADS = ["model.heads={pixels: 1, projected: 0.5, embedding: 0.25}", f"model.encoder={CNN}"]
 TINY = {"width": 2, "max_width": 8, "blocks": 1, "expansion": 2, "group_width": 2}
 
 
@@ -67,6 +78,10 @@ def test_penalty_steps_run_the_uncompiled_discriminator_with_gamma_times_the_int
     ("train.penalty_every=0", "train.penalty_every must be positive"),
     ("train.gamma=-1", "train.gamma cannot be negative"),
     ("model.conditional=true", "the modern GAN (r3gan) is unconditional so far"),
+    ("model.heads={pixel: 1}", "model.heads: unknown head pixel (known: pixels, projected"),
+    ("model.heads={pixels: 0}", "model.heads.pixels: a weight must be positive"),
+    ("model.heads={pixels: 1, projected: 1}", "the projected head needs model.encoder"),
+    (f"model.encoder={CNN}", "name one in model.heads, or unset model.encoder"),
 ])
 def test_bad_r3gan_config_is_a_one_line_error(override, message):
     with pytest.raises(PathganError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -144,3 +159,51 @@ def test_two_process_ddp_with_penalties_in_bf16_keeps_ranks_identical(tmp_path, 
     initial = build_generator(generator_config(load_config(SMOKE).model))
     assert not torch.equal(params["generator.main.0.linear.weight"],
                            initial.state_dict()["main.0.linear.weight"])
+
+
+def test_heads_on_encoder_features_and_embedding_are_built_with_their_weights():
+    config = load_config(SMOKE, [*HEADS, "model.head_warmup=80"])
+    gan = build_networks(config, torch.device("cpu"))
+    assert list(gan.discriminators) == [IMAGES, FEATURES, EMBEDDINGS]
+    assert gan.weights == {IMAGES: 1.0, FEATURES: 0.5, EMBEDDINGS: 0.25}
+    assert gan.ramp_steps == 10  # 80 images of batches of 8
+    maps = gan.encoder.features(torch.zeros(2, 3, 224, 224), gan.feature_levels)
+    assert [m.shape[-1] for m in maps] == [56, 28, 14, 7]
+    assert gan.discriminators[FEATURES](maps).shape == (2, 4)  # one logit per level
+    assert gan.objective(gan.discriminators).real_inputs == {IMAGES}
+
+
+def test_a_head_needs_an_encoder_that_gives_the_features_asked_for():
+    with pytest.raises(PathganError, match=r"cannot give feature levels \[9\]"):
+        build_networks(load_config(SMOKE, [*HEADS, "model.head_levels=[9]"]),
+                       torch.device("cpu"))
+    embedding_only = Encoder(8, "embedding-only")  # as Path Foundation's TensorFlow graph
+    with pytest.raises(PathganError, match="gives its embedding only, no feature maps"):
+        embedding_only.features(torch.zeros(1, 3, 224, 224), 4)
+
+
+def test_encoder_heads_ramp_in_and_the_penalty_covers_every_feature_level():
+    heads = {IMAGES: torch.nn.Identity(), FEATURES: torch.nn.Identity()}
+    objective = RelativisticObjective(heads, {IMAGES: 1.0, FEATURES: 0.5},
+                                      encoder=torch.nn.Identity(), ramp_steps=10)
+    for step, expected in ((0, 0.0), (5, 0.25), (10, 0.5), (30, 0.5)):
+        objective.start_step(step, gamma=1.0)
+        assert objective.weights == {IMAGES: 1.0, FEATURES: pytest.approx(expected)}
+    levels = [torch.randn(3, 2, 4, 4, requires_grad=True), torch.randn(3, 5, 2, 2,
+                                                                       requires_grad=True)]
+    logits = 2 * levels[0].sum(dim=(1, 2, 3)) + 3 * levels[1].sum(dim=(1, 2, 3))
+    # d logit / d input: 2 on 32 values, 3 on 20 values, for each sample
+    assert torch.allclose(gradient_penalty(logits, levels), torch.full((3,), 4.0 * 32 + 9 * 20))
+
+
+@pytest.mark.slow
+def test_heads_train_through_the_loop_and_are_drawn(tmp_path, slide_shards):
+    run_dir = tmp_path / "heads"
+    assert run_cli("train", "--config", SMOKE, f"data.shards={slide_shards}", f"run.dir={run_dir}",
+                   *HEADS, "model.head_warmup=8", "train.max_steps=2", "train.penalty_every=1",
+                   "train.augment=translation", "log.every=1", "log.wandb=false") == 0
+    rows = RunDir(run_dir).read_metrics()
+    assert rows[0]["weight/features"] == 0.0 and rows[1]["weight/features"] == 0.5
+    assert all(rows[0][f"R1/{view}"] >= 0 for view in (IMAGES, FEATURES, EMBEDDINGS))
+    assert run_cli("arch", "--config", SMOKE, *HEADS, "--out", tmp_path / "arch") == 0
+    assert (tmp_path / "arch" / "discriminator-features.png").is_file()

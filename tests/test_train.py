@@ -309,8 +309,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("policy", "expected_step"), [("stop", 0), ("skip", 0)])
-def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step):
+@pytest.mark.parametrize(("policy", "expected_step", "lines"), [("stop", 2, 1), ("skip", 4, 2)])
+def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step, lines):
+    """Every D loss is NaN: its updates are skipped on the device; the log lines (every 2
+    steps) say so, and the run stops at the first one (stop) or once 3 steps in a row were
+    skipped (skip), its state saved."""
     script = tmp_path / "nan_train.py"
     script.write_text(textwrap.dedent(NAN_SCRIPT))
     run_dir = tmp_path / policy
@@ -322,9 +325,77 @@ def test_nonfinite_loss_policy(tmp_path, slide_shards, policy, expected_step):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("pathgan: error")]
     assert len(errors) == 1 and "non-finite loss" in errors[0]
-    assert "in a row" in errors[0] and ("(1 in a row)" in errors[0]) == (policy == "stop")
-    assert result.stdout.count("non-finite loss") == (1 if policy == "stop" else 3)
+    assert f"({expected_step} in a row)" in errors[0]
+    assert result.stdout.count("non-finite loss") == lines
     assert (run_dir / "checkpoints" / f"checkpoint-{expected_step:06d}" / "COMPLETE").is_file()
+    rows = RunDir(run_dir).read_metrics()
+    assert [row["skipped_updates_d"] for row in rows] == [2] * lines
+    assert all(row["skipped_updates_g"] == 0 for row in rows)
+
+
+HOST_READS_SCRIPT = """
+import json
+import sys
+import threading
+import torch
+from pathgan.config import load_config
+from pathgan.train import loop
+
+# Every way Python code reads a tensor's value on the host (each waits for the device).
+READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__",
+         "__array__")
+counting = [False]
+counts = []
+
+def counted(name):
+    original = getattr(torch.Tensor, name)
+    def read(self, *args, **kwargs):
+        # the step's own reads: the stream's thread runs meanwhile, on host memory
+        if counting[0] and threading.current_thread() is threading.main_thread():
+            counts[-1] += 1
+        return original(self, *args, **kwargs)
+    return read
+
+for name in READS:
+    setattr(torch.Tensor, name, counted(name))
+step = loop.train_step
+
+def counting_step(*args, **kwargs):
+    counts.append(0)
+    counting[0] = True
+    try:
+        return step(*args, **kwargs)
+    finally:
+        counting[0] = False
+
+loop.train_step = counting_step
+reads = {}
+run_root = sys.argv[-1].partition("=")[2]  # the last argument is run.dir=PATH
+for fused in ("auto", "off"):
+    counts.clear()
+    loop.train(load_config(sys.argv[1], [*sys.argv[2:], f"train.fused_adam={fused}",
+                                         f"run.dir={run_root}-{fused}"]))
+    reads[fused] = list(counts)
+print(json.dumps(reads))
+"""
+
+
+def test_a_training_step_never_reads_the_device_from_the_host(tmp_path, slide_shards):
+    """With fused Adam (the default), no step reads a tensor's value on the host, so the CPU
+    can queue steps ahead of a GPU; skips are decided on the device, and the loop reads its
+    figures at log lines. Adam without a fused kernel reads its two skip flags (and, on the
+    host, its step counters)."""
+    script = tmp_path / "count_reads.py"
+    script.write_text(textwrap.dedent(HOST_READS_SCRIPT))
+    result = subprocess.run(
+        [sys.executable, str(script), str(SMOKE), f"data.shards={slide_shards}",
+         "train.max_steps=5", "log.every=2", "log.sample_every=100", "ckpt.every=100",
+         "log.wandb=false", "train.ema=true", f"run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env=QUIET, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reads = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reads["auto"] == [0] * 5
+    assert len(reads["off"]) == 5 and all(count >= 2 for count in reads["off"])
 
 
 @pytest.mark.parametrize(
@@ -398,3 +469,20 @@ def test_channels_last_keeps_the_projection_of_z_contiguous():
     weights = {name: p for name, p in generator.named_parameters() if p.ndim == 4}
     assert weights.pop("main.0.weight").is_contiguous()  # its input is 1x1 (see to_device)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in weights.values())
+
+
+def test_too_few_samples_per_rank_for_batchnorm_is_said_in_one_line():
+    from pathgan.train.loop import batchnorm_batch_warning
+
+    networks = [Generator(ngf=4), Discriminator(ndf=4)]
+    reference = load_config(SMOKE, ["train.batch_size=128"])
+    warning = batchnorm_batch_warning(networks, reference, world=64)
+    assert "leaves 2 samples per rank" in warning and "train.batch_size to 1024" in warning
+    assert "train.sync_bn=true" in warning and "\n" not in warning
+    assert batchnorm_batch_warning(networks, reference, world=8) is None  # 16 per rank
+    small = load_config(SMOKE, ["train.batch_size=8"])  # one process: its own batch, as asked
+    assert batchnorm_batch_warning(networks, small, world=1) is None
+    synced = load_config(SMOKE, ["train.batch_size=128", "train.sync_bn=true"])
+    assert batchnorm_batch_warning(networks, synced, world=64) is None
+    linear = [torch.nn.Sequential(torch.nn.Linear(4, 4))]  # no BatchNorm: nothing to say
+    assert batchnorm_batch_warning(linear, reference, world=64) is None

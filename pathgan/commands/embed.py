@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num-tasks", type=int, default=None,
                         help="number of tasks (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="data loading processes (default: cores - 1, at most 4)")
+                        help="decoding processes (default: the cores per rank of this node, less "
+                        "one for the rank itself, at most 16)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast dtype of torch encoders (Path Foundation stays fp32)")
     parser.add_argument("--device", default=None,

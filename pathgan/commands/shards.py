@@ -1,4 +1,4 @@
-"""``pathgan shards pack | verify | show | merge``."""
+"""``pathgan shards pack | convert | verify | show | merge``."""
 
 import os
 
@@ -92,6 +92,25 @@ def register(subparsers) -> None:
                       help="replace a shard set packed from other inputs or options")
     pack.set_defaults(handler=run_pack)
 
+    convert = actions.add_parser(
+        "convert", help="re-encode a shard set's images as png, jpg or raw",
+        description="Write SRC's shards again under the same names in --out, each image "
+        "re-encoded (metadata, labels, splits, groups and embedding files carried). PNG is "
+        "lossless and small, raw decodes fastest and is largest, JPEG is smallest and lossy; "
+        "see the README's 'Shard formats'. Rerunning resumes.")
+    convert.add_argument("src", metavar="SRC", help="a shard set (its folder)")
+    convert.add_argument("--out", required=True, help="output folder of the converted set")
+    convert.add_argument("--format", required=True, choices=["png", "jpg", "raw"],
+                         help="image encoding of the converted shards")
+    convert.add_argument("--jpeg-quality", type=int, default=95)
+    convert.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                         help="worker processes, one shard each (default: cores, at most 8)")
+    convert.add_argument("--max-skipped", type=float, default=0.1,
+                         help="fail when more than this share of samples does not decode")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace another shard set in --out")
+    convert.set_defaults(handler=run_convert, writes="out")
+
     verify = actions.add_parser("verify", help="re-read every shard against the manifest")
     verify.add_argument("shards_dir", metavar="DIR")
     verify.set_defaults(handler=run_verify)
@@ -153,6 +172,22 @@ def run_pack(args) -> int:
     for entry in manifest["skipped"][:10]:
         print(f"skipped {entry['path']}: {entry['reason']}")
     print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def run_convert(args) -> int:
+    # when the command runs: `pathgan --help` stays fast
+    from pathgan.shards.convert import convert
+    from pathgan.shards.inspect import summary_lines
+
+    manifest = convert(args.src, args.out, "npy" if args.format == "raw" else args.format,
+                       jpeg_quality=args.jpeg_quality, workers=args.workers,
+                       max_skipped=args.max_skipped, overwrite=args.overwrite)
+    for line in summary_lines(manifest):
+        print(line)
+    size = sum(shard["bytes"] for shard in manifest["shards"])
+    print(f"{size / max(manifest['total_samples'], 1) / 1e3:.1f} kB per patch; wrote "
+          f"{args.out}/manifest.json")
     return 0
 
 

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: RUN/eval)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, writes="out")
 
 
 def run(args) -> int:

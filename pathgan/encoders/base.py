@@ -14,6 +14,8 @@ import re
 import torch
 from torch import nn
 
+from pathgan.core.errors import PathganError
+
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -68,6 +70,13 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def features(self, images: torch.Tensor, levels: int | list[int]) -> list[torch.Tensor]:
+        """Feature maps ``(N, C, S, S)`` of several depths (``levels``: indices of the model's
+        blocks or stages), float32: what projected discriminator heads judge. An encoder whose
+        graph gives only its embedding (a TensorFlow one) refuses."""
+        raise PathganError(f"{self.encoder_id} gives its embedding only, no feature maps: the "
+                           "projected head needs a timm encoder (model.encoder=timm:NAME)")
 
     def extra_repr(self) -> str:
         return f"encoder_id={self.encoder_id!r}, embed_dim={self.embed_dim}"

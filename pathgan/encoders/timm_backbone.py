@@ -7,6 +7,7 @@ every process of a job gets the same weights. An optional autocast dtype (bf16/f
 GPUs; embeddings always come back as float32.
 """
 
+import contextlib
 import hashlib
 
 import torch
@@ -102,17 +103,40 @@ class TimmEncoder(Encoder):
         return next((name for name, dtype in PRECISIONS.items()
                      if dtype is self.autocast_dtype), "fp32")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the model's input: its size and normalisation."""
         self.check_input(images)
         x = signed_to_unit(images.float())
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False)
-        x = (x - self.mean) / self.std
+        return (x - self.mean) / self.std
+
+    def _in_precision(self):
         if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._model_input(images)
+        with self._in_precision():
             return self.model(x).float()
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            return self.model(x).float()
+
+    def features(self, images: torch.Tensor, levels: int | list[int]) -> list[torch.Tensor]:
+        """timm's ``forward_intermediates``: a ViT's token maps after the blocks ``levels``
+        (14x14 at 224 px), a CNN's stages (56, 28, 14, 7 px for a ResNet); an int ``n``: the
+        last ``n``."""
+        if not hasattr(self.model, "forward_intermediates"):
+            return super().features(images, levels)
+        x = self._model_input(images)
+        try:
+            with self._in_precision():
+                maps = self.model.forward_intermediates(x, indices=levels,
+                                                        intermediates_only=True)
+        except (AssertionError, IndexError, ValueError) as error:
+            raise PathganError(f"{self.encoder_id} cannot give feature levels {levels} "
+                               f"({error or type(error).__name__})") from None
+        return [level.float() for level in maps]
 
 
 def load_timm(name: str, *, pretrained: bool = True, device=None, precision: str | None = None,

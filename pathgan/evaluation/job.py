@@ -51,6 +51,7 @@ from pathgan.runs import (
     RunDir,
     generator_classes,
     load_generator,
+    read_generator_config,
     require_generator,
 )
 
@@ -73,12 +74,6 @@ def default_encoder_spec(run_dirs: list[Path]) -> str:
         raise PathganError(f"the runs name different encoders ({', '.join(named)}): pass "
                            "--encoder SPEC so that they are compared in one space")
     return named[0] if named else DEFAULT_ENCODER
-
-
-def trained_against(spec: str, run_dirs: list[Path]) -> list[Path]:
-    """The runs whose discriminator judged the features of the encoder ``spec`` in training."""
-    return [run.path for run in map(RunDir, run_dirs)
-            if run.has_config() and run.read_config().model.encoder == spec]
 
 
 def _names(sources) -> list[str]:
@@ -130,10 +125,12 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
                     f"{state.num_processes} process(es)")
     if real.note:
         log_main(state, f"pathgan eval: note: {real.note}")
-    for folder in trained_against(spec, [source.folder for source in sources]):
-        log_main(state, f"pathgan eval: note: {folder}'s discriminator trained against {spec}, "
-                        "the encoder these figures are in, so FD/KID favour it (Kynkaanniemi "
-                        "et al. 2023); --encoder another one for a fair comparison")
+    for source, name in zip(sources, _names(sources), strict=True):
+        if trained_against(read_generator_config(source.folder), spec, encoder.encoder_id):
+            log_main(state, f"pathgan eval: note: {name}'s discriminator trained against "
+                            f"{encoder.encoder_id}, the encoder these figures are in, so FD/KID "
+                            "favour it (Kynkaanniemi et al. 2023); --encoder another one for a "
+                            "fair comparison")
 
     real_rows = real_features(real, extractors, state, batch_size=batch_size,
                               num_workers=num_workers)
@@ -192,10 +189,20 @@ def evaluate_runs(run_dirs, real_shards, n: int, encoder_spec: str | None = None
     }
     if state.is_main_process:
         write_report(result, out)
+        for source in sources:
+            if source.hub is None:  # push finds it from the run, wherever --out put it
+                RunDir(source.folder).record_evaluation(out.result_path)
         log_main(state, f"pathgan eval: wrote {out.result_path} and {out.report_path}")
     state.wait_for_everyone()
     result["out_dir"] = str(out.path)
     return result
+
+
+def trained_against(model_config: dict, spec: str, encoder_id: str) -> bool:
+    """Whether a generator (its generator.json) was trained against this encoder: an Embedding
+    GAN's discriminator judged it in that space."""
+    return bool(model_config.get("encoder")) and (
+        model_config.get("encoder_id") == encoder_id or model_config.get("encoder") == spec)
 
 
 def _class_entry(real: RealSet, real_rows: dict, fake_rows: dict, fake_labels, classes,

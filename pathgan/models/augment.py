@@ -87,3 +87,18 @@ class DiffAugment:
         for name in self.policy:
             images = _FUNCTIONS[name](images)
         return images
+
+
+def flip_rotate(images: torch.Tensor) -> torch.Tensor:
+    """Each square image (N, C, H, H) turned into one of the 8 symmetries of the square at
+    random: transposed or not, then flipped up-down and left-right or not (every turn by a
+    multiple of 90 degrees and every mirror image). Drawn on the images' device, no host read.
+
+    Not DiffAugment: it changes only real patches, as they come (``data.flip_rotate``), since
+    tissue has no up or left; StyleGAN2-ADA's ``--mirror`` is the precedent.
+    """
+    n = images.shape[0]
+    bits = torch.randint(0, 2, (3, n, 1, 1, 1), device=images.device, dtype=torch.bool)
+    images = torch.where(bits[0], images.transpose(2, 3), images)
+    images = torch.where(bits[1], images.flip(2), images)
+    return torch.where(bits[2], images.flip(3), images)

@@ -76,20 +76,27 @@ class RunFacts:
     encoder_id: str | None  # of model.encoder (Embedding GAN)
     evaluations: list[Evaluation] = field(default_factory=list)
     eval_file: tuple[dict, dict] | None = None  # (eval.json, this generator's entry in it)
+    eval_searched: list[str] = field(default_factory=list)  # where an eval.json was looked for
     sample_grid: Path | None = None
     loss_plot: Path | None = None
     classes: list[str] | None = None  # a conditional generator's (generator.json)
     class_grids: dict[str, Path] = field(default_factory=dict)  # its newest grid per class
     utility: dict | None = None  # `pathgan utility`'s utility.json for this generator
+    images_seen: int | None = None  # real images in the steps to the exported generator
+    changes: list[dict] = field(default_factory=list)  # changes.jsonl records up to its step
 
     @property
     def best(self) -> bool:
         return self.generator_dir.name == BEST
 
     @property
-    def images_seen(self) -> int | None:
-        batch = self.config.train.batch_size  # global: split across the ranks
-        return None if self.step is None else self.step * batch
+    def mixed_precision(self) -> str:
+        """What ran (recorded in generator.json since it was), and what the config asked."""
+        asked = self.config.train.mixed_precision
+        ran = self.generator.get("mixed_precision")
+        if ran is None:
+            return f"{asked} (what it resolved to was not recorded)" if asked == "auto" else asked
+        return ran if ran == asked else f"{ran} (train.mixed_precision {asked})"
 
 
 # -- reading the run ---------------------------------------------------------------------------
@@ -127,6 +134,11 @@ def read_run_facts(run_dir: str | Path, best: bool = False,
     if facts.classes:
         facts.class_grids = run.newest_class_sample_grids(facts.classes)
         facts.utility = _find_utility(run, generator_dir)
+    if facts.step is not None:
+        # recorded at export since resumes could change the batch; older runs: counted here
+        facts.images_seen = generator.get("images_seen", run.images_seen(facts.step))
+        facts.changes = [r for r in run.read_changes() if r["step"] <= facts.step]
+    facts.eval_searched = _eval_places(run, generator_dir, eval_path)
     facts.eval_file = _find_eval(run, generator_dir, eval_path)
     if facts.eval_file:
         result, entry = facts.eval_file
@@ -163,6 +175,15 @@ def _training_encoder_id(config: Config) -> str | None:
         return resolve_encoder_id(spec)
     except PathganError:  # e.g. a Path Foundation copy that is gone: the card says so
         return None
+
+
+def _eval_places(run: RunDir, generator_dir: Path, eval_path) -> list[str]:
+    """Where :func:`_find_eval` looks, in words (for the line saying nothing was found)."""
+    if eval_path is not None:
+        return [str(eval_path)]
+    folders = dict.fromkeys([run.path, generator_dir])
+    return [place for folder in folders for place in
+            (f"{folder}/*/{EvalDir.RESULT}", str(RunDir(folder).evaluations_path))]
 
 
 def _find_eval(run: RunDir, generator_dir: Path, eval_path) -> tuple[dict, dict] | None:
@@ -372,13 +393,19 @@ def recipe_rows(facts: RunFacts) -> list[tuple[str, str]]:
         ("discriminator", _discriminator_text(model, facts.encoder_id)),
         ("batch", f"{train.batch_size} (global, across all processes)"),
         ("optimizer", _optimizer_text(train)),
-        ("mixed precision", str(train.mixed_precision)),
+        ("mixed precision", facts.mixed_precision),
         ("EMA", ema),
         ("augmentation", f"DiffAugment: {train.augment}" if train.augment else "none"),
     ]
     step = "not recorded" if facts.step is None else str(facts.step)
     seen = "not recorded" if facts.images_seen is None else f"{facts.images_seen:,}"
-    rows += [("steps", step), ("images seen", f"{seen} (steps x global batch)")]
+    rows += [("steps", step), ("images seen", f"{seen} (steps x the global batch of each)")]
+    if facts.changes:
+        rows.append(("changed on resume", "; ".join(
+            f"at step {record['step']}: " + ", ".join(
+                f"{key} {change['from']} -> {change['to']}"
+                for key, change in record["changes"].items())
+            for record in facts.changes)))
     return rows
 
 

@@ -11,6 +11,7 @@ never printed or written.
 
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -195,6 +196,11 @@ def push(run_dir: str | Path, repo_id: str, *, private: bool = False,
     token = None if dry_run is not None else hub_token()
     run_dir = Path(run_dir)
     facts = read_run_facts(run_dir, best=best, eval_path=eval_path)
+    if facts.eval_file is None:
+        print(f"pathgan push: note: no eval.json of `pathgan eval` scored this generator (looked "
+              f"in {', '.join(facts.eval_searched)}): the card will say so; run `pathgan eval "
+              f"{facts.generator_dir} --real SHARDS` or pass --eval PATH", file=sys.stderr,
+              flush=True)
     forbidden = local_paths(run_dir, facts.config)
     if dry_run is not None:
         write_repo_folder(facts, Path(dry_run), repo_id, revision)

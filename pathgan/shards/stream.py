@@ -9,9 +9,13 @@ replayed; webdataset 1.0's own resampling ignores its ``seed=`` argument, hence
 
 A worker reads one shard at a time, and shards of one slide hold neighbouring patches, so a batch
 formed inside one worker would be a strip of one slide at one magnification. Workers therefore
-only decode; the main process unbatches what they send, mixes samples of every worker in a
-shuffle buffer and forms the batches, stacking each into pinned memory (with CUDA) for a fast
-uint8 host-to-device copy.
+only decode, each image straight into a slot of a ring of batches that the main process mapped
+before they forked (:class:`BatchRing`), and send the slot's number; the main process takes one
+batch from every worker, permutes their images together, and copies them out as the batches it
+hands on (into pinned memory with CUDA, for a fast uint8 host-to-device copy), freeing the slots.
+Pixels are copied once after the codec, in the main process, and no shared memory is made per
+batch (torch's default for a worker's batch: a fresh shared-memory file, whose first touch cost a
+fifth of what decoding a PNG costs; BENCHMARKS.md, "One loader worker against its codec").
 
 Unreadable data is skipped with a warning and counted. When nothing but failures come in a row
 (``MAX_CONSECUTIVE_FAILURES`` across the rank's workers: every shard unreadable, every sample
@@ -20,17 +24,20 @@ corrupt), the stream stops with one clear error instead of skipping for ever.
 The loader is a ``wds.WebLoader`` and must *not* go through ``accelerator.prepare`` (that would
 dispatch every batch from rank 0).
 
-**Labels.** Given the class names of a conditional run (``classes=``), each sample is decoded
-with its label, as the class's index in ``classes`` (a sample whose label is not one of them
-is skipped like a corrupt one), and every stage carries the pair: worker batches, the mixing
-buffer and the main process's batches are ``(images, labels)``, uint8 (B, 3, 224, 224) and
-int64 (B,). That pair is all a consumer (``train/real_data.py``, or a device-side cache of
-decoded patches) needs to keep labels with their images.
+**Labels.** Given the class names of a conditional run (``classes=``), each image reference
+carries its label, read with the shard's headers (the ``.json`` members only), as the class's
+index in ``classes`` (a sample whose label is not one of them is skipped like a corrupt one);
+the ring holds a label beside each image row, the main process permutes images and labels
+together, and its batches are ``(images, labels)``, uint8 (B, 3, 224, 224) and int64 (B,).
+That pair is all a consumer (``train/real_data.py``) needs to keep labels with their images;
+the decoded-patch cache (``train/cache.py``) carries them the same way.
 """
 
 import gc
 import itertools
+import mmap
 import multiprocessing
+import os
 import queue
 import random
 import threading
@@ -44,13 +51,18 @@ import torch
 import webdataset as wds
 
 from pathgan.core.errors import PathganError
-from pathgan.core.images import hwc_to_chw, uint8_to_signed
-from pathgan.shards.format import decode_sample, load_manifest, shard_paths
+from pathgan.core.images import uint8_to_signed
+from pathgan.shards.format import IMAGE_SIDE, decode_image, load_manifest, shard_paths
+from pathgan.shards.reading import (
+    ImageRef,
+    MemberReader,
+    as_chw,
+    image_batch_buffer,
+    image_refs,
+)
 
 #: failures in a row (unreadable shards, corrupt samples) after which a rank's stream stops
 MAX_CONSECUTIVE_FAILURES = 100
-#: batches of every worker that the main process's mixing buffer holds
-MIXED_BATCHES_PER_WORKER = 2
 
 
 class FailureCounter:
@@ -132,96 +144,196 @@ class WorkerShuffle:
         return wds.shuffle(self.size, rng=rng)(samples)
 
 
-class DecodeSample:
-    """Raw sample -> image tensor (uint8 CHW, or float in [-1, 1]), or ``(image, class index)``
-    when ``classes`` are given; None when corrupt (or its label is not one of the classes)."""
+def index_shards(failures: FailureCounter, classes: list[str] | None = None):
+    """Shard urls -> where each sample's image lies (:class:`~pathgan.shards.reading.ImageRef`),
+    from the tar headers alone. The shuffle buffer then holds these references, not the bytes:
+    a buffer of encoded images (118 MB per worker for 1000 PNG patches) cost 12% of a worker's
+    time in memory traffic, and every image is now read just before it is decoded. An
+    unreadable shard is counted, warned about and left for the next. With ``classes``, each
+    reference carries its label, and one that is not among them is skipped as corrupt."""
 
-    def __init__(self, failures: FailureCounter, as_uint8: bool,
-                 classes: list[str] | None = None) -> None:
-        self.failures = failures
-        self.as_uint8 = as_uint8
-        self.codes = {name: code for code, name in enumerate(classes)} if classes else None
+    def stage(sources: Iterable[dict]) -> Iterator[ImageRef]:
+        for source in sources:
+            try:
+                refs = list(image_refs(source["url"], labels=classes is not None))
+            except PathganError as error:
+                failures.failed("unreadable shard", error)
+                continue
+            for ref in refs:
+                if classes is None or ref.label in classes:
+                    yield ref
+                else:
+                    failures.failed(f"sample {ref.key} of {ref.url}", ValueError(
+                        f"label {ref.label!r} is not one of {', '.join(classes)}"))
 
-    def __call__(self, sample: dict):
-        try:
-            _, image, metadata = decode_sample(sample)
-            code = self._code(metadata) if self.codes is not None else None
-        except Exception as error:
-            self.failures.failed(f"corrupt sample {sample.get('__key__')}", error)
-            return None
-        self.failures.succeeded()
-        pixels = hwc_to_chw(image)
-        pixels = pixels if self.as_uint8 else uint8_to_signed(pixels)
-        return pixels if code is None else (pixels, code)
-
-    def _code(self, metadata: dict) -> int:
-        label = metadata.get("label")
-        if label is None or str(label) not in self.codes:
-            raise ValueError(f"label {label!r} is not one of {', '.join(self.codes)}")
-        return self.codes[str(label)]
+    return stage
 
 
-def collate(samples: list):
-    """A worker's batch: stacked images, or (stacked images, int64 labels) of labelled ones."""
-    if isinstance(samples[0], tuple):
-        images, labels = zip(*samples, strict=True)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-    return torch.stack(samples)
+class BatchRing:
+    """Loader workers' batches in memory that the main process shares with them.
+
+    One ring of ``slots`` batches (uint8 ``(size, 224, 224, 3)``) per worker, in anonymous
+    shared memory mapped before the workers fork (no ``/dev/shm`` file, whose size containers
+    limit). A worker takes a free slot (:meth:`acquire`), decodes into it and sends its number;
+    the main process copies the images out and frees it (:meth:`release`). A semaphore per
+    worker counts its free slots, so a worker never overwrites a batch not yet copied.
+    """
+
+    def __init__(self, workers: int, slots: int, size: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.shape = (workers, slots, size, IMAGE_SIDE, IMAGE_SIDE, 3)
+        self._memory = mmap.mmap(-1, int(np.prod(self.shape)))  # MAP_SHARED | MAP_ANONYMOUS
+        self.pixels = torch.frombuffer(self._memory, dtype=torch.uint8).view(self.shape)
+        self._label_memory = mmap.mmap(-1, 8 * workers * slots * size)
+        self.labels = torch.frombuffer(self._label_memory, dtype=torch.int64).view(
+            workers, slots, size)  # each image row's class code (conditional runs)
+        self._free = [context.Semaphore(slots) for _ in range(workers)]
+        self._next = [0] * workers  # each worker's next slot (in its own process)
+        self._closed = context.Event()
+        self._parent = os.getpid()
+
+    def acquire(self, worker: int) -> int | None:
+        """A free slot of ``worker``'s ring (waiting for the main process to free one), or None
+        when the stream is closing or the main process is gone."""
+        while not self._free[worker].acquire(timeout=0.1):
+            if self._closed.is_set() or os.getppid() != self._parent:
+                return None
+        slot = self._next[worker]
+        self._next[worker] = (slot + 1) % self.shape[1]
+        return slot
+
+    def batch(self, worker: int, slot: int) -> torch.Tensor:
+        return self.pixels[worker, slot]
+
+    def batch_labels(self, worker: int, slot: int) -> torch.Tensor:
+        return self.labels[worker, slot]
+
+    def release(self, worker: int) -> None:
+        self._free[worker].release()
+
+    def close(self) -> None:
+        """Let waiting workers go (the stream stops)."""
+        self._closed.set()
 
 
-def skip_unreadable_shard(failures: FailureCounter):
-    """webdataset's error handler: count, warn, go on (until too many failures in a row)."""
+@dataclass(frozen=True)
+class RingBatch:
+    """What a worker sends for a full batch: where it lies in the ring."""
 
-    def handler(error: Exception) -> bool:
-        failures.failed("unreadable shard data", error)
-        return True
-
-    return handler
-
-
-def unbatch(batches: Iterable) -> Iterator:
-    """Batches -> samples; a labelled batch (images, labels) -> (image, label) pairs. (The
-    DataLoader hands a worker's tuple over as a list.)"""
-    for batch in batches:
-        yield from (zip(*batch, strict=True) if isinstance(batch, (tuple, list)) else batch)
+    worker: int
+    slot: int
 
 
 @dataclass
-class Batches:
-    """Samples -> batches of ``size``, each stacked straight into pinned memory when ``pin``.
-
-    A batch leaves as soon as it is full (webdataset's ``batched`` waits for one sample more).
-    The copy is numpy's, on one thread: ``torch.stack`` runs one OpenMP-parallel copy per
-    sample, and while the loader workers keep every core busy each of those waits for threads
-    that are not running. On an H200 node that cost 290 ms per batch of 128 (cProfile): bf16
-    training ran at 531 images/s where its networks alone run 4678. ``bench/batch_stacking.py``
-    measures both ways.
-    """
+class DecodeBatches:
+    """Image references -> full batches of ``size`` images, each read and decoded straight into
+    its row (channels last, no copy after the codec): into a slot of the ``ring`` in a loader
+    worker (sending a :class:`RingBatch`), into a batch of its own in the main process (sending
+    ``(images, labels)``). Corrupt samples are counted and skipped. With ``classes``, each
+    row's class code (its reference's label) is written beside it; no other metadata is read."""
 
     size: int
+    failures: FailureCounter
+    ring: BatchRing | None
+    classes: list[str] | None = None
+
+    def __call__(self, refs: Iterable[ImageRef]) -> Iterator[RingBatch | tuple]:
+        worker = torch.utils.data.get_worker_info()
+        ring = self.ring if worker is not None else None
+        codes = {name: code for code, name in enumerate(self.classes or ())}
+        reader = MemberReader()
+        batch = None
+        try:
+            for ref in refs:
+                if batch is None:
+                    slot = ring.acquire(worker.id) if ring is not None else None
+                    if ring is not None and slot is None:
+                        return  # the stream is closing
+                    batch, labels = ((ring.batch(worker.id, slot),
+                                      ring.batch_labels(worker.id, slot)) if ring is not None
+                                     else (image_batch_buffer(self.size),
+                                           torch.empty(self.size, dtype=torch.int64)))
+                    filled = 0
+                try:
+                    decode_image(reader.read(ref), ref.extension, batch.numpy()[filled])
+                except Exception as error:
+                    self.failures.failed(f"corrupt sample {ref.key} of {ref.url}", error)
+                    continue
+                self.failures.succeeded()
+                if codes:
+                    labels[filled] = codes[ref.label]
+                filled += 1
+                if filled == self.size:
+                    yield (RingBatch(worker.id, slot) if ring is not None
+                           else (as_chw(batch), labels if codes else None))
+                    batch = None
+        finally:
+            reader.close()
+
+
+@dataclass
+class HandOver:
+    """Main process: the workers' batches -> the trainer's, each a copy of its own (in pinned
+    memory when ``pin``), uint8 or float in [-1, 1].
+
+    With ``mix``, one batch of every worker is taken at a time and their images are permuted
+    together before they are cut into batches again, so each batch draws from every worker's
+    shards; ring slots are freed as soon as their images are copied. With ``labelled``, each
+    batch is ``(images, labels)``, the labels permuted with their images. The copies are numpy's,
+    on one thread: ``torch.stack`` runs one OpenMP-parallel copy per sample, and while the
+    loader workers keep every core busy each of those waits for threads that are not running.
+    On an H200 node that cost 290 ms per batch of 128 (cProfile): bf16 training ran at 531
+    images/s where its networks alone run 4678. ``bench/batch_stacking.py`` measures both ways.
+    """
+
+    ring: BatchRing | None
+    workers: int
+    mix: random.Random | None
     pin: bool
+    as_uint8: bool
+    labelled: bool = False
 
-    def __call__(self, samples: Iterable) -> Iterator:
-        batch = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.size:
-                yield self._stack(batch)
-                batch = []
+    def __call__(self, items: Iterable[RingBatch | tuple]) -> Iterator:
+        group = []
+        for item in items:
+            group.append(item)
+            if self.mix is None or len(group) == self.workers:
+                yield from self._batches(group)
+                group = []
 
-    def _stack(self, batch: list):
-        if isinstance(batch[0], tuple):  # (image, label) pairs: labels stay with their images
-            images, labels = zip(*batch, strict=True)
-            return stack_samples(list(images), self.pin), torch.stack(list(labels))
-        return stack_samples(batch, self.pin)
+    def _batches(self, group: list[RingBatch | tuple]) -> list:
+        batches = [(as_chw(self.ring.batch(item.worker, item.slot)),
+                    self.ring.batch_labels(item.worker, item.slot))
+                   if isinstance(item, RingBatch) else item for item in group]
+        images = [image for batch, _ in batches for image in batch]
+        order = list(range(len(images)))
+        if self.mix is not None:
+            self.mix.shuffle(order)
+        size = len(batches[0][0])
+        out = [stack_samples([images[i] for i in order[start:start + size]], self.pin)
+               for start in range(0, len(images), size)]
+        if self.labelled:  # copied out with their images, in the same order
+            codes = torch.cat([labels for _, labels in batches])[order]
+            labels = list(codes.split(size))
+        for item in group:  # every image is copied out: the slots may be refilled
+            if isinstance(item, RingBatch):
+                self.ring.release(item.worker)
+        out = out if self.as_uint8 else [uint8_to_signed(batch) for batch in out]
+        return list(zip(out, labels, strict=True)) if self.labelled else out
 
 
 def stack_samples(samples: list[torch.Tensor], pin: bool = False) -> torch.Tensor:
     """Same-shaped CPU tensors -> one batch (in pinned memory when ``pin``), copied by numpy
-    without torch's thread pool (see :class:`Batches`)."""
-    out = torch.empty((len(samples), *samples[0].shape), dtype=samples[0].dtype, pin_memory=pin)
+    without torch's thread pool (see :class:`HandOver`). Images that are channels_last views
+    (``(3, H, W)`` over ``(H, W, 3)`` memory, as the stream decodes them) give a channels_last
+    batch: each is one plain copy, none is transposed."""
+    first = samples[0]
+    channels_last = first.dim() == 3 and first.permute(1, 2, 0).is_contiguous()
+    if channels_last:
+        samples = [sample.permute(1, 2, 0) for sample in samples]
+    out = torch.empty((len(samples), *samples[0].shape), dtype=first.dtype, pin_memory=pin)
     np.stack([sample.numpy() for sample in samples], out=out.numpy())
-    return out
+    return as_chw(out) if channels_last else out
 
 
 class BackgroundBatches:
@@ -289,6 +401,7 @@ class ImageStream:
     loader: wds.WebLoader
     batches_per_epoch: int
     skipped: FailureCounter
+    ring: BatchRing | None = None
     _batches: BackgroundBatches | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -310,6 +423,8 @@ class ImageStream:
     def close(self) -> None:
         """Stop the batch thread and the worker processes (they would otherwise prefetch until
         exit)."""
+        if self.ring is not None:
+            self.ring.close()  # workers waiting for a free slot stop waiting
         if self._batches is not None:
             self._batches.close()
         self._batches = None
@@ -350,27 +465,27 @@ def make_image_stream(
         f"no readable sample in {max_consecutive_failures} tries in a row from the {split} "
         f"shards of {shards_dir} (rank {rank}): check them with `pathgan shards verify "
         f"{shards_dir}` (the warnings above say what failed)"))
+    # Slots per worker: the batches the loader may have asked it for (prefetch), one being
+    # mixed, one being filled.
+    prefetch = 2
+    ring = BatchRing(num_workers, prefetch + 2, batch_size) if num_workers else None
     decoded = wds.DataPipeline(
         ShardOrder(urls, seed, rank),
-        wds.tarfile_to_samples(handler=skip_unreadable_shard(failures)),
+        index_shards(failures, classes),
         WorkerShuffle(shuffle_buffer, seed, rank),
-        wds.map(DecodeSample(failures, as_uint8, classes)),
-        wds.select(lambda sample: sample is not None),
-        wds.batched(batch_size, collation_fn=collate, partial=False),  # for the transfer
+        DecodeBatches(batch_size, failures, ring, classes),
     )
     loader = wds.WebLoader(
         decoded,
         batch_size=None,
         num_workers=num_workers,
-        prefetch_factor=4 if num_workers > 0 else None,
-        # The failure counter lives in fork-shared memory: fork, whatever the platform's
-        # default start method (spawn on macOS, forkserver from Python 3.14 on Linux).
+        prefetch_factor=prefetch if num_workers > 0 else None,
+        # The ring and the failure counter live in memory shared by fork: fork, whatever the
+        # platform's default start method (spawn on macOS, forkserver from Python 3.14 on Linux).
         multiprocessing_context=multiprocessing.get_context("fork") if num_workers else None,
     )
-    stages = [unbatch]
-    if num_workers > 1:  # a lone worker's samples are mixed by its own shuffle buffer
-        mixing = batch_size * num_workers * MIXED_BATCHES_PER_WORKER
-        stages.append(wds.shuffle(mixing, initial=mixing,
-                                  rng=random.Random(f"mixing/{seed}/{rank}")))
-    stages.append(Batches(batch_size, pin=torch.cuda.is_available()))
-    return ImageStream(loader.compose(*stages), batches_per_epoch, failures)
+    # A lone worker's samples are mixed by its own shuffle buffer.
+    mix = random.Random(f"mixing/{seed}/{rank}") if num_workers > 1 else None
+    hand_over = HandOver(ring, num_workers, mix, pin=torch.cuda.is_available(),
+                         as_uint8=as_uint8, labelled=classes is not None)
+    return ImageStream(loader.compose(hand_over), batches_per_epoch, failures, ring)

@@ -10,7 +10,7 @@ from pathgan.core.fileio import atomic_path
 from pathgan.core.plots import plt
 from pathgan.shards.format import IMAGE_SIDE
 from pathgan.train.build import build_networks
-from pathgan.train.objective import IMAGES
+from pathgan.train.objective import EMBEDDINGS, FEATURES, IMAGES
 
 LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
                nn.Linear, nn.Dropout)
@@ -76,9 +76,11 @@ def write_architecture(config: Config, out_dir: str | Path) -> list[Path]:
     model = config.model
     gan = build_networks(config, torch.device("cpu"))
     networks = {"generator": (gan.generator, torch.zeros(2, model.nz))}
+    images = torch.zeros(2, model.channels, IMAGE_SIDE, IMAGE_SIDE)
     for view, discriminator in gan.discriminators.items():
-        example = (torch.zeros(2, model.channels, IMAGE_SIDE, IMAGE_SIDE) if view == IMAGES
-                   else torch.zeros(2, gan.encoder.embed_dim))
+        example = {IMAGES: lambda: images,
+                   FEATURES: lambda: gan.encoder.features(images, gan.feature_levels),
+                   EMBEDDINGS: lambda: torch.zeros(2, gan.encoder.embed_dim)}[view]()
         networks[f"discriminator-{view}"] = (discriminator, example)
     written, markdown = [], ["# Architecture", ""]
     for name, (network, example) in networks.items():

@@ -21,11 +21,18 @@ from pathgan.models.conditional import (
     ConditionalEmbeddingDiscriminator,
     ConditionalGenerator,
 )
+from pathgan.models.projected import ProjectedHeads
 from pathgan.models.r3gan import R3Discriminator
 from pathgan.runs import build_generator, generator_config
 from pathgan.shards.embedding_files import embedded_encoders, embeddings_dir, stored_precision
 from pathgan.train.classes import Classes, training_classes
-from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective, RelativisticObjective
+from pathgan.train.objective import (
+    EMBEDDINGS,
+    FEATURES,
+    IMAGES,
+    GANObjective,
+    RelativisticObjective,
+)
 
 
 @dataclass
@@ -37,6 +44,8 @@ class GAN:
     augment: DiffAugment
     relativistic: bool = False  # the modern GAN's loss (with R1/R2) instead of cross-entropy
     penalty_every: int = 1
+    ramp_steps: int = 0  # the modern GAN's encoder heads reach their weight over these steps
+    feature_levels: int | list[int] = 4  # the encoder depths its projected head judges
     classes: Classes | None = None  # a conditional GAN's
 
     @property
@@ -52,7 +61,10 @@ class GAN:
         if self.relativistic:
             return RelativisticObjective(discriminators, self.weights, self.encoder, self.augment,
                                          penalty_discriminators=penalty_discriminators,
-                                         penalty_every=self.penalty_every, loss_scale=loss_scale)
+                                         penalty_every=self.penalty_every,
+                                         ramp_steps=self.ramp_steps,
+                                         feature_levels=self.feature_levels,
+                                         loss_scale=loss_scale)
         return GANObjective(discriminators, self.weights, self.encoder, self.augment)
 
     @property
@@ -138,12 +150,7 @@ def build_networks(config: Config, device: torch.device,
     weights: dict[str, float] = {}
     encoder = None
     if model.kind == "r3gan":
-        discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
-                                                 model.expansion, model.group_width,
-                                                 model.channels)
-        return GAN(generator, discriminators, {IMAGES: 1.0}, None,
-                   DiffAugment(config.train.augment or ""), relativistic=True,
-                   penalty_every=config.train.penalty_every)
+        return build_r3gan(config, generator, device)
     if model.kind == "dcgan" or model.hybrid:
         discriminators[IMAGES] = (ConditionalDiscriminator(model.ndf, model.channels, count)
                                   if count else Discriminator(model.ndf, model.channels))
@@ -158,6 +165,40 @@ def build_networks(config: Config, device: torch.device,
         weights[EMBEDDINGS] = model.embedding_weight
     return GAN(generator, discriminators, weights, encoder,
                DiffAugment(config.train.augment or ""), classes=classes if count else None)
+
+
+#: model.heads' names -> the view each head judges (objective.py)
+HEAD_VIEWS = {"pixels": IMAGES, "projected": FEATURES, "embedding": EMBEDDINGS}
+
+
+def build_r3gan(config: Config, generator: nn.Module, device: torch.device) -> GAN:
+    """The modern GAN: its generator and the heads ``model.heads`` names, with their weights;
+    the frozen encoder, when a head judges its output, on ``device``."""
+    model = config.model
+    encoder = load_encoder(model.encoder, device=device) if model.encoder else None
+    levels = model.head_levels or 4
+    discriminators: dict[str, nn.Module] = {}
+    for head in model.heads:
+        if head == "pixels":
+            discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
+                                                     model.expansion, model.group_width,
+                                                     model.channels)
+        elif head == "projected":
+            # The levels' shapes, from one blank image (an error here names the levels asked).
+            example = torch.zeros(1, model.channels, model.image_size, model.image_size,
+                                  device=device)
+            maps = encoder.features(example, levels)
+            discriminators[FEATURES] = ProjectedHeads([m.shape[1] for m in maps],
+                                                      [m.shape[-1] for m in maps])
+        else:
+            discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
+                encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
+                model.minibatch_std)
+    weights = {HEAD_VIEWS[head]: weight for head, weight in model.heads.items()}
+    return GAN(generator, discriminators, weights, encoder,
+               DiffAugment(config.train.augment or ""), relativistic=True,
+               penalty_every=config.train.penalty_every,
+               ramp_steps=model.head_warmup // config.train.batch_size, feature_levels=levels)
 
 
 def build_gan(config: Config, device: torch.device) -> GAN:

@@ -37,14 +37,19 @@ class GeneratorEMA:
         return 0.5 ** (batch_size / max(half_life, 1e-8))
 
     @torch.no_grad()
-    def update(self, generator: nn.Module, images_seen: int, batch_size: int) -> None:
-        """``images_seen``: images the generator had been trained on before this step."""
-        decay = self.decay(images_seen, batch_size)
+    def update(self, generator: nn.Module, images_seen: int, batch_size: int,
+               skip: torch.Tensor | None = None) -> None:
+        """``images_seen``: images the generator had been trained on before this step.
+        ``skip``: a device tensor, 1.0 when the generator's update was skipped: the average
+        then stays as it was (decided on the device, without a host read)."""
+        weight = 1.0 - self.decay(images_seen, batch_size)
+        if skip is not None:
+            weight = (1.0 - skip) * weight
         averaged = list(self.module.parameters())
         current = [p.detach() for p in generator.parameters()]
-        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        torch._foreach_lerp_(averaged, current, weight)
         for mine, theirs in zip(self.module.buffers(), generator.buffers(), strict=True):
-            mine.copy_(theirs)
+            mine.copy_(theirs if skip is None else torch.where(skip > 0, mine, theirs))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

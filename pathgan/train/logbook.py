@@ -15,6 +15,7 @@ from pathgan.core.fileio import atomic_path
 from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.core.plots import plot_losses
 from pathgan.runs import RunDir
+from pathgan.train.tracking import first_line
 
 
 class Logbook:
@@ -36,7 +37,7 @@ class Logbook:
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.run.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        self.accelerator.log(row, step=step)
+        self._to_wandb(row, step)
 
     def samples(self, step: int, images: torch.Tensor, label: str | None = None) -> Path | None:
         """A grid of generated images ([-1, 1]) as PNG, and as a W&B image; ``label``: a
@@ -52,8 +53,21 @@ class Logbook:
             import wandb  # here: a second to import, and unused with log.wandb false
 
             key = "samples" if label is None else f"samples/{label}"
-            self.accelerator.log({key: wandb.Image(str(path))}, step=step)
+            self._to_wandb({key: wandb.Image(str(path))}, step)
         return path
+
+    def _to_wandb(self, values: dict, step: int) -> None:
+        """Log to W&B; one that fails (service unreachable, process gone) is reported once and
+        left: training goes on, and metrics.jsonl keeps every metric."""
+        if not self.use_wandb:
+            return
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as error:
+            self.use_wandb = False
+            self.accelerator.trackers.clear()  # nor at the end (end_training finishes them)
+            print(f"W&B: logging failed at step {step} ({first_line(error)}); training goes on "
+                  "without W&B (metrics.jsonl has every metric)", flush=True)
 
     def loss_plot(self) -> None:
         if self.active:

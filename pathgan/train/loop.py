@@ -3,8 +3,11 @@
 Read top to bottom: set-up (Accelerate, networks, optimizers, resume, trackers), then one loop
 that calls :func:`train_step` (a discriminator update and a generator update on the same fake
 batch) on endless real data until one ``done`` flag is set, with logging, samples, evaluation
-and checkpoints at step boundaries; a step is counted once both updates were taken, and the
-epoch is derived from it. What differs between the GANs lives in
+and checkpoints at step boundaries; the epoch is derived from the step. A step never makes the
+host wait for the device: an update whose loss is not finite is skipped on the device (and still
+counts as a step), and the host reads the skips, the statistics and every rank's preemption flag
+at log lines only (every ``log.every`` steps), where the run may stop. What differs between the
+GANs lives in
 :class:`~pathgan.train.objective.GANObjective` (the modern GAN's loss and penalties:
 :class:`~pathgan.train.objective.RelativisticObjective`); the values that change over the run
 (learning rate, beta2, gamma) in :mod:`pathgan.train.schedules`; where real samples come from in
@@ -13,10 +16,10 @@ epoch is derived from it. What differs between the GANs lives in
 """
 
 import contextlib
-import secrets
 import shutil
-import string
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +28,13 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from pathgan.config import Config, config_to_dict
+from pathgan.config import Change, Config
 from pathgan.core.devices import switch_on
 from pathgan.core.errors import PathganError, writing
 from pathgan.core.images import uint8_to_signed
 from pathgan.evaluation.evaluator import InLoopEvaluator, eval_encoder_spec
 from pathgan.models import generate, noise_batch
+from pathgan.models.augment import flip_rotate
 from pathgan.models.generation import calibrate_batchnorm
 from pathgan.runs import RunDir, export_generator, generator_config, staging_dir
 from pathgan.train import checkpoint as ckpt
@@ -43,7 +47,8 @@ from pathgan.train.precision import resolve_mixed_precision
 from pathgan.train.real_data import build_real_data
 from pathgan.train.schedules import Schedule
 from pathgan.train.signals import PreemptionFlag
-from pathgan.train.statistics import EmbeddingGap, WindowStats
+from pathgan.train.statistics import EmbeddingGap, SkippedUpdates, WindowStats
+from pathgan.train.tracking import end_trackers, init_trackers
 
 
 @dataclass
@@ -83,24 +88,64 @@ def make_accelerator(config: Config, run_dir: Path) -> Accelerator:
     )
 
 
-def make_optimizer(modules, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(modules, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel (CUDA and CPU) unless ``train.fused_adam``
+    is off: only the fused kernel can skip a non-finite update on the device (``found_inf``)."""
     params = [p for module in modules for p in module.parameters()]
-    fused = switch_on(config.train.fused_adam)
+    fused = config.train.fused_adam == "on" or (config.train.fused_adam == "auto"
+                                                 and device.type in ("cuda", "cpu"))
     return torch.optim.Adam(params, lr=config.train.lr,
                             betas=(config.train.beta1, config.train.beta2),
                             fused=fused or None, foreach=None if fused else True)
 
 
-def _reduce_flags(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
-    """Whether any rank raised each flag: one all-reduce and one device-to-host read in all."""
-    tensor = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=accelerator.device)
-                          for f in flags])
-    return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+def _nonfinite_anywhere(accelerator: Accelerator, loss: torch.Tensor) -> torch.Tensor:
+    """1.0 when the loss is NaN or infinite on any rank, else 0.0: a device tensor, all-reduced
+    without waiting for it (the host never reads it in a step)."""
+    flag = (~torch.isfinite(loss.detach()).all()).float()
+    return accelerator.reduce(flag, reduction="sum").clamp_(max=1.0)
 
 
-def _nonfinite(loss: torch.Tensor) -> torch.Tensor:
-    """A device tensor (no synchronisation here): is any element NaN or infinite?"""
-    return ~torch.isfinite(loss.detach()).all()
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether any rank raised a host flag: one all-reduce and one read (a log boundary's)."""
+    tensor = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(tensor, reduction="sum").item())
+
+
+def _update(optimizer, loss: torch.Tensor, skip: torch.Tensor, accelerator: Accelerator) -> None:
+    """One optimizer update from ``loss``, left out (parameters, moments and step count as they
+    were) where ``skip`` is 1: by fused Adam's ``found_inf`` on the device; Adam without a fused
+    kernel (``train.fused_adam=off``) reads the flag on the host instead. Under fp16 the
+    GradScaler sets ``found_inf`` itself, and a non-finite loss gives non-finite gradients on
+    every rank (DDP sums them), so it skips the same updates."""
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    inner = optimizer.optimizer  # Accelerate's wrapper passes attributes on to no one
+    if inner.defaults.get("fused"):
+        inner.found_inf = skip
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
+
+
+#: samples per rank below which per-rank BatchNorm statistics are too noisy to train alike
+BATCHNORM_MIN_PER_RANK = 16
+
+
+def batchnorm_batch_warning(networks: list[torch.nn.Module], config: Config,
+                            world: int) -> str | None:
+    """The line to print when splitting the global batch over ``world`` processes leaves
+    BatchNorm layers fewer than ``BATCHNORM_MIN_PER_RANK`` samples per rank to normalise over
+    (a single process normalises over the batch it was given: nothing changes there)."""
+    per_rank = config.train.batch_size // world
+    if world == 1 or config.train.sync_bn or per_rank >= BATCHNORM_MIN_PER_RANK or not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for network in networks for m in network.modules()):
+        return None
+    return (f"warning: train.batch_size {config.train.batch_size} over {world} processes "
+            f"leaves {per_rank} samples per rank, and the BatchNorm layers normalise over each "
+            f"rank's samples: training will differ from the recipe's. Raise train.batch_size "
+            f"to {BATCHNORM_MIN_PER_RANK * world} or more, or set train.sync_bn=true (CUDA)")
 
 
 @dataclass
@@ -138,8 +183,8 @@ def prepare_networks(config: Config, gan: GAN, accelerator: Accelerator) -> Netw
                       for k, d in discriminators.items()}
     ema = (GeneratorEMA(generator, config.train.ema_kimg, config.train.ema_rampup)
            if config.train.ema else None)
-    g_optimizer = make_optimizer([generator], config)
-    d_optimizer = make_optimizer(discriminators.values(), config)
+    g_optimizer = make_optimizer([generator], config, accelerator.device)
+    d_optimizer = make_optimizer(discriminators.values(), config, accelerator.device)
     names = list(discriminators)
     # Accelerate sees the plain networks (DDP-wrapped), never a compiled wrapper: checkpoints
     # then hold plain keys and resume with or without compile, on any device and world size.
@@ -187,22 +232,24 @@ class StepResult:
     stats: dict[str, torch.Tensor]  # D(x), D(G(z)), ... of this step, on this rank
     real: dict[str, torch.Tensor]  # what the discriminators saw, view by view
     fake: dict[str, torch.Tensor]
-    finite: bool  # False: a loss was not finite on some rank, and every rank skipped the step
-    stop_requested: bool  # some rank was signalled: every rank stops after this step
+    d_skipped: torch.Tensor  # 1.0: D's loss was not finite on some rank; no rank updated D
+    g_skipped: torch.Tensor  # the same for G (and its EMA)
 
 
 def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Accelerator,
-               config: Config, preemption: PreemptionFlag, step: int) -> StepResult:
+               config: Config, step: int) -> StepResult:
     """One discriminator update and one generator update on the same fake batch.
 
-    Two all-reduces in all: whether any rank's D loss is not finite, together with whether any
-    rank was signalled, then whether any rank's G loss is not finite. Every rank then takes (or
-    skips) the same updates.
+    Nothing here makes the host wait for the device (a test counts host reads), so the CPU
+    queues the next step while the device runs this one: whether a loss is finite is all-reduced
+    on the device and a non-finite update is skipped there, every rank skipping the same ones.
+    The loop reads what was skipped at log lines (:class:`~pathgan.train.statistics.
+    SkippedUpdates`).
     """
     real = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-    if IMAGES in real:  # uint8 over the bus, normalised on the device
-        real[IMAGES] = uint8_to_signed(real[IMAGES]).contiguous(
-            memory_format=_memory_format(config))
+    if IMAGES in real:  # uint8 over the bus (or from the device cache), normalised on the device
+        images = flip_rotate(real[IMAGES]) if config.data.flip_rotate else real[IMAGES]
+        real[IMAGES] = uint8_to_signed(images).contiguous(memory_format=_memory_format(config))
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
     # A conditional run's fake classes, drawn in the mix the real batches have.
@@ -219,27 +266,20 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
                        else nets.run_generator(noise, labels))
         fake = nets.objective.fake_views(fake_images, labels)
         d_loss, d_stats = nets.objective.d_loss(real, fake)
-    d_bad, stop_requested = _reduce_flags(accelerator, _nonfinite(d_loss), preemption.requested)
-    if not d_bad:
-        nets.d_optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(d_loss)
-        nets.d_optimizer.step()
+    d_skipped = _nonfinite_anywhere(accelerator, d_loss)
+    _update(nets.d_optimizer, d_loss, d_skipped, accelerator)
 
     with contextlib.ExitStack() as no_d_sync:  # D's grads here are thrown away
         for discriminator in nets.discriminators.values():
             no_d_sync.enter_context(accelerator.no_sync(discriminator))
         with accelerator.autocast():
             g_loss, g_stats = nets.objective.g_loss(fake)
-        (g_bad,) = _reduce_flags(accelerator, _nonfinite(g_loss))
-        if not g_bad:
-            nets.g_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(g_loss)
-            nets.g_optimizer.step()
-    if nets.ema is not None and not g_bad:
+        g_skipped = _nonfinite_anywhere(accelerator, g_loss)
+        _update(nets.g_optimizer, g_loss, g_skipped, accelerator)
+    if nets.ema is not None:
         nets.ema.update(nets.plain_generator, step * config.train.batch_size,
-                        config.train.batch_size)
-    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake,
-                      finite=not (d_bad or g_bad), stop_requested=stop_requested)
+                        config.train.batch_size, skip=g_skipped)
+    return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake, d_skipped, g_skipped)
 
 
 def write_sample_grids(logbook: Logbook, step: int, model: torch.nn.Module, noise: torch.Tensor,
@@ -294,29 +334,8 @@ def make_evaluator(config: Config, gan, device: torch.device):
                            seed=config.run.seed)
 
 
-def _init_trackers(accelerator: Accelerator, config: Config, state: ckpt.TrainState,
-                   run: RunDir) -> None:
-    if not config.log.wandb:
-        return
-    if state.wandb_run_id is None:  # W&B ids: 8 lowercase letters and digits
-        state.wandb_run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits)
-                                     for _ in range(8))
-    accelerator.init_trackers(
-        config.log.project,
-        config=config_to_dict(config),
-        init_kwargs={"wandb": {
-            "name": config.run.name or run.name,
-            "entity": config.log.entity,
-            "tags": config.log.tags,
-            "id": state.wandb_run_id,  # a resumed run continues the same W&B run
-            "resume": "allow",
-            "dir": str(run.path),  # W&B writes its files into RUN/wandb
-        }},
-    )
-
-
 def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
-             exported: dict, run: RunDir) -> None:
+             exported: Callable[[], dict], run: RunDir) -> None:
     """Score the generator (every rank takes part); log it and keep the best generator."""
     scores = evaluator(sample_model)
     logbook.metrics(state.step, {f"eval/{k}": scores[k] for k in
@@ -326,23 +345,46 @@ def evaluate(evaluator, sample_model, state: ckpt.TrainState, logbook: Logbook,
     if fd is not None and (state.best_fd is None or fd < state.best_fd):
         state.best_fd = fd
         if logbook.active:
-            export_generator(sample_model, exported, run.best_dir)
+            export_generator(sample_model, exported(), run.best_dir)
             run.write_best({"step": state.step, **scores})
 
 
-def train(config: Config, resume: str | None = None) -> TrainResult:
+def stop_on_nonfinite(values: dict, step: int, config: Config, accelerator: Accelerator,
+                      save_checkpoint) -> None:
+    """At a log line: say how many updates were skipped for a non-finite loss since the last
+    one, and stop (state saved) under ``train.nonfinite=stop`` or after ``train.max_nonfinite``
+    steps in a row with a skipped update. Every rank reads the same figures."""
+    count = values["skipped_updates_d"] + values["skipped_updates_g"]
+    if not count:
+        return
+    in_a_row = values["nonfinite_in_a_row"]
+    accelerator.print(f"step {step}: non-finite loss, {count} update(s) skipped since the last "
+                      f"log line (D {values['skipped_updates_d']}, G "
+                      f"{values['skipped_updates_g']}; {in_a_row} step(s) in a row now)")
+    if config.train.nonfinite == "stop" or in_a_row >= config.train.max_nonfinite:
+        path = save_checkpoint()
+        raise PathganError(
+            f"non-finite loss up to step {step} ({in_a_row} in a row); state saved in {path}. "
+            "Lower train.lr, or try train.mixed_precision=bf16 or no")
+
+
+def train(config: Config, resume: str | None = None,
+          changes: list[Change] = ()) -> TrainResult:
+    """Train (or resume, with the config changes :func:`pathgan.train.resume.plan_run` took,
+    recorded at the step the resume starts from)."""
     # First of all: a preemption signal during set-up must not kill the process.
     preemption = PreemptionFlag().install()
     run = RunDir(config.run.dir)
     try:  # a file-system fault says which checkpoint is kept, and how to go on from it
         with writing(run.path, kept=lambda: ckpt.last_checkpoint_line(run),
                      rerun_args=("--resume", "latest")):
-            return _train(config, resume, preemption)
+            return _train(config, resume, list(changes), preemption)
     finally:
         preemption.uninstall()
 
 
-def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> TrainResult:
+def _train(config: Config, resume: str | None, changes: list[Change],
+           preemption: PreemptionFlag) -> TrainResult:
     run = RunDir(config.run.dir)
     accelerator = make_accelerator(config, run.path)
     world = accelerator.num_processes
@@ -358,6 +400,10 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- networks, optimizers, data ---------------------------------------------------------
     gan = build_gan(config, accelerator.device)
+    warning = batchnorm_batch_warning([gan.generator, *gan.discriminators.values()], config,
+                                      world)
+    if warning:
+        accelerator.print(warning)
     nets = prepare_networks(config, gan, accelerator)
     if gan.encoder is not None:
         accelerator.print(f"encoder {gan.encoder_id} runs in {gan.encoder.precision}; real "
@@ -367,17 +413,27 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     # --- state, resume, trackers ------------------------------------------------------------
     state = restore_state(accelerator, run, resume, nets.ema)
     set_seed(config.run.seed + state.step, device_specific=True)  # ...different noise per rank
-    # Seeded with the step: a resumed run does not replay the data order of its first epochs.
-    data = build_real_data(config, nets.objective.real_inputs, world, accelerator.process_index,
-                           gan.encoder_id, seed=config.run.seed + state.step, classes=gan.classes)
+    # The cache continues its permutation from the step; streams are seeded with it, so a
+    # resumed run does not replay the data order of its first epochs.
+    data = build_real_data(config, nets.objective.real_inputs, accelerator, gan.encoder_id,
+                           start_step=state.step, classes=gan.classes)
     if gan.classes is not None:  # the mix of this run's data, whatever a checkpoint held
         nets.plain_generator.class_mix.copy_(nets.class_mix)
         accelerator.print(f"classes: {gan.classes.describe()} train samples; batches "
                           f"{gan.classes.balance}")
     logbook = Logbook(accelerator, run, config.log.wandb)
     logbook.truncate_after(state.step)
-    _init_trackers(accelerator, config, state, run)
-    exported = generator_config(config.model, gan.encoder_id, gan.classes)  # generator.json
+    if accelerator.is_main_process:
+        run.drop_changes_after(state.step)  # undone with the steps they ran
+        if changes:
+            run.record_changes(state.step, changes)
+    logbook.use_wandb = init_trackers(accelerator, config, state, run)
+
+    def exported() -> dict:  # generator.json of the generator as it is now
+        return {**generator_config(config.model, gan.encoder_id, gan.classes),
+                "step": state.step, "images_seen": run.images_seen(state.step),
+                "mixed_precision": accelerator.mixed_precision}
+
     fixed_noise = noise_batch(config.log.num_samples, config.model.nz,
                               config.run.seed).to(accelerator.device)
     total_steps = (config.train.epochs * data.batches_per_epoch
@@ -400,8 +456,8 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
 
     # --- the loop ---------------------------------------------------------------------------
     window = WindowStats()
+    skipped = SkippedUpdates(accelerator.device)
     gap = EmbeddingGap() if EMBEDDINGS in nets.discriminators else None
-    nonfinite_run = 0
     saved_at = state.step
     stop_requested = False  # a rank was signalled: every rank stops after the same step
     done = state.step >= total_steps
@@ -410,53 +466,48 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
     try:
         while not done:
             apply_schedule(nets, schedule, state.step, config.train.batch_size)
-            result = train_step(nets, next(data), accelerator, config, preemption, state.step)
-            if not result.finite:  # no rank updated anything: the step does not count
-                nonfinite_run += 1
-                accelerator.print(f"step {state.step}: non-finite loss (D "
-                                  f"{result.d_loss.item():.4g}, G {result.g_loss.item():.4g}); "
-                                  "skipped")
-                if config.train.nonfinite == "stop" or \
-                        nonfinite_run >= config.train.max_nonfinite:
-                    path = save_checkpoint()
-                    raise PathganError(
-                        f"non-finite loss at step {state.step} ({nonfinite_run} in a row); "
-                        f"state saved in {path}. Lower train.lr, or try "
-                        "train.mixed_precision=bf16 or no")
-            else:
-                nonfinite_run = 0
-                state.step += 1
-                progress.update()
-                window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats})
-                if gap is not None:
-                    gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
-                if state.step % config.log.every == 0 or state.step == total_steps:
-                    values = {**window.read(accelerator, config.train.batch_size),
-                              "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
-                              "skipped_samples": data.skipped,
-                              **(gap.read(accelerator) if gap is not None else {})}
-                    logbook.metrics(state.step, values)
-                    progress.set_postfix(D=f"{values['Loss_D']:.3f}",
-                                         G=f"{values['Loss_G']:.3f}")
-                if state.step % config.log.sample_every == 0:
-                    sample_model = nets.sample_model(config)
-                    if logbook.active:
-                        write_sample_grids(logbook, state.step, sample_model, fixed_noise,
-                                           per_rank_batch, gan.classes)
-                if evaluator is not None and state.step % config.eval.every == 0:
-                    evaluate(evaluator, nets.sample_model(config), state, logbook, exported, run)
-                if state.step % config.ckpt.every == 0:
-                    save_checkpoint()
-                    saved_at = state.step
-                stop_requested = result.stop_requested
-                done = stop_requested or state.step >= total_steps
+            waited = time.perf_counter()
+            batch = next(data)
+            window.waited(time.perf_counter() - waited)
+            result = train_step(nets, batch, accelerator, config, state.step)
+            state.step += 1
+            progress.update()
+            skipped.add(result.d_skipped, result.g_skipped)
+            window.add({"Loss_D": result.d_loss, "Loss_G": result.g_loss, **result.stats},
+                       taken=1.0 - torch.maximum(result.d_skipped, result.g_skipped))
+            if gap is not None:
+                gap.add(result.real[EMBEDDINGS], result.fake[EMBEDDINGS])
+            if state.step % config.log.every == 0 or state.step == total_steps:
+                # The host reads the device's figures, and every rank's signal flag, at log
+                # lines only: steps in between never wait for the device.
+                values = {**window.read(accelerator, config.train.batch_size),
+                          **skipped.read(),
+                          "epoch": (state.step - 1) // data.batches_per_epoch,  # its batch's
+                          "skipped_samples": data.skipped,
+                          **(gap.read(accelerator) if gap is not None else {})}
+                logbook.metrics(state.step, values)
+                progress.set_postfix(D=f"{values['Loss_D']:.3f}", G=f"{values['Loss_G']:.3f}")
+                stop_on_nonfinite(values, state.step, config, accelerator, save_checkpoint)
+                stop_requested = _any_rank(accelerator, preemption.requested)
+            if state.step % config.log.sample_every == 0:
+                sample_model = nets.sample_model(config)
+                if logbook.active:
+                    write_sample_grids(logbook, state.step, sample_model, fixed_noise,
+                                       per_rank_batch, gan.classes)
+            if evaluator is not None and state.step % config.eval.every == 0:
+                evaluate(evaluator, nets.sample_model(config), state, logbook, exported,
+                         run)
+            if state.step % config.ckpt.every == 0:
+                save_checkpoint()
+                saved_at = state.step
+            done = stop_requested or state.step >= total_steps
     finally:
         progress.close()
         data.close()
 
     preempted = stop_requested and state.step < total_steps
     # Ctrl-C on any rank (accelerate launch forwards it to all): every rank says the same
-    interrupted = preempted and _reduce_flags(accelerator, preemption.interrupted)[0]
+    interrupted = preempted and _any_rank(accelerator, preemption.interrupted)
     if saved_at != state.step:
         save_checkpoint()
     sample_model = None if preempted else nets.sample_model(config)
@@ -473,10 +524,10 @@ def _train(config: Config, resume: str | None, preemption: PreemptionFlag) -> Tr
             run.clear_preempted()
             write_sample_grids(logbook, state.step, sample_model, fixed_noise, per_rank_batch,
                                gan.classes)
-            export_generator(sample_model, exported, run.path)
+            export_generator(sample_model, exported(), run.path)
             logbook.loss_plot()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator, run)
     return TrainResult(state.step, preempted, run.path, nets.plain_generator,
                        {k: accelerator.unwrap_model(d) for k, d in nets.discriminators.items()},
                        interrupted=interrupted)

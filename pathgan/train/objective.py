@@ -32,7 +32,9 @@ from pathgan.models.augment import DiffAugment
 
 IMAGES = "images"
 EMBEDDINGS = "embeddings"
-VIEWS = (IMAGES, EMBEDDINGS)
+FEATURES = "features"  # the modern GAN's projected head: feature maps of several encoder depths
+VIEWS = (IMAGES, EMBEDDINGS, FEATURES)
+ENCODER_VIEWS = (EMBEDDINGS, FEATURES)
 
 
 def labels_key(view: str) -> str:
@@ -50,13 +52,15 @@ class GANObjective:
     """Non-saturating GAN losses summed over weighted discriminators, one per view."""
 
     def __init__(self, discriminators: dict[str, nn.Module], weights: dict[str, float],
-                 encoder: nn.Module | None = None, augment: DiffAugment | None = None) -> None:
-        if EMBEDDINGS in discriminators and encoder is None:
-            raise ValueError("an embedding discriminator needs an encoder")
+                 encoder: nn.Module | None = None, augment: DiffAugment | None = None,
+                 feature_levels: int | list[int] = 4) -> None:
+        if set(ENCODER_VIEWS) & set(discriminators) and encoder is None:
+            raise ValueError("an embedding or feature discriminator needs an encoder")
         self.discriminators = discriminators
         self.weights = weights
         self.encoder = encoder
         self.augment = augment or DiffAugment(())
+        self.feature_levels = feature_levels
 
     @property
     def real_inputs(self) -> set[str]:
@@ -64,8 +68,11 @@ class GANObjective:
         needed = set()
         if IMAGES in self.discriminators:
             needed.add(IMAGES)
-        if EMBEDDINGS in self.discriminators:
-            needed.add(IMAGES if self.augment else EMBEDDINGS)
+        if FEATURES in self.discriminators:
+            needed.add(IMAGES)  # feature maps are not precomputed: real images are encoded...
+        if EMBEDDINGS in self.discriminators:  # ... and so embeddings need not be either
+            needed.add(IMAGES if self.augment or FEATURES in self.discriminators
+                       else EMBEDDINGS)
         return needed
 
     def start_step(self, step: int, gamma: float) -> None:
@@ -89,6 +96,9 @@ class GANObjective:
         if EMBEDDINGS in self.discriminators and encode:
             # The encoder is frozen but differentiable: G learns through it.
             views[EMBEDDINGS] = self._encode(images)
+        if FEATURES in self.discriminators:
+            with torch.autocast(images.device.type, enabled=False):  # as _encode
+                views[FEATURES] = self.encoder.features(images.float(), self.feature_levels)
         if labels is not None:
             views.update({labels_key(view): labels for view in list(views)})
         return views
@@ -163,20 +173,22 @@ def relativistic_loss(preferred: torch.Tensor, other: torch.Tensor) -> torch.Ten
     return F.softplus(other.float() - preferred.float()).mean()
 
 
-def gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor,
+def gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor | list[torch.Tensor],
                      output_scale: float = 1.0) -> torch.Tensor:
     """Per-sample squared norm of the gradient of ``logits`` with respect to ``inputs`` (which
-    must require gradients and be what ``logits`` were computed from), kept in the graph.
+    must require gradients and be what ``logits`` were computed from; a list of them, as the
+    feature maps of a projected head, counts as one input), kept in the graph.
 
     Samples are independent (no batch statistics), so the gradient of the summed logits gives
     each sample its own gradient. ``output_scale``: a loss scale (fp16's GradScaler) by which the
     logits are multiplied before differentiating, so that small gradients do not underflow in
     half precision; the gradient is divided by it again before squaring.
     """
-    (gradient,) = torch.autograd.grad(logits.float().sum() * output_scale, inputs,
-                                      create_graph=True)
-    gradient = gradient.float() / output_scale
-    return gradient.square().flatten(1).sum(dim=1)
+    gradients = torch.autograd.grad(logits.float().sum() * output_scale,
+                                    inputs if isinstance(inputs, list) else [inputs],
+                                    create_graph=True)
+    return sum((gradient.float() / output_scale).square().flatten(1).sum(dim=1)
+               for gradient in gradients)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
@@ -211,14 +223,20 @@ class RelativisticObjective(GANObjective):
     The generator's pairs are judged against the real logits of the same step's discriminator
     pass (before its update), kept from :meth:`d_loss`: one discriminator pass on the real batch
     a step instead of two, the same pairing.
+
+    ``ramp_steps``: the heads on an encoder (embedding, projected features) start at weight 0
+    and reach theirs linearly over that many steps, so that the pixel head shapes the images
+    before a frozen network's features pull on them (0: full weight from the start).
     """
 
     def __init__(self, discriminators: dict[str, nn.Module], weights: dict[str, float],
                  encoder: nn.Module | None = None, augment: DiffAugment | None = None, *,
                  penalty_discriminators: dict[str, nn.Module] | None = None,
-                 penalty_every: int = 1,
+                 penalty_every: int = 1, ramp_steps: int = 0, feature_levels: int | list[int] = 4,
                  loss_scale: Callable[[], float] = lambda: 1.0) -> None:
-        super().__init__(discriminators, weights, encoder, augment)
+        super().__init__(discriminators, weights, encoder, augment, feature_levels)
+        self.full_weights = dict(weights)
+        self.ramp_steps = ramp_steps
         self.penalty_discriminators = penalty_discriminators or discriminators
         self.penalty_every = penalty_every
         self.loss_scale = loss_scale
@@ -227,6 +245,9 @@ class RelativisticObjective(GANObjective):
 
     def start_step(self, step: int, gamma: float) -> None:
         self.gamma = gamma * self.penalty_every if step % self.penalty_every == 0 else 0.0
+        ramp = min(1.0, step / self.ramp_steps) if self.ramp_steps else 1.0
+        self.weights = {view: weight * (ramp if view in ENCODER_VIEWS else 1.0)
+                        for view, weight in self.full_weights.items()}
 
     def d_loss(self, real: dict, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
@@ -234,8 +255,8 @@ class RelativisticObjective(GANObjective):
         scale = self.loss_scale() if penalise else 1.0
         for view, discriminator in self.discriminators.items():
             # Fresh leaves: the penalty differentiates with respect to exactly these inputs.
-            real_inputs = real[view].detach().requires_grad_(penalise)
-            fake_inputs = fake[view].detach().requires_grad_(penalise)
+            real_inputs = _leaves(real[view], penalise)
+            fake_inputs = _leaves(fake[view], penalise)
             if penalise:
                 discriminator = self.penalty_discriminators[view]
             real_logits, fake_logits = discriminator(real_inputs), discriminator(fake_inputs)
@@ -245,6 +266,9 @@ class RelativisticObjective(GANObjective):
                                              self.gamma, scale)
             self.real_logits[view] = real_logits.detach()
             total = total + self.weights[view] * loss
+            if self.ramp_steps and view in ENCODER_VIEWS:  # the head's ramped weight
+                stats[f"weight/{view}"] = torch.tensor(self.weights[view],
+                                                       device=real_logits.device)
             stats[self._stat_name("D(x)-D(G(z))", view)] = (real_logits.detach().float()
                                                           - fake_logits.detach().float()).mean()
             stats.update({self._stat_name(name, view): value for name, value in parts.items()
@@ -258,3 +282,11 @@ class RelativisticObjective(GANObjective):
             total = total + self.weights[view] * relativistic_loss(logits,
                                                                    self.real_logits[view])
         return total, stats
+
+
+def _leaves(view: torch.Tensor | list[torch.Tensor],
+            requires_grad: bool) -> torch.Tensor | list[torch.Tensor]:
+    """A view (a tensor, or a list of feature maps) cut from its graph, as new leaves."""
+    if isinstance(view, list):
+        return [level.detach().requires_grad_(requires_grad) for level in view]
+    return view.detach().requires_grad_(requires_grad)

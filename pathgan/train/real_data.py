@@ -1,6 +1,8 @@
 """Real samples for the discriminators: dict batches, for ever, the same count on every rank.
 
-``{IMAGES: uint8 (B, 3, 224, 224)}`` from the training image stream
+``{IMAGES: uint8 (B, 3, 224, 224)}`` from the patch cache (:mod:`pathgan.train.cache`,
+with the embeddings and labels of the same samples when the run uses them) or the training
+image stream
 (:class:`~pathgan.shards.stream.ImageStream`), ``{EMBEDDINGS: (B, D)}`` from the precomputed
 embeddings (:class:`EmbeddingStream`, held in memory: 1.5 kB a patch for Path Foundation), or
 both for the hybrid objective. ``B`` is the per-rank batch. Which of them a run gets is what its
@@ -31,6 +33,7 @@ from pathgan.config import Config
 from pathgan.shards.embedding_files import read_embeddings
 from pathgan.shards.reading import sample_labels, split_entries
 from pathgan.shards.stream import make_image_stream, stack_samples
+from pathgan.train.cache import build_cache
 from pathgan.train.classes import Classes
 from pathgan.train.objective import EMBEDDINGS, IMAGES, labels_key
 
@@ -153,7 +156,9 @@ class RealData:
             for batches in itertools.islice(epoch, self.batches_per_epoch):
                 batch = {}
                 for name, part in zip(names, batches, strict=True):
-                    if isinstance(part, tuple):  # (samples, labels) of a conditional run
+                    if isinstance(part, dict):  # the cache gives every view (and labels) at once
+                        batch.update(part)
+                    elif isinstance(part, tuple):  # (samples, labels) of a conditional run
                         batch[name], batch[labels_key(name)] = part
                     else:
                         batch[name] = part
@@ -185,11 +190,18 @@ def embedding_labels(config: Config, keys: list[str], classes: Classes) -> np.nd
     return np.array([code_of[label_of[key]] for key in keys], dtype=np.int64)
 
 
-def build_real_data(config: Config, inputs: set[str], world_size: int, rank: int,
-                    encoder_id: str | None, seed: int,
-                    classes: Classes | None = None) -> RealData:
-    """The streams of the real ``inputs`` an objective needs (``GANObjective.real_inputs``),
-    labelled with ``classes`` when the run is conditional."""
+def build_real_data(config: Config, inputs: set[str], accelerator, encoder_id: str | None,
+                    start_step: int, classes: Classes | None = None) -> RealData:
+    """The real ``inputs`` an objective needs (``GANObjective.real_inputs``), labelled with
+    ``classes`` when the run is conditional: from the patch cache when ``data.cache`` and
+    memory allow (:mod:`pathgan.train.cache`), else streamed from the shards. ``start_step``:
+    the step the run starts (or resumes) at."""
+    cache = build_cache(config, inputs, accelerator, encoder_id, start_step, classes)
+    if cache is not None:
+        return RealData({"cache": cache})
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    # Streams are seeded with the step: a resumed run does not replay their first epochs.
+    seed = config.run.seed + start_step
     per_rank = config.train.batch_size // world_size
     names = list(classes.names) if classes is not None else None
     streams: dict[str, RealStream] = {}
