@@ -109,7 +109,7 @@ def register(subparsers) -> None:
                          help="fail when more than this share of samples does not decode")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace another shard set in --out")
-    convert.set_defaults(handler=run_convert)
+    convert.set_defaults(handler=run_convert, writes="out")
 
     verify = actions.add_parser("verify", help="re-read every shard against the manifest")
     verify.add_argument("shards_dir", metavar="DIR")

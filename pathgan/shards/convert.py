@@ -20,13 +20,14 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pathgan.core.errors import PathganError
+from pathgan.core.errors import PathganError, writing
 from pathgan.core.fileio import read_json, sha256_file, write_json
 from pathgan.shards.embedding_files import (
     EMBEDDINGS_DIR,
@@ -226,8 +227,9 @@ def convert(src_dir: str | Path, out_dir: str | Path, image_format: str,
     if records:
         print(f"resuming: {len(records)} of {len(jobs)} shards already converted and verified")
     pending = [job for job in jobs if job.target not in records]
-    records.update(run_jobs(pending, workers, total=source["total_samples"],
-                            done=sum(record["samples"] for record in records.values())))
+    with writing(out_dir, kept=lambda: converted_shards_line(out_dir)):
+        records.update(run_jobs(pending, workers, total=source["total_samples"],
+                                done=sum(record["samples"] for record in records.values())))
     manifest = converted_manifest(source, [records[job.target] for job in jobs], src_dir,
                                   image_format, jpeg_quality, fingerprint)
     write_json(out_dir / MANIFEST, manifest)
@@ -237,6 +239,12 @@ def convert(src_dir: str | Path, out_dir: str | Path, image_format: str,
                            f"decoded (above --max-skipped {max_skipped:.0%}); see 'skipped' in "
                            f"{out_dir / MANIFEST}")
     return manifest
+
+
+def converted_shards_line(out_dir: Path) -> str:
+    """What a stopped conversion kept, in words: the shards a rerun checks and keeps."""
+    count = len(list((out_dir / RECORDS_DIR).glob("*.json")))
+    return f"{count} converted shard(s) in {out_dir} (the rerun checks and keeps them)"
 
 
 def run_jobs(jobs: list[ConvertJob], workers: int, total: int, done: int) -> dict[str, dict]:
@@ -251,7 +259,10 @@ def run_jobs(jobs: list[ConvertJob], workers: int, total: int, done: int) -> dic
             return records
         # spawn: the parent has torch loaded, whose threads do not survive fork reliably
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # Ctrl-C is this process's: it says what was kept while the workers finish their shard
+        with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=signal.signal,
+                initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             futures = {pool.submit(convert_shard, job): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
                 job = futures[future]
