@@ -311,6 +311,10 @@ class EvalDir:
     RESULT = "eval.json"
     REPORT = "report.md"
     REAL_GRID = "real.png"
+    # ``pathgan utility`` writes beside eval's files (a conditional run's downstream utility)
+    UTILITY_RESULT = "utility.json"
+    UTILITY_REPORT = "utility.md"
+    UTILITY_FIGURE = "utility.png"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

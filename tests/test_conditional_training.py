@@ -201,3 +201,21 @@ def test_a_one_class_val_split_cannot_test_a_classifier():
     with pytest.raises(PathganError, match="train split of S has only epidermis"):
         check_splits(torch.tensor([1]), two, CLASSES, "S")
     check_splits(two, two, CLASSES, "S")
+
+
+def test_push_carries_the_classes_per_class_scores_and_utility(conditional_run,
+                                                                labelled_shards, tmp_path):
+    assert run_cli("eval", conditional_run, "--real", labelled_shards, "-n", "16",
+                   "--encoder", "stain-texture") == 0
+    assert run_cli("utility", conditional_run, "--real", labelled_shards, "--seeds", "1") == 0
+    folder = tmp_path / "repo"
+    assert run_cli("push", conditional_run, "--repo", "lab/skin", "--dry-run", folder) == 0
+    assert json.loads((folder / "generator.json").read_text())["classes"] == CLASSES
+    assert {"samples-dermis.png", "samples-epidermis.png", "utility.json"} <= {
+        path.name for path in folder.iterdir()}
+    card = (folder / "README.md").read_text()
+    assert "## Classes" in card and "![epidermis](samples-epidermis.png)" in card
+    assert "--label dermis" in card and "### Per class (`pathgan eval`)" in card
+    assert "| synthetic only (CAS) |" in card
+    published = (folder / "utility.json").read_text()
+    assert str(labelled_shards) not in published and str(conditional_run) not in published

@@ -37,11 +37,11 @@ from pathgan.evaluation.utility import (
     spread,
 )
 from pathgan.models.generation import class_shares
-from pathgan.runs import GENERATOR_FILES, RunDir, generator_classes, load_generator
+from pathgan.runs import GENERATOR_FILES, EvalDir, RunDir, generator_classes, load_generator
 from pathgan.shards.format import load_manifest
 
 FORMAT = "pathgan-utility/1"
-RESULT, REPORT, FIGURE = "utility.json", "utility.md", "utility.png"
+RESULT, REPORT, FIGURE = EvalDir.UTILITY_RESULT, EvalDir.UTILITY_REPORT, EvalDir.UTILITY_FIGURE
 DEFAULT_ENCODER = "stain-texture"
 GAN_TEST = "gan-test"  # the real-trained classifier tested on the synthetic patches
 METRICS = ("accuracy", "balanced_accuracy", "auroc")

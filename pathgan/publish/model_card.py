@@ -26,12 +26,19 @@ from pathgan.runs import (
     LOSS_PLOT,
     EvalDir,
     RunDir,
+    generator_classes,
     read_generator_config,
+    safe_class_folder,
 )
 from pathgan.shards.format import MANIFEST, load_manifest
 
 #: Numbers of an evaluation that count samples or steps rather than score the generator.
 BOOKKEEPING = ("step", "n", "n_real")
+#: eval.json's per-class scores of a conditional generator: a table of their own
+PER_CLASS = "classes"
+UTILITY_WAYS = (("real", "real"), ("synthetic", "synthetic only (CAS)"),
+                ("real+synthetic", "real + synthetic"),
+                ("gan-test", "real, tested on synthetic (GAN-test)"))
 #: What the repo gets besides the run's own files: the card, and the newest sample grid.
 CARD, SAMPLE_GRID = "README.md", "samples.png"
 TAGS = ["pathgan", "gan", "histopathology", "digital-pathology", "h-and-e"]
@@ -72,6 +79,9 @@ class RunFacts:
     eval_searched: list[str] = field(default_factory=list)  # where an eval.json was looked for
     sample_grid: Path | None = None
     loss_plot: Path | None = None
+    classes: list[str] | None = None  # a conditional generator's (generator.json)
+    class_grids: dict[str, Path] = field(default_factory=dict)  # its newest grid per class
+    utility: dict | None = None  # `pathgan utility`'s utility.json for this generator
     images_seen: int | None = None  # real images in the steps to the exported generator
     changes: list[dict] = field(default_factory=list)  # changes.jsonl records up to its step
 
@@ -120,6 +130,10 @@ def read_run_facts(run_dir: str | Path, best: bool = False,
         sample_grid=run.newest_sample_grid(),
         loss_plot=run.loss_plot if run.loss_plot.is_file() else None,
     )
+    facts.classes = generator_classes(generator)
+    if facts.classes:
+        facts.class_grids = run.newest_class_sample_grids(facts.classes)
+        facts.utility = _find_utility(run, generator_dir)
     if facts.step is not None:
         # recorded at export since resumes could change the batch; older runs: counted here
         facts.images_seen = generator.get("images_seen", run.images_seen(facts.step))
@@ -195,6 +209,22 @@ def _find_eval(run: RunDir, generator_dir: Path, eval_path) -> tuple[dict, dict]
     return None
 
 
+def _find_utility(run: RunDir, generator_dir: Path) -> dict | None:
+    """The run's ``utility.json`` (``pathgan utility``'s default place) when it scored this
+    generator."""
+    path = run.eval_dir / EvalDir.UTILITY_RESULT
+    if not path.is_file():
+        return None
+    result = read_json(path)
+    scored = result.get("run")
+    return result if scored and Path(scored).resolve() == generator_dir.resolve() else None
+
+
+def class_grid_name(name: str) -> str:
+    """The repo's file of a class's newest sample grid."""
+    return f"samples-{safe_class_folder(name)}.png"
+
+
 def _is_figure(value) -> bool:
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return True
@@ -214,7 +244,7 @@ def _from_entry(title: str, entry: dict, **overrides) -> Evaluation:
     """An evaluation from an eval.json run entry or best.json: every number but the
     bookkeeping is a figure, so metrics added later (``swd``, ``swd_levels``, ...) show too."""
     figures = {key: value for key, value in entry.items()
-               if key not in BOOKKEEPING and _is_figure(value)}
+               if key not in (*BOOKKEEPING, PER_CLASS) and _is_figure(value)}
     fields = {"step": entry.get("step"), "n": entry.get("n"), "n_real": entry.get("n_real"),
               "encoder": entry.get("encoder"), "real_split": entry.get("real_split"),
               "inception_encoder": entry.get("inception_encoder"), **overrides}
@@ -401,6 +431,53 @@ def _evaluation_lines(evaluation: Evaluation) -> list[str]:
     return [*lines, ""]
 
 
+def _classes_lines(facts: RunFacts) -> list[str]:
+    """A conditional generator's classes: training patches per class and a grid of each."""
+    if not facts.classes:
+        return []
+    counts = facts.generator.get("class_counts") or [None] * len(facts.classes)
+    lines = ["## Classes", "",
+             f"Class-conditional: it draws the class it is given. Classes in code order, with "
+             f"their training patches (batches: {facts.generator.get('class_balance')}):", "",
+             "| code | class | training patches | samples (the run's fixed noise) |",
+             "|---:|---|---:|---|"]
+    for code, (name, count) in enumerate(zip(facts.classes, counts, strict=True)):
+        grid = f"![{name}]({class_grid_name(name)})" if name in facts.class_grids else ""
+        lines.append(f"| {code} | {name} | {'' if count is None else count} | {grid} |")
+    return [*lines, ""]
+
+
+def per_class_lines(classes: dict) -> list[str]:
+    """``pathgan eval``'s per-class scores (each class against the real patches of it)."""
+    lines = ["### Per class (`pathgan eval`)", "",
+             "| class | n | real n | FD | KID | precision | recall | SWD |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, scores in classes.items():
+        if not isinstance(scores, dict) or "fd" not in scores:
+            continue
+        lines.append(f"| {name} | {scores['n']} | {scores['n_real']} | "
+                     + " | ".join(figure_text(scores.get(key)) for key in (
+                         "fd", "kid_mean", "precision", "recall", "swd")) + " |")
+    return [*lines, ""]
+
+
+def utility_lines(utility: dict) -> list[str]:
+    """``pathgan utility``'s table: a fixed classifier trained each way, tested on real val."""
+    def cell(way: str, metric: str) -> str:
+        value = utility["summary"][way][metric]
+        return f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+    lines = ["### Downstream utility (`pathgan utility`)", "",
+             f"A fixed classifier ({utility['classifier']}; encoder `{utility['encoder']}`) "
+             f"trained on each set and tested on the real val split, mean ± std over "
+             f"{utility['seeds']} seeds. Real patches: train {utility['counts']['train']}, val "
+             f"{utility['counts']['val']}.", "",
+             "| trained on | balanced accuracy | AUROC |", "|---|---:|---:|"]
+    for way, label in UTILITY_WAYS:
+        lines.append(f"| {label} | {cell(way, 'balanced_accuracy')} | {cell(way, 'auroc')} |")
+    return [*lines, "", *[f"- {finding}" for finding in utility.get("findings", [])], ""]
+
+
 def sample_spec(repo_id: str, revision: str | None) -> str:
     return f"hf-hub:{repo_id}" + (f"@{revision}" if revision else "")
 
@@ -416,11 +493,14 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         lines += [f"![samples]({SAMPLE_GRID})", "",
                   f"Generated at step {RunDir.grid_step(facts.sample_grid)} from the run's fixed "
                   f"noise{which}.", ""]
+    lines += _classes_lines(facts)
     lines += [
         "## How to sample", "",
         "```bash",
         f"pathgan sample {spec} -n 64 --out DIR                      # PNG files",
         f"pathgan sample {spec} -n 10000 --out DIR --format shards   # WebDataset shards",
+        *([f"pathgan sample {spec} --label {facts.classes[0]} -n 1000 --out DIR --format shards"
+           "   # one class, labelled"] if facts.classes else []),
         "```", "",
         "The Hub commit that made the patches is pinned in the output (`sample.json`, or the "
         "shard set's `manifest.json`). Once downloaded, `HF_HUB_OFFLINE=1` samples from the "
@@ -432,7 +512,11 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         "",
         f"generator, config = load_generator(snapshot_download(\"{repo_id}\""
         + (f", revision=\"{revision}\"" if revision else "") + "))",
-        "images = generator(torch.randn(16, config[\"nz\"]))  # (16, 3, 224, 224) in [-1, 1]",
+        *(["classes = config[\"classes\"]  # a conditional generator: G(z, class codes)",
+            f"labels = torch.full((16,), classes.index(\"{facts.classes[0]}\"))",
+            "images = generator(torch.randn(16, config[\"nz\"]), labels)  # (16, 3, 224, 224) "
+            "in [-1, 1]"] if facts.classes else
+          ["images = generator(torch.randn(16, config[\"nz\"]))  # (16, 3, 224, 224) in [-1, 1]"]),
         "```", "",
         "## Training recipe", "", "| | |", "|---|---|",
         *(f"| {name} | {value} |" for name, value in recipe_rows(facts)), "",
@@ -444,6 +528,10 @@ def render_card(facts: RunFacts, repo_id: str, revision: str | None = None) -> s
         lines += ["No evaluation was recorded for this run.", ""]
     for evaluation in facts.evaluations:
         lines += _evaluation_lines(evaluation)
+    if facts.eval_file and PER_CLASS in facts.eval_file[1]:
+        lines += per_class_lines(facts.eval_file[1][PER_CLASS])
+    if facts.utility:
+        lines += utility_lines(facts.utility)
     if facts.evaluations:
         lines += ["FD and KID: lower is better, 0 is the same distribution; precision "
                   "(fidelity) and recall (coverage) in [0, 1]: higher is better. Figures depend "

@@ -26,6 +26,7 @@ from pathgan.publish.model_card import (
     CARD,
     SAMPLE_GRID,
     RunFacts,
+    class_grid_name,
     public_encoder_spec,
     read_run_facts,
     render_card,
@@ -77,6 +78,14 @@ def public_eval(result: dict, entry: dict) -> dict:
             "runs": [without(entry, "runs")]}
 
 
+def public_utility(result: dict) -> dict:
+    """``utility.json`` without local paths: the generator's and the real shard set's, and
+    what the held-out check said of them (its verdict is kept)."""
+    public = {k: v for k, v in result.items() if k not in ("run", "real", "out_dir")}
+    public["held_out"] = str(result.get("held_out", "")).split(":")[0]
+    return public
+
+
 def _write_config(config: Config, path: Path) -> None:
     public, notes = public_config(config)
     header = ["# The resolved training config of this generator (pathgan).", *(
@@ -103,6 +112,10 @@ def write_repo_folder(facts: RunFacts, folder: Path, repo_id: str,
         shutil.copyfile(facts.generator_dir / BEST_RECORD, folder / BEST_RECORD)
     if facts.sample_grid:
         shutil.copyfile(facts.sample_grid, folder / SAMPLE_GRID)
+    for name, grid in facts.class_grids.items():
+        shutil.copyfile(grid, folder / class_grid_name(name))
+    if facts.utility:
+        write_json(folder / EvalDir.UTILITY_RESULT, public_utility(facts.utility))
     if facts.loss_plot:
         shutil.copyfile(facts.loss_plot, folder / LOSS_PLOT)
     with atomic_path(folder / CARD) as temporary:
