@@ -1,5 +1,6 @@
 """The DCGAN and the shared training loop: networks, smoke run, resume, DDP, signals, errors."""
 
+import copy
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from pathgan.config import load_config
 from pathgan.core.errors import PathganError
 from pathgan.models import Discriminator, Generator
 from pathgan.runs import RunDir
+from pathgan.train import loop
+from pathgan.train.build import build_gan, to_device
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
 QUIET = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -292,6 +296,50 @@ def test_bf16_autocast_on_cpu(tmp_path, slide_shards):
                  "log.wandb=false", "log.every=1")
     rows = RunDir(run_dir).read_metrics()
     assert len(rows) == 4 and all(isinstance(row["Loss_D"], float) for row in rows)
+
+
+def _adam_moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.clone() for state in optimizer.state.values()
+            for t in (state["exp_avg"], state["exp_avg_sq"], state["step"])]
+
+
+def test_the_steps_update_is_plain_adams_or_none_at_all():
+    """The step's update (fused Adam, the default on the CPU since issue 20, told to skip by
+    ``found_inf``) moves the channels_last DCGAN generator exactly as foreach Adam (the update
+    before issue 20) does with the same gradients, and a skipped one leaves weights, moments and
+    step count as they were. A conditional demo run that drew one stripe lattice at step 150 was
+    suspected of updates skipped or misapplied: a fused kernel reading a weight and its gradient
+    in different memory layouts moves them wrong (seen on the CPU), a flag read wrong skips
+    every update."""
+    cpu = torch.device("cpu")
+    config = load_config(SMOKE)
+    torch.manual_seed(0)
+    generator = to_device(build_gan(config, cpu).generator, cpu, channels_last=True)
+    reference = copy.deepcopy(generator)
+    optimizer = loop.make_optimizer([generator], config, cpu)
+    assert optimizer.defaults["fused"]
+    plain = torch.optim.Adam(reference.parameters(), lr=config.train.lr,
+                             betas=(config.train.beta1, config.train.beta2), foreach=True)
+    prepared = SimpleNamespace(optimizer=optimizer, zero_grad=optimizer.zero_grad,
+                               step=optimizer.step)  # what _update uses of Accelerate's wrapper
+    accelerator = SimpleNamespace(backward=torch.Tensor.backward)
+    noise = torch.randn(4, config.model.nz)
+    initial = [p.detach().clone() for p in generator.parameters()]
+
+    loop._update(prepared, generator(noise).square().mean(), torch.zeros(()), accelerator)
+    plain.zero_grad()
+    reference(noise).square().mean().backward()
+    plain.step()
+    for before, updated, expected in zip(initial, generator.parameters(),
+                                         reference.parameters(), strict=True):
+        assert not torch.equal(updated, before)
+        torch.testing.assert_close(updated, expected, rtol=0, atol=1e-7)
+
+    weights = [p.detach().clone() for p in generator.parameters()]
+    moments = _adam_moments(optimizer)
+    loop._update(prepared, generator(noise).square().mean(), torch.ones(()), accelerator)
+    assert all(torch.equal(a, b) for a, b in zip(weights, generator.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(moments, _adam_moments(optimizer), strict=True))
 
 
 NAN_SCRIPT = """
