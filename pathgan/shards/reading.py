@@ -102,6 +102,9 @@ def tar_members(handle: BinaryIO, with_data: bool) -> Iterator[tuple[TarMember, 
     """The regular files of a tar opened for reading at its start, in order, with their bytes
     when ``with_data`` (else the data is skipped by seeking). Raises :class:`TarFormatError`."""
     position, long_name, pax = 0, None, {}
+    start = handle.tell()
+    length = handle.seek(0, os.SEEK_END) - start  # seeking past a cut never fails: check sizes
+    handle.seek(start)
     while True:
         header = handle.read(BLOCK)
         if not header or header == _END_BLOCK:
@@ -111,6 +114,9 @@ def tar_members(handle: BinaryIO, with_data: bool) -> Iterator[tuple[TarMember, 
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _number(header[124:136])
         data_at = position + BLOCK
+        if data_at + size > length:
+            raise TarFormatError(f"the archive ends inside a member ({max(length - data_at, 0)} "
+                                 f"of {size} bytes)")
         position = data_at + (size + BLOCK - 1) // BLOCK * BLOCK
         if kind in (b"x", b"L"):  # a pax header or a GNU long name: about the next member
             data = _read_exactly(handle, size)
