@@ -289,7 +289,7 @@ class Config:
 
     def _validate_r3gan(self) -> None:
         """The modern GAN's widths must split into its blocks' groups; its heads are known ones,
-        and those on an encoder have one; it is unconditional."""
+        and those on an encoder have one; a conditional one has no projected head."""
         model = self.model
         for key in ("ngf", "ndf", "max_width"):
             if (getattr(model, key) * model.expansion) % model.group_width:
@@ -314,9 +314,10 @@ class Config:
         if model.hybrid:
             raise PathganError("model.hybrid is the Embedding GAN's; r3gan names its heads in "
                                "model.heads")
-        if model.conditional:
-            raise PathganError("model.conditional is for the dcgan and embgan kinds; the modern "
-                               "GAN (r3gan) is unconditional so far")
+        if model.conditional and "projected" in model.heads:
+            raise PathganError("model.conditional: the projected head judges no class (its "
+                               "per-level discriminators have no class projection); use the "
+                               "pixels and embedding heads for a conditional modern GAN")
 
 
 def _check(value, kind, key: str) -> None:

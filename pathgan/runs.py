@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from pathgan.config import Change, Config, load_config, save_config, with_values
 from pathgan.core.errors import PathganError
 from pathgan.core.fileio import atomic_path, read_json, timestamp, write_json
-from pathgan.models.conditional import ConditionalGenerator
+from pathgan.models.conditional import ConditionalGenerator, ConditionalR3Generator
 from pathgan.models.dcgan import Generator
 from pathgan.models.r3gan import R3Generator
 
@@ -370,10 +370,13 @@ def generator_classes(config: dict) -> list[str] | None:
 def build_generator(config: dict) -> torch.nn.Module:
     """A freshly initialised generator of the kind, size and classes a :func:`generator_config`
     says (generator.json files written before the modern GAN have no kind's keys: a DCGAN's)."""
-    if config.get("kind") == "r3gan":
-        return R3Generator(config["nz"], config["ngf"], channels=config["channels"],
-                           **{key: config[key] for key in R3GAN_GENERATOR_KEYS})
     classes = generator_classes(config)
+    if config.get("kind") == "r3gan":
+        shape = {key: config[key] for key in R3GAN_GENERATOR_KEYS}
+        if classes:
+            return ConditionalR3Generator(config["nz"], config["ngf"], channels=config["channels"],
+                                          num_classes=len(classes), **shape)
+        return R3Generator(config["nz"], config["ngf"], channels=config["channels"], **shape)
     if classes:
         return ConditionalGenerator(nz=config["nz"], ngf=config["ngf"],
                                     channels=config["channels"], num_classes=len(classes))

@@ -12,6 +12,8 @@ from pathgan.models.conditional import (
     ConditionalDiscriminator,
     ConditionalEmbeddingDiscriminator,
     ConditionalGenerator,
+    ConditionalR3Discriminator,
+    ConditionalR3Generator,
 )
 from pathgan.shards import annotations
 
@@ -42,11 +44,27 @@ def test_generator_class_parameters_get_gradients():
         assert norm.gain.weight.grad.abs().sum(dim=1).gt(0).all()  # both classes learn
 
 
+def test_modern_generator_draws_the_class_it_is_given_and_both_classes_learn():
+    torch.manual_seed(0)
+    generator = ConditionalR3Generator(16, 4, max_width=16, num_classes=2)
+    z = torch.randn(2, 16)
+    labels = torch.tensor([0, 1])
+    images = generator(torch.cat([z, z]), torch.cat([labels.flip(0), labels]))
+    assert images.shape == (4, 3, 224, 224) and images.abs().max() <= 1.0
+    # No BatchNorm: a sample depends on its own noise and class only, not on the batch.
+    torch.testing.assert_close(images[1:2], generator(z[1:], torch.tensor([0])))
+    assert (images[0] - images[3]).abs().mean() > 1e-3  # same noise, other class
+    images.square().mean().backward()
+    assert generator.class_embedding.weight.grad.abs().sum(dim=1).gt(0).all()
+
+
 @pytest.mark.parametrize("make, inputs", [
     (lambda: ConditionalDiscriminator(ndf=4, num_classes=2), torch.randn(4, 3, 224, 224)),
     (lambda: ConditionalEmbeddingDiscriminator(32, [16, 8], num_classes=2), torch.randn(4, 32)),
     (lambda: ConditionalEmbeddingDiscriminator(32, [16], spectral_norm=True, num_classes=2),
      torch.randn(4, 32)),
+    (lambda: ConditionalR3Discriminator(4, max_width=16, num_classes=2),
+     torch.randn(4, 3, 224, 224)),
 ])
 def test_projection_discriminator_judges_the_class(make, inputs):
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +13,16 @@ from conftest import REPO, cli_command, run_cli
 from pathgan.config import load_config
 from pathgan.core.errors import PathganError
 from pathgan.evaluation.utility_job import check_splits
+from pathgan.models.conditional import ConditionalR3Generator
 from pathgan.runs import RunDir, load_generator, read_generator_config
 from pathgan.shards.format import load_manifest, split_labels
 from pathgan.shards.reading import iter_tar_samples, shard_paths
 from pathgan.train.classes import training_classes
+from pathgan.train.loop import fake_classes
+from pathgan.train.objective import GANObjective, RelativisticObjective, labels_key
 
 SMOKE = REPO / "configs" / "dcgan-smoke.yaml"
+R3GAN_SMOKE = REPO / "configs" / "r3gan-smoke.yaml"
 CLASSES = ["dermis", "epidermis"]
 
 
@@ -48,6 +53,35 @@ def test_generator_json_lists_the_classes_and_grids_are_per_class(conditional_ru
     noise = torch.randn(2, config["nz"])
     one, other = (generator(noise, torch.full((2,), code)) for code in (0, 1))
     assert not torch.allclose(one, other)  # the class steers the picture
+
+
+def test_the_modern_gan_trains_conditionally_with_its_penalties(tmp_path, labelled_shards):
+    run_dir = tmp_path / "r3gan"
+    assert run_cli("train", "--config", R3GAN_SMOKE, f"data.shards={labelled_shards}",
+                   f"run.dir={run_dir}", "model.conditional=true", "train.max_steps=2",
+                   "train.penalty_every=1", "log.every=1", "log.wandb=false",
+                   "log.sample_every=2", "ckpt.every=2") == 0
+    rows = RunDir(run_dir).read_metrics()
+    assert [row["step"] for row in rows] == [1, 2] and all(row["R1"] >= 0 for row in rows)
+    generator, config = load_generator(run_dir)
+    assert isinstance(generator, ConditionalR3Generator) and config["classes"] == CLASSES
+    assert sorted(RunDir(run_dir).newest_class_sample_grids(CLASSES)) == CLASSES
+    noise = torch.randn(2, config["nz"])
+    with torch.no_grad():
+        one, other = (generator(noise, torch.full((2,), code)) for code in (0, 1))
+    assert not torch.allclose(one, other)
+
+
+def test_relativistic_pairs_draw_each_fake_for_its_real_partners_class():
+    real = {"images": torch.zeros(6, 3, 8, 8),
+            labels_key("images"): torch.tensor([1, 0, 1, 1, 0, 1])}
+    paired = SimpleNamespace(class_mix=torch.tensor([0.5, 0.5]),
+                             objective=RelativisticObjective({}, {}))
+    assert torch.equal(fake_classes(paired, real, 6), real[labels_key("images")])
+    torch.manual_seed(0)
+    apart = SimpleNamespace(class_mix=torch.tensor([0.0, 1.0]), objective=GANObjective({}, {}))
+    assert torch.equal(fake_classes(apart, real, 6), torch.ones(6, dtype=torch.long))
+    assert fake_classes(SimpleNamespace(class_mix=None), real, 6) is None
 
 
 def _samples(shards_dir):

@@ -77,7 +77,6 @@ def test_penalty_steps_run_the_uncompiled_discriminator_with_gamma_times_the_int
     ("model.encoder=timm:vit_tiny_patch16_224:random", "unset model.encoder"),
     ("train.penalty_every=0", "train.penalty_every must be positive"),
     ("train.gamma=-1", "train.gamma cannot be negative"),
-    ("model.conditional=true", "the modern GAN (r3gan) is unconditional so far"),
     ("model.heads={pixel: 1}", "model.heads: unknown head pixel (known: pixels, projected"),
     ("model.heads={pixels: 0}", "model.heads.pixels: a weight must be positive"),
     ("model.heads={pixels: 1, projected: 1}", "the projected head needs model.encoder"),
@@ -86,6 +85,12 @@ def test_penalty_steps_run_the_uncompiled_discriminator_with_gamma_times_the_int
 def test_bad_r3gan_config_is_a_one_line_error(override, message):
     with pytest.raises(PathganError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(SMOKE, [override])
+
+
+def test_a_conditional_modern_gan_has_no_projected_head():
+    with pytest.raises(PathganError, match="the projected head judges no class"):
+        load_config(SMOKE, ["model.conditional=true", f"model.encoder={CNN}",
+                            "model.heads={pixels: 1, projected: 1}"])
 
 
 def test_the_exported_generator_is_rebuilt_from_generator_json(tmp_path):

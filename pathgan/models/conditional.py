@@ -13,6 +13,13 @@
   hidden ``Linear`` layer of the embedding discriminator). A sample is then scored for being a
   real patch *of its class*.
 
+The modern GAN's (``model.kind: r3gan``) are R3GAN's own: the generator joins a learned class
+embedding to ``z`` before its generative basis (it has no normalisation layer to condition),
+and the discriminator's logit is the projection of its discriminative basis's output onto a
+learned class embedding (no unconditional term), as in the paper's conditional networks. In
+training, each fake of a pair is drawn for the class of the real patch it is paired with
+(:mod:`pathgan.train.objective`), so the relativistic loss compares like with like.
+
 Classes are integer codes into the class names of the shard set's manifest (sorted), which the
 exported ``generator.json`` lists. Unconditional networks are left untouched: they are called
 ``G(z)`` and ``D(x)``, these ``G(z, y)`` and ``D(x, y)``.
@@ -26,6 +33,13 @@ from torch.nn.utils.parametrizations import spectral_norm as with_spectral_norm
 
 from pathgan.models.dcgan import BASE_SIZE, UPSAMPLING_STAGES, Discriminator, init_dcgan_weights
 from pathgan.models.embgan import EmbeddingDiscriminator
+from pathgan.models.r3gan import (
+    DiscriminativeBasis,
+    GenerativeBasis,
+    R3Discriminator,
+    R3Generator,
+    noise_seeds,
+)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -145,3 +159,41 @@ class ConditionalEmbeddingDiscriminator(EmbeddingDiscriminator):
         features = self.main[:-1](embeddings.float())
         logits = self.main[-1](features).flatten()
         return logits + projection(self.class_embedding, labels, features)
+
+
+class ConditionalR3Generator(R3Generator):
+    """The modern generator with a learned class embedding (``class_dim`` values, ~ N(0, 1) like
+    ``z``) joined to ``z`` before the generative basis. The noise fields stay a function of
+    ``z`` alone, so one noise row draws the same grain in every class."""
+
+    def __init__(self, nz: int = 100, width: int = 16, *, num_classes: int = 2,
+                 class_dim: int | None = None, **kwargs) -> None:
+        super().__init__(nz, width, **kwargs)
+        self.num_classes = num_classes
+        self.register_buffer("class_mix", torch.full((num_classes,), 1.0 / num_classes))
+        class_dim = class_dim or nz
+        self.class_embedding = nn.Embedding(num_classes, class_dim)
+        self.main[0] = GenerativeBasis(nz + class_dim, self.main[0].basis.shape[0])
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = z.view(z.shape[0], self.nz)
+        joined = torch.cat([z, self.class_embedding(labels).to(z.dtype)], dim=1)
+        return self.synthesise(joined, noise_seeds(z))
+
+
+class ConditionalR3Discriminator(R3Discriminator):
+    """The modern discriminator whose discriminative basis maps to ``class_dim`` values, and
+    whose logit is their inner product with a class embedding scaled by ``1/sqrt(class_dim)``
+    (so that it starts at the unconditional one's scale)."""
+
+    def __init__(self, width: int = 16, *, num_classes: int = 2, class_dim: int = 64,
+                 **kwargs) -> None:
+        super().__init__(width, **kwargs)
+        self.num_classes = num_classes
+        channels = self.main[-1].linear.in_features
+        self.main[-1] = DiscriminativeBasis(channels, class_dim)
+        self.class_embedding = nn.Embedding(num_classes, class_dim)
+        nn.init.normal_(self.class_embedding.weight, 0.0, 1.0 / math.sqrt(class_dim))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return projection(self.class_embedding, labels, self.main(images))

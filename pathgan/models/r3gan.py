@@ -30,8 +30,9 @@ Written from the paper; the authors' code has no licence. Both networks are plai
 Generator: ``z`` -> a learned 7x7 basis, one channel per output of a linear map of ``z``
 (R3GAN's "generative basis") -> blocks at 7 px -> [1x1 channel change, upsample, noise,
 blocks] x 5 -> 1x1 to RGB -> Tanh, so that its output is in [-1, 1] like the other
-generators'. Its only input is the noise vector: a class embedding can be joined to ``z``
-before the basis.
+generators'. Its only input is the noise vector; the conditional one
+(:class:`~pathgan.models.conditional.ConditionalR3Generator`) joins a class embedding to ``z``
+before the basis, as R3GAN does.
 Discriminator: the mirror image, from a 1x1 RGB convolution to blocks and downsampling stages
 down to 7 px, then a learned depthwise 7x7 "discriminative basis" and a linear layer to one
 **logit** per image.
@@ -194,13 +195,15 @@ class GenerativeBasis(nn.Module):
 
 
 class DiscriminativeBasis(nn.Module):
-    """(N, C, 7, 7) -> one logit a sample: a learned depthwise 7x7 filter, then linear."""
+    """(N, C, 7, 7) -> ``outputs`` values a sample (one logit, or what a conditional
+    discriminator projects on its class embedding): a learned depthwise 7x7 filter, then
+    linear."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, outputs: int = 1) -> None:
         super().__init__()
         self.basis = he_init(nn.Conv2d(channels, channels, BASE_SIZE, groups=channels,
                                        bias=False))
-        self.linear = he_init(nn.Linear(channels, 1, bias=False))
+        self.linear = he_init(nn.Linear(channels, outputs, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.basis(x).flatten(1))
@@ -237,8 +240,13 @@ class R3Generator(nn.Module):
         self.main = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = z.view(z.shape[0], self.nz)
-        seeds = noise_seeds(x)
+        z = z.view(z.shape[0], self.nz)
+        return self.synthesise(z, noise_seeds(z))
+
+    def synthesise(self, basis_input: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """The generative basis's input (``z``, and a class embedding in a conditional
+        generator) and the noise seeds -> images."""
+        x = basis_input
         for layer in self.main:
             x = layer(x, seeds) if isinstance(layer, NoiseInjection) else layer(x)
         return x

@@ -19,7 +19,7 @@ from pathgan.models.augment import DiffAugment
 from pathgan.models.conditional import (
     ConditionalDiscriminator,
     ConditionalEmbeddingDiscriminator,
-    ConditionalGenerator,
+    ConditionalR3Discriminator,
 )
 from pathgan.models.projected import ProjectedHeads
 from pathgan.models.r3gan import R3Discriminator
@@ -142,15 +142,14 @@ def build_networks(config: Config, device: torch.device,
     if model.conditional and classes is None:
         raise ValueError("a conditional GAN is built for its classes")
     count = len(classes.names) if model.conditional else None
-    generator = (ConditionalGenerator(model.nz, model.ngf, model.channels, count)
-                 if count else build_generator(generator_config(model)))
+    generator = build_generator(generator_config(model, classes=classes if count else None))
     if count:
         generator.class_mix.copy_(torch.tensor(classes.mix))
     discriminators: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     encoder = None
     if model.kind == "r3gan":
-        return build_r3gan(config, generator, device)
+        return build_r3gan(config, generator, device, classes if count else None)
     if model.kind == "dcgan" or model.hybrid:
         discriminators[IMAGES] = (ConditionalDiscriminator(model.ndf, model.channels, count)
                                   if count else Discriminator(model.ndf, model.channels))
@@ -158,31 +157,44 @@ def build_networks(config: Config, device: torch.device,
     if model.kind == "embgan":
         # Frozen and never given to accelerator.prepare: no DDP, no optimizer, eval mode.
         encoder = load_encoder(model.encoder, device=device)
-        shape = (encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
-                 model.minibatch_std)
-        discriminators[EMBEDDINGS] = (ConditionalEmbeddingDiscriminator(*shape, count)
-                                      if count else EmbeddingDiscriminator(*shape))
+        discriminators[EMBEDDINGS] = embedding_discriminator(model, encoder.embed_dim, count)
         weights[EMBEDDINGS] = model.embedding_weight
     return GAN(generator, discriminators, weights, encoder,
                DiffAugment(config.train.augment or ""), classes=classes if count else None)
+
+
+def embedding_discriminator(model, embed_dim: int, count: int | None) -> nn.Module:
+    """The discriminator on encoder embeddings ``model`` describes; with a class projection when
+    the run has ``count`` classes."""
+    shape = (embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
+             model.minibatch_std)
+    return (ConditionalEmbeddingDiscriminator(*shape, count) if count
+            else EmbeddingDiscriminator(*shape))
 
 
 #: model.heads' names -> the view each head judges (objective.py)
 HEAD_VIEWS = {"pixels": IMAGES, "projected": FEATURES, "embedding": EMBEDDINGS}
 
 
-def build_r3gan(config: Config, generator: nn.Module, device: torch.device) -> GAN:
+def build_r3gan(config: Config, generator: nn.Module, device: torch.device,
+                classes: Classes | None = None) -> GAN:
     """The modern GAN: its generator and the heads ``model.heads`` names, with their weights;
-    the frozen encoder, when a head judges its output, on ``device``."""
+    the frozen encoder, when a head judges its output, on ``device``. A conditional one's pixel
+    and embedding heads judge the class by projection (the projected head is unconditional:
+    config validation refuses it with ``model.conditional``)."""
     model = config.model
     encoder = load_encoder(model.encoder, device=device) if model.encoder else None
     levels = model.head_levels or 4
+    count = len(classes.names) if classes else None
     discriminators: dict[str, nn.Module] = {}
     for head in model.heads:
         if head == "pixels":
-            discriminators[IMAGES] = R3Discriminator(model.ndf, model.max_width, model.blocks,
-                                                     model.expansion, model.group_width,
-                                                     model.channels)
+            shape = dict(max_width=model.max_width, blocks=model.blocks,
+                         expansion=model.expansion, group_width=model.group_width,
+                         channels=model.channels)
+            discriminators[IMAGES] = (
+                ConditionalR3Discriminator(model.ndf, num_classes=count, **shape) if count
+                else R3Discriminator(model.ndf, **shape))
         elif head == "projected":
             # The levels' shapes, from one blank image (an error here names the levels asked).
             example = torch.zeros(1, model.channels, model.image_size, model.image_size,
@@ -191,14 +203,13 @@ def build_r3gan(config: Config, generator: nn.Module, device: torch.device) -> G
             discriminators[FEATURES] = ProjectedHeads([m.shape[1] for m in maps],
                                                       [m.shape[-1] for m in maps])
         else:
-            discriminators[EMBEDDINGS] = EmbeddingDiscriminator(
-                encoder.embed_dim, model.disc_hidden, model.disc_dropout, model.spectral_norm,
-                model.minibatch_std)
+            discriminators[EMBEDDINGS] = embedding_discriminator(model, encoder.embed_dim, count)
     weights = {HEAD_VIEWS[head]: weight for head, weight in model.heads.items()}
     return GAN(generator, discriminators, weights, encoder,
                DiffAugment(config.train.augment or ""), relativistic=True,
                penalty_every=config.train.penalty_every,
-               ramp_steps=model.head_warmup // config.train.batch_size, feature_levels=levels)
+               ramp_steps=model.head_warmup // config.train.batch_size, feature_levels=levels,
+               classes=classes)
 
 
 def build_gan(config: Config, device: torch.device) -> GAN:

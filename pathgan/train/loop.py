@@ -42,7 +42,7 @@ from pathgan.train.build import GAN, build_gan, to_device
 from pathgan.train.classes import Classes
 from pathgan.train.ema import GeneratorEMA
 from pathgan.train.logbook import Logbook
-from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective
+from pathgan.train.objective import EMBEDDINGS, IMAGES, GANObjective, batch_labels
 from pathgan.train.precision import resolve_mixed_precision
 from pathgan.train.real_data import build_real_data
 from pathgan.train.schedules import Schedule
@@ -252,9 +252,7 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
         real[IMAGES] = uint8_to_signed(images).contiguous(memory_format=_memory_format(config))
     noise = torch.randn(config.train.batch_size // accelerator.num_processes, config.model.nz,
                         device=accelerator.device)
-    # A conditional run's fake classes, drawn in the mix the real batches have.
-    labels = (torch.multinomial(nets.class_mix, len(noise), replacement=True)
-              if nets.class_mix is not None else None)
+    labels = fake_classes(nets, real, len(noise))
 
     # G, D and the losses in the run's mixed precision, said here rather than left to the
     # autocast Accelerate wraps around each prepared network's forward (the same, nested; no
@@ -280,6 +278,17 @@ def train_step(nets: Networks, batch: dict[str, torch.Tensor], accelerator: Acce
         nets.ema.update(nets.plain_generator, step * config.train.batch_size,
                         config.train.batch_size, skip=g_skipped)
     return StepResult(d_loss, g_loss, {**d_stats, **g_stats}, real, fake, d_skipped, g_skipped)
+
+
+def fake_classes(nets: Networks, real: dict[str, torch.Tensor],
+                 count: int) -> torch.Tensor | None:
+    """A conditional run's fake classes: those of the real samples they are paired with (the
+    relativistic loss), or drawn in the mix the real batches have; None when unconditional."""
+    if nets.class_mix is None:
+        return None
+    if nets.objective.pairs_classes:
+        return batch_labels(real)
+    return torch.multinomial(nets.class_mix, count, replacement=True)
 
 
 def write_sample_grids(logbook: Logbook, step: int, model: torch.nn.Module, noise: torch.Tensor,

@@ -19,7 +19,10 @@ penalties (:class:`RelativisticObjective`, after R3GAN, Huang et al. 2025).
 
 Conditional runs: a view's class labels travel beside it, under :func:`labels_key` (the real
 batch brings them, the fake views get the labels G drew for), and each discriminator is called
-``D(view, labels)``; an unconditional run has no labels and calls ``D(view)``.
+``D(view, labels)``; an unconditional run has no labels and calls ``D(view)``. The relativistic
+loss pairs each real sample with a fake one, so there G draws each fake for its pair's class
+(:attr:`GANObjective.pairs_classes`); the cross-entropy losses judge the sets apart and G draws
+its classes in the real batches' mix.
 """
 
 from collections.abc import Callable
@@ -40,6 +43,11 @@ ENCODER_VIEWS = (EMBEDDINGS, FEATURES)
 def labels_key(view: str) -> str:
     """Where a view's class labels are kept in a batch of views: ``"images.labels"``."""
     return f"{view}.labels"
+
+
+def batch_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A real batch's class labels (whichever view brought them), None when it has none."""
+    return next((batch[labels_key(view)] for view in VIEWS if labels_key(view) in batch), None)
 
 
 def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -74,6 +82,9 @@ class GANObjective:
             needed.add(IMAGES if self.augment or FEATURES in self.discriminators
                        else EMBEDDINGS)
         return needed
+
+    #: whether fake sample ``i`` is judged against real sample ``i`` (then drawn for its class)
+    pairs_classes = False
 
     def start_step(self, step: int, gamma: float) -> None:
         """Per-step settings from the run's schedule (``train.gamma``...): the cross-entropy
@@ -124,9 +135,12 @@ class GANObjective:
         return views
 
     @staticmethod
-    def _judge(discriminator: nn.Module, views: dict, view: str, detach: bool = False):
-        """``D(view)``, or ``D(view, labels)`` when the view has labels (a conditional run)."""
-        inputs = views[view].detach() if detach else views[view]
+    def _judge(discriminator: nn.Module, views: dict, view: str, detach: bool = False,
+               inputs=None):
+        """``D(view)``, or ``D(view, labels)`` when the view has labels (a conditional run);
+        ``inputs`` in place of the view's own (the penalty's fresh leaves)."""
+        if inputs is None:
+            inputs = views[view].detach() if detach else views[view]
         labels = views.get(labels_key(view))
         return discriminator(inputs) if labels is None else discriminator(inputs, labels)
 
@@ -229,6 +243,8 @@ class RelativisticObjective(GANObjective):
     before a frozen network's features pull on them (0: full weight from the start).
     """
 
+    pairs_classes = True
+
     def __init__(self, discriminators: dict[str, nn.Module], weights: dict[str, float],
                  encoder: nn.Module | None = None, augment: DiffAugment | None = None, *,
                  penalty_discriminators: dict[str, nn.Module] | None = None,
@@ -259,7 +275,8 @@ class RelativisticObjective(GANObjective):
             fake_inputs = _leaves(fake[view], penalise)
             if penalise:
                 discriminator = self.penalty_discriminators[view]
-            real_logits, fake_logits = discriminator(real_inputs), discriminator(fake_inputs)
+            real_logits = self._judge(discriminator, real, view, inputs=real_inputs)
+            fake_logits = self._judge(discriminator, fake, view, inputs=fake_inputs)
             loss, parts = discriminator_loss(real_logits, fake_logits,
                                              real_inputs if penalise else None,
                                              fake_inputs if penalise else None,
@@ -278,7 +295,7 @@ class RelativisticObjective(GANObjective):
     def g_loss(self, fake: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, stats = 0.0, {}
         for view, discriminator in self.discriminators.items():
-            logits = discriminator(fake[view])
+            logits = self._judge(discriminator, fake, view)
             total = total + self.weights[view] * relativistic_loss(logits,
                                                                    self.real_logits[view])
         return total, stats
