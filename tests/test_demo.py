@@ -33,3 +33,17 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
         assert f"spectral peak {run['spectral_peak']:7.1f}" in result.stdout or \
             run["name"] == "untrained"
     assert (out / "eval" / "report.md").is_file()
+    # The trainings ran side by side (2 cores here; one lane after the other on 1), their output
+    # in a log each; the modern GAN is the conditional run: a grid per class beside the real
+    # patches of the class, and the utility table printed.
+    assert {log.stem for log in (out / "logs").glob("*.log")} == {
+        "show", "show-dermis", "show-epidermis", "embed", "untrained", "dcgan", "embgan", "r3gan",
+        "utility"}
+    for name in ("dermis", "epidermis"):
+        assert list((out / "runs" / "r3gan" / "samples" / name).glob("step_*.png"))
+        assert (out / f"training-patches-{name}.png").is_file()
+    assert report["runs"][3]["classes"].keys() == {"dermis", "epidermis"}
+    assert report["real"]["split"] == "val"  # the held-out region
+    utility = json.loads((out / "eval" / "utility.json").read_text())
+    assert utility["held_out"].startswith("yes") and len(utility["per_seed"]) == 2
+    assert "| real, tested on synthetic (GAN-test) |" in result.stdout

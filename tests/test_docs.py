@@ -67,8 +67,9 @@ def test_the_packing_section_gives_the_demos_options():
     from pathgan.demo import PACK_OPTIONS
 
     section = _readme_section("Packing shards")
+    options = [str(o.relative_to(REPO)) if isinstance(o, Path) else o for o in PACK_OPTIONS]
     command = "pathgan shards pack shards/cmu_small_region.svs --out shards/sample " + \
-        " ".join(PACK_OPTIONS)
+        " ".join(options)
     assert command in section
 
 
