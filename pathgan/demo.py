@@ -114,9 +114,10 @@ def run_stage(stage: Stage) -> float:
     return stage.run()
 
 
-def one_thread_each(lanes: int) -> dict:
+def lane_environment(lanes: int) -> dict:
     """The environment of a lane's processes: this machine's cores shared out between the
-    lanes (PyTorch sizes its thread pool from ``OMP_NUM_THREADS``)."""
+    lanes, one thread each on 2 cores (PyTorch sizes its thread pool from
+    ``OMP_NUM_THREADS``)."""
     threads = max(1, (os.cpu_count() or 1) // lanes)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
@@ -130,7 +131,7 @@ def run_side_by_side(lanes: list[list[Stage]], logs: Path, every: float = 20.0) 
         return {stage.name: run_stage(stage) for lane in lanes for stage in lane}
     logs.mkdir(parents=True, exist_ok=True)
     print(f"\n== Side by side, {len(lanes)} lanes (output in {logs}/)", flush=True)
-    env = one_thread_each(len(lanes))
+    env = lane_environment(len(lanes))
     timings, failures = {}, []
 
     def run_lane(lane: list[Stage]) -> None:

@@ -7,6 +7,9 @@ import sys
 import pytest
 from test_train import QUIET
 
+from pathgan.core.errors import PathganError
+from pathgan.demo import Stage, run_side_by_side
+
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end(tmp_path):
@@ -47,3 +50,19 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     utility = json.loads((out / "eval" / "utility.json").read_text())
     assert utility["held_out"].startswith("yes") and len(utility["per_seed"]) == 2
     assert "| real, tested on synthetic (GAN-test) |" in result.stdout
+
+
+def test_a_failed_stage_stops_its_lane_and_is_raised_once_the_other_lane_is_done(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # two lanes, whatever the machine
+    missing = tmp_path / "no-shards"
+    lanes = [[Stage("broken", "a stage that fails", ["shards", "show", missing, "--out",
+                                                      tmp_path / "grid.png"]),
+              Stage("after", "never runs", ["--help"])],
+             [Stage("fine", "a stage that works", ["--help"])]]
+    with pytest.raises(PathganError, match=r"demo stage 'a stage that fails' failed \(exit 2\)"
+                       r"; its output is in .*broken\.log"):
+        run_side_by_side(lanes, tmp_path / "logs", every=0.5)
+    assert missing.name in (tmp_path / "logs" / "broken.log").read_text()
+    assert (tmp_path / "logs" / "fine.log").read_text().startswith("usage: pathgan")
+    assert not (tmp_path / "logs" / "after.log").exists()
