@@ -59,6 +59,15 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.norm(x) * self.gain(labels).view(shape) + self.bias(labels).view(shape)
 
 
+def add_classes(generator: nn.Module, num_classes: int) -> None:
+    """What makes a generator conditional to the rest of pathgan: its class count, and
+    ``class_mix``, how often each class is drawn when no class is asked for: in training
+    batches, hence when BatchNorm statistics are recomputed, and by default when sampling. Set by
+    training; saved with the weights."""
+    generator.num_classes = num_classes
+    generator.register_buffer("class_mix", torch.full((num_classes,), 1.0 / num_classes))
+
+
 class ConditionalGenerator(nn.Module):
     """The DCGAN generator (same widths and sizes) with class-conditional BatchNorm."""
 
@@ -66,11 +75,7 @@ class ConditionalGenerator(nn.Module):
                  num_classes: int = 2) -> None:
         super().__init__()
         self.nz = nz
-        self.num_classes = num_classes
-        # How often each class is drawn when no class is asked for: in training batches, hence
-        # when BatchNorm statistics are recomputed, and by default when sampling. Set by
-        # training; saved with the weights.
-        self.register_buffer("class_mix", torch.full((num_classes,), 1.0 / num_classes))
+        add_classes(self, num_classes)
         width = ngf * 2 ** (UPSAMPLING_STAGES - 1)
         projection = nn.ConvTranspose2d(nz, width, BASE_SIZE, 1, 0, bias=False)  # 1x1 -> 7x7
         projection.keep_contiguous = True  # see dcgan.Generator
@@ -175,8 +180,7 @@ class ConditionalR3Generator(R3Generator):
     def __init__(self, nz: int = 100, width: int = 16, *, num_classes: int = 2,
                  class_dim: int = R3_CLASS_DIM, **kwargs) -> None:
         super().__init__(nz, width, **kwargs)
-        self.num_classes = num_classes
-        self.register_buffer("class_mix", torch.full((num_classes,), 1.0 / num_classes))
+        add_classes(self, num_classes)
         self.class_embedding = nn.Embedding(num_classes, class_dim)
         self.main[0] = GenerativeBasis(nz + class_dim, self.main[0].basis.shape[0])
 
