@@ -83,10 +83,10 @@ def test_projection_discriminator_judges_the_class(make, inputs):
 
 
 def test_minibatch_std_channel_sees_a_batch_that_does_not_vary():
-    from pathgan.models.conditional import MinibatchStdMap
+    from pathgan.models.embgan import MinibatchStd
 
-    alike = MinibatchStdMap(4)(torch.ones(8, 3, 7, 7))
-    varied = MinibatchStdMap(4)(torch.randn(8, 3, 7, 7))
+    alike = MinibatchStd(4)(torch.ones(8, 3, 7, 7))
+    varied = MinibatchStd(4)(torch.randn(8, 3, 7, 7))
     assert alike.shape == (8, 4, 7, 7)
     assert alike[:, 3].abs().max() == 0 and varied[:, 3].min() > 0.5
 

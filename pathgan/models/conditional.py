@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as with_spectral_norm
 
 from pathgan.models.dcgan import BASE_SIZE, UPSAMPLING_STAGES, Discriminator, init_dcgan_weights
-from pathgan.models.embgan import EmbeddingDiscriminator
+from pathgan.models.embgan import EmbeddingDiscriminator, MinibatchStd
 from pathgan.models.r3gan import (
     DiscriminativeBasis,
     GenerativeBasis,
@@ -102,39 +102,22 @@ def projection(embedding: nn.Module, labels: torch.Tensor, features: torch.Tenso
     return (embedding(labels) * features.float()).sum(dim=1)
 
 
-class MinibatchStdMap(nn.Module):
-    """StyleGAN's minibatch standard deviation on feature maps: one more channel holding how
-    much each group of ``group_size`` samples varies, so a generator that draws one picture per
-    class gives itself away. Added when the conditional DCGAN drew one picture per class; that
-    collapse went only when the class embedding on z went too (module docstring), and whether
-    this channel is still needed without it was not measured."""
-
-    def __init__(self, group_size: int = 4) -> None:
-        super().__init__()
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = min(self.group_size, len(x))
-        while len(x) % group:
-            group -= 1
-        # sample i is grouped with i + k * (N / group), as in StyleGAN
-        spread = x.float().reshape(group, -1, *x.shape[1:]).std(dim=0, correction=0)
-        spread = spread.mean(dim=(1, 2, 3)).repeat(group)
-        return torch.cat([x, spread.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:]).to(x)], 1)
-
-
 class ConditionalDiscriminator(Discriminator):
     """The DCGAN discriminator with a minibatch-std channel before its last convolution, plus a
     projection on its last 7x7 feature map averaged over positions (a sum would make the
     projection 49x the unconditional logit at initialisation: LeakyReLU features are mostly
-    positive, so their sum grows with the count)."""
+    positive, so their sum grows with the count).
+
+    The minibatch-std channel was added when the conditional DCGAN drew one picture per class;
+    that collapse went only when the class embedding on z went too (module docstring), and
+    whether the channel is still needed without it was not measured."""
 
     def __init__(self, ndf: int = 64, channels: int = 3, num_classes: int = 2,
                  minibatch_std: int = 4) -> None:
         super().__init__(ndf, channels)
         self.num_classes = num_classes
         width = self.main[-1].in_channels
-        self.minibatch_std = MinibatchStdMap(minibatch_std)
+        self.minibatch_std = MinibatchStd(minibatch_std)
         self.main[-1] = nn.Conv2d(width + 1, 1, BASE_SIZE, 1, 0, bias=False)  # 7 -> 1 logit
         init_dcgan_weights(self.main[-1])
         self.class_embedding = nn.Embedding(num_classes, width)

@@ -6,10 +6,11 @@ from torch.nn.utils.parametrizations import spectral_norm as with_spectral_norm
 
 
 class MinibatchStd(nn.Module):
-    """Appends how much the batch varies (StyleGAN's minibatch standard deviation, on vectors):
-    one more feature, the mean standard deviation over groups of ``group_size`` samples. A
-    generator that draws one pattern for every z then gives itself away; without it, the
-    embedding discriminator judged samples one at a time and the generator collapsed."""
+    """StyleGAN's minibatch standard deviation: one more feature (a vector's) or channel (a
+    feature map's) holding how much each group of ``group_size`` samples varies, averaged over
+    features and positions. A generator that draws one pattern for every z (or one per class)
+    then gives itself away; without it, the embedding discriminator judged samples one at a
+    time and the generator collapsed."""
 
     def __init__(self, group_size: int = 4) -> None:
         super().__init__()
@@ -20,8 +21,11 @@ class MinibatchStd(nn.Module):
         while len(x) % group:
             group -= 1
         # sample i is grouped with i + k * (N / group), as in StyleGAN
-        spread = x.reshape(group, -1, x.shape[1]).std(dim=0, correction=0).mean(dim=1)
-        return torch.cat([x, spread.repeat(group).unsqueeze(1)], dim=1)
+        spread = x.float().reshape(group, -1, *x.shape[1:]).std(dim=0, correction=0)
+        spread = spread.flatten(1).mean(dim=1).repeat(group)
+        positions = x.shape[2:]
+        spread = spread.view(-1, 1, *(1 for _ in positions)).expand(-1, 1, *positions)
+        return torch.cat([x, spread.to(x.dtype)], dim=1)
 
 
 class EmbeddingDiscriminator(nn.Module):
