@@ -1,9 +1,14 @@
-"""The upsampling-artefact figure (pathgan.evaluation.spectrum) on synthetic images."""
+"""The upsampling-artefact figure (pathgan.evaluation.spectrum) and the grid-variety read
+(bench/grid_variety.py) on synthetic images."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pathgan.core.images import save_image_grid, signed_to_uint8
 from pathgan.evaluation.metrics import peak_frequencies, upsampling_artefact
 
 SIZE = 224
@@ -56,3 +61,16 @@ def test_a_lattice_is_found_whatever_its_phase_and_images_must_be_square():
     assert upsampling_artefact(shifted)["period"] == 8
     with pytest.raises(ValueError, match="square"):
         upsampling_artefact(torch.zeros(2, 3, 224, 112))
+
+
+def test_grid_variety_is_zero_for_one_picture_and_reads_the_runs_grid_layout(tmp_path):
+    """bench/grid_variety.py cuts a grid as the runs write it (save_image_grid) into its tiles:
+    one picture repeated is no variety at all, varied pictures are."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from grid_variety import variety
+
+    varied = signed_to_uint8(smooth_images(16))
+    save_image_grid(varied, tmp_path / "varied.png", nrow=4)
+    save_image_grid(varied[:1].expand(16, -1, -1, -1), tmp_path / "collapsed.png", nrow=4)
+    assert variety(str(tmp_path / "collapsed.png")) == 0
+    assert variety(str(tmp_path / "varied.png")) > 5
