@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import REPO, cli_command, run_cli
+from test_train import train_two_processes
 
 from pathgan.config import load_config
 from pathgan.core.errors import PathganError
@@ -70,6 +71,22 @@ def test_the_modern_gan_trains_conditionally_with_its_penalties(tmp_path, labell
     with torch.no_grad():
         one, other = (generator(noise, torch.full((2,), code)) for code in (0, 1))
     assert not torch.allclose(one, other)
+
+
+@pytest.mark.slow
+def test_two_process_conditional_training_keeps_ranks_identical(tmp_path, labelled_shards):
+    """Labels travel in each rank's share of the cache (balanced draws, flips and turns of the
+    real patches drawn on each rank): the ranks still end with the same weights, the class
+    embeddings of G and D among them."""
+    run_dir = tmp_path / "ddp"
+    params = train_two_processes(
+        tmp_path, R3GAN_SMOKE, run_dir, f"data.shards={labelled_shards}",
+        "model.conditional=true", "data.class_balance=balanced", "data.flip_rotate=true",
+        "train.max_steps=4", "train.penalty_every=2", "log.wandb=false", "ckpt.every=4")
+    embeddings = sorted(name for name in params if "class_embedding" in name)
+    assert embeddings == ["generator.class_embedding.weight", "images.class_embedding.weight"]
+    assert [row["step"] for row in RunDir(run_dir).read_metrics()] == [2, 4]
+    assert read_generator_config(run_dir)["classes"] == CLASSES
 
 
 def test_relativistic_pairs_draw_each_fake_for_its_real_partners_class():
