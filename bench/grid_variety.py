@@ -1,7 +1,7 @@
 """How varied a grid's patches are, against a grid of real patches: a quick read of collapse
 within a class (one picture for every z) from the PNGs a run already wrote.
 
-Each grid (``make_grid`` layout: 224-px tiles, 2-px padding) is cut into its tiles, each tile
+Each grid (as ``save_image_grid`` writes it, 224-px tiles) is cut into its tiles, each tile
 shrunk to 28 px (so that layout counts, not grain), and the mean L1 distance between every pair
 of tiles is taken (0-255 scale). One JSON object out: each grid's figure and its ratio to the
 real grid's (1 is as varied as real patches; a collapsed generator is far below)::
@@ -18,23 +18,18 @@ import json
 import numpy as np
 from PIL import Image
 
-TILE, PADDING, SMALL = 224, 2, 28
+from pathgan.core.images import grid_tiles
+from pathgan.shards.format import IMAGE_SIDE
 
-
-def tiles(path: str) -> list[np.ndarray]:
-    grid = np.asarray(Image.open(path).convert("RGB"))
-    stride = TILE + PADDING
-    rows, cols = (grid.shape[0] - PADDING) // stride, (grid.shape[1] - PADDING) // stride
-    if rows * cols < 2:
-        raise SystemExit(f"{path}: not a grid of {TILE}-px tiles")
-    return [grid[PADDING + r * stride:PADDING + r * stride + TILE,
-                 PADDING + c * stride:PADDING + c * stride + TILE]
-            for r in range(rows) for c in range(cols)]
+SMALL = 28  # tiles are compared at this side, so that layout counts, not grain
 
 
 def variety(path: str) -> float:
+    tiles = grid_tiles(np.asarray(Image.open(path).convert("RGB")), IMAGE_SIDE)
+    if len(tiles) < 2:
+        raise SystemExit(f"{path}: not a grid of {IMAGE_SIDE}-px tiles")
     small = [np.asarray(Image.fromarray(tile).resize((SMALL, SMALL), Image.BILINEAR), np.float32)
-             for tile in tiles(path)]
+             for tile in tiles]
     return float(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(small, 2)]))
 
 
@@ -44,10 +39,12 @@ def main() -> None:
     parser.add_argument("grids", nargs="+", help="generated grids")
     args = parser.parse_args()
     real = variety(args.real)
-    print(json.dumps({"real": {"grid": args.real, "variety": round(real, 2)},
-                      "grids": [{"grid": path, "variety": round(value, 2),
-                                 "ratio_to_real": round(value / real, 3)}
-                                for path, value in ((p, variety(p)) for p in args.grids)]},
+    grids = []
+    for path in args.grids:
+        value = variety(path)
+        grids.append({"grid": path, "variety": round(value, 2),
+                      "ratio_to_real": round(value / real, 3)})
+    print(json.dumps({"real": {"grid": args.real, "variety": round(real, 2)}, "grids": grids},
                      indent=1))
 
 

@@ -2,13 +2,15 @@
 (bench/grid_variety.py) on synthetic images."""
 
 import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
+from PIL import Image
 
-from pathgan.core.images import save_image_grid, signed_to_uint8
+from pathgan.core.images import grid_tiles, save_image_grid, signed_to_uint8
 from pathgan.evaluation.metrics import peak_frequencies, upsampling_artefact
 
 SIZE = 224
@@ -64,13 +66,17 @@ def test_a_lattice_is_found_whatever_its_phase_and_images_must_be_square():
 
 
 def test_grid_variety_is_zero_for_one_picture_and_reads_the_runs_grid_layout(tmp_path):
-    """bench/grid_variety.py cuts a grid as the runs write it (save_image_grid) into its tiles:
+    """grid_tiles gives back the tiles save_image_grid wrote, and bench/grid_variety.py reads them:
     one picture repeated is no variety at all, varied pictures are."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(REPO / "bench"))
     from grid_variety import variety
 
     varied = signed_to_uint8(smooth_images(16))
     save_image_grid(varied, tmp_path / "varied.png", nrow=4)
     save_image_grid(varied[:1].expand(16, -1, -1, -1), tmp_path / "collapsed.png", nrow=4)
+    tiles = grid_tiles(np.asarray(Image.open(tmp_path / "varied.png")), SIZE)
+    assert len(tiles) == 16
+    assert all(np.array_equal(tile, image.permute(1, 2, 0).numpy())
+               for tile, image in zip(tiles, varied, strict=True))
     assert variety(str(tmp_path / "collapsed.png")) == 0
     assert variety(str(tmp_path / "varied.png")) > 5

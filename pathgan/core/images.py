@@ -34,10 +34,23 @@ def hwc_to_chw(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
+GRID_PADDING = 2  # white pixels around every tile of a saved grid
+
+
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
     """Save uint8 (N, 3, H, W) images as one PNG grid, written atomically."""
     from torchvision.utils import make_grid  # torchvision is slow to import; only here
 
-    grid = make_grid(images, nrow=nrow, padding=2, pad_value=255)
+    grid = make_grid(images, nrow=nrow, padding=GRID_PADDING, pad_value=255)
     with atomic_path(path) as temporary:
         Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()).save(temporary, format="PNG")
+
+
+def grid_tiles(grid: np.ndarray, side: int) -> list[np.ndarray]:
+    """The ``side``-px HxWx3 tiles of a grid :func:`save_image_grid` wrote, row by row (empty
+    when the grid holds no tile of that side)."""
+    stride = side + GRID_PADDING
+    rows, cols = ((length - GRID_PADDING) // stride for length in grid.shape[:2])
+    return [grid[GRID_PADDING + r * stride:GRID_PADDING + r * stride + side,
+                 GRID_PADDING + c * stride:GRID_PADDING + c * stride + side]
+            for r in range(rows) for c in range(cols)]
